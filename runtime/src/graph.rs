@@ -136,7 +136,16 @@ pub enum Activation {
 /// A fixed-point multiplier as TFLite defines it: `real ≈ multiplier * 2^(shift - 31)`, with
 /// `multiplier` in `[2^30, 2^31)` (or 0 for a zero scale) and `shift` in `[-31, 30]`.
 #[derive(
-    Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default, bytemuck::Pod, bytemuck::Zeroable,
+    Serialize,
+    Deserialize,
+    Clone,
+    Copy,
+    Debug,
+    PartialEq,
+    Eq,
+    Default,
+    bytemuck::Pod,
+    bytemuck::Zeroable,
 )]
 #[repr(C)]
 pub struct Requant {
@@ -157,7 +166,10 @@ pub struct ClampI8 {
 
 impl Default for ClampI8 {
     fn default() -> Self {
-        ClampI8 { min: -128, max: 127 }
+        ClampI8 {
+            min: -128,
+            max: 127,
+        }
     }
 }
 
@@ -264,8 +276,18 @@ pub struct SigmoidParams {
 pub struct MeanParams {
     /// Bit mask of reduced axes (bit i = axis i).
     pub axes: u8,
-    /// int8: rescale from the input sum to the output (includes the 1/count).
+    /// int8: `input_scale / output_scale`; the kernel divides the rescaled sum by the element
+    /// count with TFLM's rounding.
     pub requant: Requant,
+}
+
+/// Parameters of standalone int8 RELU / RELU6 (TFLM `ReluQuantized`).
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct ActivationParams {
+    /// int8: `input_scale / output_scale`.
+    pub requant: Requant,
+    /// int8: output clamp (zero point .. zero point + 6/scale for RELU6).
+    pub clamp: ClampI8,
 }
 
 /// Parameters of PAD: padding before and after each of the (up to 4, NHWC) dimensions.
@@ -317,9 +339,9 @@ pub enum OpKind {
     /// Softmax over the last axis.
     Softmax(SoftmaxParams),
     /// max(x, 0).
-    Relu,
+    Relu(ActivationParams),
     /// clamp(x, 0, 6).
-    Relu6,
+    Relu6(ActivationParams),
     /// Join along an axis.
     Concatenation(ConcatParams),
     /// Zero padding (the zero point for int8).
@@ -349,8 +371,8 @@ impl OpKind {
             OpKind::MaxPool2d(_) => "MAX_POOL_2D",
             OpKind::Reshape => "RESHAPE",
             OpKind::Softmax(_) => "SOFTMAX",
-            OpKind::Relu => "RELU",
-            OpKind::Relu6 => "RELU6",
+            OpKind::Relu(_) => "RELU",
+            OpKind::Relu6(_) => "RELU6",
             OpKind::Concatenation(_) => "CONCATENATION",
             OpKind::Pad(_) => "PAD",
             OpKind::Mean(_) => "MEAN",

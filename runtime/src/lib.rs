@@ -11,6 +11,16 @@
 #[cfg(feature = "std")]
 extern crate std;
 
+pub mod error;
+pub mod format;
 pub mod graph;
+pub mod interpreter;
 pub mod kernels;
+pub mod model;
+pub mod prepare;
 pub mod quant;
+pub mod sections;
+
+pub use error::{InvokeError, ModelError};
+pub use interpreter::{Arena, Interpreter};
+pub use model::Model;

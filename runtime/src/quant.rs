@@ -43,13 +43,24 @@ pub fn multiply_by_quantized_multiplier(x: i32, multiplier: i32, shift: i32) -> 
 
 /// TFLM `MultiplyByQuantizedMultiplierSmallerThanOneExp` (`left_shift <= 0`).
 #[inline(always)]
-pub fn multiply_by_quantized_multiplier_smaller_than_one(x: i32, multiplier: i32, left_shift: i32) -> i32 {
-    rounding_divide_by_pot(saturating_rounding_doubling_high_mul(x, multiplier), -left_shift)
+pub fn multiply_by_quantized_multiplier_smaller_than_one(
+    x: i32,
+    multiplier: i32,
+    left_shift: i32,
+) -> i32 {
+    rounding_divide_by_pot(
+        saturating_rounding_doubling_high_mul(x, multiplier),
+        -left_shift,
+    )
 }
 
 /// TFLM `MultiplyByQuantizedMultiplierGreaterThanOne` (`left_shift >= 0`).
 #[inline(always)]
-pub fn multiply_by_quantized_multiplier_greater_than_one(x: i32, multiplier: i32, left_shift: i32) -> i32 {
+pub fn multiply_by_quantized_multiplier_greater_than_one(
+    x: i32,
+    multiplier: i32,
+    left_shift: i32,
+) -> i32 {
     saturating_rounding_doubling_high_mul(x.wrapping_mul(1i32 << left_shift), multiplier)
 }
 
@@ -188,7 +199,8 @@ pub fn logistic(a: i32, integer_bits: i32) -> i32 {
         return 1 << 30;
     }
     let abs = if a > 0 { a } else { a.wrapping_neg() };
-    let positive = one_over_one_plus_x_for_x_in_0_1(exp_on_negative_values(abs.wrapping_neg(), integer_bits));
+    let positive =
+        one_over_one_plus_x_for_x_in_0_1(exp_on_negative_values(abs.wrapping_neg(), integer_bits));
     if a > 0 {
         positive
     } else {
@@ -216,8 +228,12 @@ pub fn tanh(a: i32, integer_bits: i32) -> i32 {
 pub fn get_reciprocal(x: i32, x_integer_digits: i32) -> (i32, i32) {
     let headroom_plus_one = (x as u32).leading_zeros() as i32;
     let num_bits_over_unit = x_integer_digits - headroom_plus_one;
-    let shifted_sum_minus_one = ((x as u32).wrapping_shl(headroom_plus_one as u32)).wrapping_sub(1u32 << 31) as i32;
-    (one_over_one_plus_x_for_x_in_0_1(shifted_sum_minus_one), num_bits_over_unit)
+    let shifted_sum_minus_one =
+        ((x as u32).wrapping_shl(headroom_plus_one as u32)).wrapping_sub(1u32 << 31) as i32;
+    (
+        one_over_one_plus_x_for_x_in_0_1(shifted_sum_minus_one),
+        num_bits_over_unit,
+    )
 }
 
 /// Is this a valid TFLite quantized multiplier (`[2^30, 2^31)` or 0) with a shift the kernels
@@ -236,9 +252,18 @@ mod tests {
 
     #[test]
     fn doubling_high_mul_rounds_and_saturates() {
-        assert_eq!(saturating_rounding_doubling_high_mul(i32::MIN, i32::MIN), i32::MAX);
-        assert_eq!(saturating_rounding_doubling_high_mul(1 << 30, 1 << 30), 1 << 29);
-        assert_eq!(saturating_rounding_doubling_high_mul(-(1 << 30), 1 << 30), -(1 << 29));
+        assert_eq!(
+            saturating_rounding_doubling_high_mul(i32::MIN, i32::MIN),
+            i32::MAX
+        );
+        assert_eq!(
+            saturating_rounding_doubling_high_mul(1 << 30, 1 << 30),
+            1 << 29
+        );
+        assert_eq!(
+            saturating_rounding_doubling_high_mul(-(1 << 30), 1 << 30),
+            -(1 << 29)
+        );
         // 3 * 2^30 / 2^31 = 1.5 -> 2; gemmlowp nudges negatives by 1 - 2^30, so -1.5 -> -1
         assert_eq!(saturating_rounding_doubling_high_mul(3, 1 << 30), 2);
         assert_eq!(saturating_rounding_doubling_high_mul(-3, 1 << 30), -1);
@@ -273,7 +298,10 @@ mod tests {
             assert!((e - x.exp()).abs() < 1e-6, "exp({x}) = {e}");
             let raw4 = (x * (1 << 27) as f64) as i32; // Q4
             let l = to_f(logistic(raw4, 4), 0);
-            assert!((l - 1.0 / (1.0 + (-x).exp())).abs() < 1e-6, "logistic({x}) = {l}");
+            assert!(
+                (l - 1.0 / (1.0 + (-x).exp())).abs() < 1e-6,
+                "logistic({x}) = {l}"
+            );
             let t = to_f(tanh(raw4, 4), 0);
             assert!((t - x.tanh()).abs() < 1e-6, "tanh({x}) = {t}");
         }

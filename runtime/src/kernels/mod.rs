@@ -20,7 +20,6 @@ pub mod pooling;
 pub mod quantize;
 pub mod softmax;
 
-
 /// A float storage type: values are loaded to f32, computed in f32 and stored back.
 pub trait Float: Copy + Default + PartialOrd + bytemuck::Pod + core::fmt::Debug {
     /// Widen to f32.

@@ -1,0 +1,3 @@
+//! Model importers into the host IR.
+
+pub mod tflite;

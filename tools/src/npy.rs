@@ -1,0 +1,146 @@
+//! Reading model inputs from `.npy` / `.npz` and writing outputs as `.npy`.
+
+use anyhow::{anyhow, bail, Context, Result};
+use npyz::WriterBuilder;
+use std::path::Path;
+
+/// A batch of samples read from a file: batch first.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Array {
+    /// Raw int8 values (already quantized).
+    I8 {
+        /// Shape, batch first.
+        shape: Vec<usize>,
+        /// Values.
+        data: Vec<i8>,
+    },
+    /// Real values (quantized at the model's input edge when the model is int8).
+    F32 {
+        /// Shape, batch first.
+        shape: Vec<usize>,
+        /// Values.
+        data: Vec<f32>,
+    },
+}
+
+impl Array {
+    /// The shape.
+    pub fn shape(&self) -> &[usize] {
+        match self {
+            Array::I8 { shape, .. } | Array::F32 { shape, .. } => shape,
+        }
+    }
+
+    /// Number of elements.
+    pub fn len(&self) -> usize {
+        match self {
+            Array::I8 { data, .. } => data.len(),
+            Array::F32 { data, .. } => data.len(),
+        }
+    }
+
+    /// True when empty.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+fn from_npy<R: std::io::Read>(npy: npyz::NpyFile<R>, what: &str) -> Result<Array> {
+    let shape: Vec<usize> = npy.shape().iter().map(|&d| d as usize).collect();
+    let descr = npy.dtype().descr();
+    let data = match descr.trim_matches('\'').trim_start_matches(['<', '|', '=']) {
+        "i1" => Array::I8 { shape, data: npy.into_vec::<i8>()? },
+        "f4" => Array::F32 { shape, data: npy.into_vec::<f32>()? },
+        "f8" => Array::F32 { shape, data: npy.into_vec::<f64>()?.into_iter().map(|v| v as f32).collect() },
+        "f2" => Array::F32 { shape, data: npy.into_vec::<half::f16>()?.into_iter().map(|v| v.to_f32()).collect() },
+        other => bail!(
+            "{what} has dtype `{other}`; kiln reads int8 (raw quantized values) or float (real values)\nhint: convert it with numpy first, e.g. `x.astype(np.float32)` or `(x.astype(np.int16) - 128).astype(np.int8)`"
+        ),
+    };
+    Ok(data)
+}
+
+/// Reads the input batch: an `.npy`, or the array `x` (else `input`) of an `.npz`.
+pub fn read_input(path: &Path) -> Result<Array> {
+    let shown = path.display();
+    if path.extension().and_then(|e| e.to_str()) == Some("npz") {
+        let mut npz = npyz::npz::NpzArchive::open(path)
+            .with_context(|| format!("cannot open {shown} as .npz"))?;
+        for name in ["x", "input"] {
+            if let Some(npy) = npz
+                .by_name(name)
+                .with_context(|| format!("cannot read array `{name}` of {shown}"))?
+            {
+                return from_npy(npy, &format!("array `{name}` of {shown}"));
+            }
+        }
+        let names: Vec<String> = npz.array_names().map(str::to_string).collect();
+        Err(anyhow!("{shown} has no array named `x` or `input` (it has: {})\nhint: save the inputs as `x`, batch first", names.join(", ")))
+    } else {
+        let bytes = std::fs::read(path).with_context(|| format!("cannot read {shown}"))?;
+        let npy = npyz::NpyFile::new(&bytes[..])
+            .with_context(|| format!("{shown} is not a valid .npy file"))?;
+        from_npy(npy, &shown.to_string())
+    }
+}
+
+/// Reads a named array of an `.npz` as int8 (for golden files).
+pub fn read_npz_i8(path: &Path, name: &str) -> Result<(Vec<usize>, Vec<i8>)> {
+    let mut npz = npyz::npz::NpzArchive::open(path)
+        .with_context(|| format!("cannot open {}", path.display()))?;
+    let npy = npz
+        .by_name(name)?
+        .ok_or_else(|| anyhow!("{} has no array `{name}`", path.display()))?;
+    match from_npy(npy, name)? {
+        Array::I8 { shape, data } => Ok((shape, data)),
+        Array::F32 { .. } => bail!("array `{name}` of {} is not int8", path.display()),
+    }
+}
+
+/// Output data to write, in the model's output type.
+pub enum OutputData<'a> {
+    /// int8.
+    I8(&'a [i8]),
+    /// f32.
+    F32(&'a [f32]),
+    /// f16.
+    F16(&'a [half::f16]),
+}
+
+/// Writes an `.npy` with the given shape.
+pub fn write_npy(path: &Path, shape: &[usize], data: OutputData<'_>) -> Result<()> {
+    let file =
+        std::fs::File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
+    let shape: Vec<u64> = shape.iter().map(|&d| d as u64).collect();
+    let w = std::io::BufWriter::new(file);
+    match data {
+        OutputData::I8(d) => {
+            let mut wr = npyz::WriteOptions::new()
+                .default_dtype()
+                .shape(&shape)
+                .writer(w)
+                .begin_nd()?;
+            wr.extend(d.iter().copied())?;
+            wr.finish()?;
+        }
+        OutputData::F32(d) => {
+            let mut wr = npyz::WriteOptions::new()
+                .default_dtype()
+                .shape(&shape)
+                .writer(w)
+                .begin_nd()?;
+            wr.extend(d.iter().copied())?;
+            wr.finish()?;
+        }
+        OutputData::F16(d) => {
+            let mut wr = npyz::WriteOptions::new()
+                .default_dtype()
+                .shape(&shape)
+                .writer(w)
+                .begin_nd()?;
+            wr.extend(d.iter().copied())?;
+            wr.finish()?;
+        }
+    }
+    Ok(())
+}

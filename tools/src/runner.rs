@@ -1,0 +1,105 @@
+//! Running an artifact over a batch of samples on the host with kiln-runtime.
+
+use crate::artifact::AlignedBytes;
+use crate::npy::Array;
+use anyhow::{bail, Result};
+use kiln_runtime::graph::DType;
+use kiln_runtime::interpreter::Interpreter;
+use kiln_runtime::model::{element_count, Model};
+
+/// Outputs of a batch, batch first, in the model's output type.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Outputs {
+    /// int8 outputs.
+    I8(Vec<i8>),
+    /// f32 outputs.
+    F32(Vec<f32>),
+    /// f16 outputs.
+    F16(Vec<half::f16>),
+}
+
+/// The batch's outputs and their shape (batch first).
+#[derive(Clone, Debug, PartialEq)]
+pub struct BatchResult {
+    /// Shape: `[batch, ...output shape without its leading 1]`.
+    pub shape: Vec<usize>,
+    /// Values.
+    pub outputs: Outputs,
+}
+
+/// Runs every sample of `input` through the model (one input, one output), calling `progress`
+/// after each sample.
+///
+/// # Errors
+/// The artifact is invalid, or the input does not fit the model.
+pub fn run_batch(
+    artifact: &[u8],
+    input: &Array,
+    mut progress: impl FnMut(usize),
+) -> Result<BatchResult> {
+    let bytes = AlignedBytes::new(artifact);
+    let model = Model::load(bytes.as_slice())?;
+    if model.inputs().len() != 1 || model.outputs().len() != 1 {
+        bail!(
+            "the model has {} inputs and {} outputs; `kiln run` handles models with one of each",
+            model.inputs().len(),
+            model.outputs().len()
+        );
+    }
+    let mut arena = AlignedBytes::zeroed(model.arena_bytes());
+    let mut interp = Interpreter::new(model, arena.as_mut_slice())?;
+    let in_t = interp.input_info(0)?;
+    let out_t = interp.output_info(0)?;
+    let per_in = element_count(&in_t);
+    let per_out = element_count(&out_t);
+    if input.is_empty() || input.len() % per_in != 0 {
+        bail!(
+            "input has shape {:?} ({} values), which is not a whole number of samples of the model's input shape {:?}\nhint: pass the samples batch first",
+            input.shape(),
+            input.len(),
+            in_t.shape.as_slice()
+        );
+    }
+    let batch = input.len() / per_in;
+    let mut outputs = match out_t.dtype {
+        DType::I8 => Outputs::I8(Vec::with_capacity(batch * per_out)),
+        DType::F32 => Outputs::F32(Vec::with_capacity(batch * per_out)),
+        DType::F16 => Outputs::F16(Vec::with_capacity(batch * per_out)),
+        DType::I32 => bail!("int32 model outputs are not supported"),
+    };
+    for s in 0..batch {
+        match input {
+            Array::I8 { data, .. } => {
+                if in_t.dtype != DType::I8 {
+                    bail!("the input file holds int8 values but the model's input is {}; pass real (float) values", in_t.dtype.name());
+                }
+                interp.set_input_i8(0, &data[s * per_in..(s + 1) * per_in])?;
+            }
+            Array::F32 { data, .. } => {
+                interp.set_input_f32(0, &data[s * per_in..(s + 1) * per_in])?
+            }
+        }
+        interp.invoke()?;
+        let raw = interp.output_bytes(0)?;
+        match &mut outputs {
+            Outputs::I8(v) => v.extend(bytemuck::cast_slice::<u8, i8>(raw)),
+            Outputs::F32(v) => v.extend(
+                raw.chunks_exact(4)
+                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
+            ),
+            Outputs::F16(v) => v.extend(
+                raw.chunks_exact(2)
+                    .map(|c| half::f16::from_le_bytes([c[0], c[1]])),
+            ),
+        }
+        progress(s + 1);
+    }
+    let mut shape = vec![batch];
+    let dims: Vec<usize> = out_t.shape.iter().map(|&d| d as usize).collect();
+    shape.extend(if dims.first() == Some(&1) && dims.len() > 1 {
+        &dims[1..]
+    } else {
+        &dims[..]
+    });
+    Ok(BatchResult { shape, outputs })
+}
