@@ -162,7 +162,9 @@ pub fn parse_header(bytes: &[u8]) -> Result<Header, ModelError> {
         return Err(ModelError::BadField { field: "reserved" });
     }
     let body_len = read_u32(head, 28, "header")?;
-    if body_len as usize % ALIGN != 0 || (body_len as usize) < HEADER_LEN + SECTION_ENTRY_LEN {
+    if !(body_len as usize).is_multiple_of(ALIGN)
+        || (body_len as usize) < HEADER_LEN + SECTION_ENTRY_LEN
+    {
         return Err(ModelError::BadField { field: "body_len" });
     }
     Ok(Header {
@@ -257,7 +259,7 @@ impl<'a> Container<'a> {
             let kind = SectionKind::from_u32(kind).ok_or(ModelError::BadSection {
                 reason: "unknown section kind",
             })?;
-            if offset % ALIGN != 0 {
+            if !offset.is_multiple_of(ALIGN) {
                 return Err(ModelError::BadSection {
                     reason: "section is not 16-byte aligned",
                 });

@@ -170,7 +170,7 @@ impl<'m, 'a> Interpreter<'m, 'a> {
                 given: arena.len(),
             });
         }
-        if arena.as_ptr() as usize % ALIGN != 0 {
+        if !(arena.as_ptr() as usize).is_multiple_of(ALIGN) {
             return Err(ModelError::Misaligned { what: "arena" });
         }
         Ok(Interpreter { model, arena })
@@ -331,8 +331,8 @@ impl<'m, 'a> Interpreter<'m, 'a> {
     /// Only if the model is inconsistent, which [`Model::load`] rules out.
     pub fn invoke(&mut self) -> Result<(), InvokeError> {
         let model = self.model;
-        let mut ops = model.ops();
-        while let Some(item) = ops.next() {
+        let ops = model.ops();
+        for item in ops {
             let (index, op) = item?;
             let prepared = prepare_op(&model, index, &op)?;
             run_op(&model, &op, &prepared, self.arena)?;

@@ -37,7 +37,7 @@ impl<'a> Model<'a> {
     /// # Errors
     /// The first rule that fails, as a [`ModelError`].
     pub fn load(bytes: &'a [u8]) -> Result<Self, ModelError> {
-        if bytes.as_ptr() as usize % ALIGN != 0 {
+        if !(bytes.as_ptr() as usize).is_multiple_of(ALIGN) {
             return Err(ModelError::Misaligned { what: "artifact" });
         }
         Self::from_container(Container::parse(bytes)?)
@@ -246,7 +246,7 @@ impl<'a> Model<'a> {
         // 3. Every op: decodes, inputs are alive, output is born here, parameters are valid.
         let mut count = 0u16;
         let mut iter = self.ops();
-        while let Some(item) = iter.next() {
+        for item in iter.by_ref() {
             let (index, op) = item?;
             let step = index + 1;
             for &inp in op.inputs.iter() {
@@ -349,8 +349,8 @@ impl<'a> Model<'a> {
             }
         }
         // Scratch must not touch anything alive during its op.
-        let mut iter = self.ops();
-        while let Some(item) = iter.next() {
+        let iter = self.ops();
+        for item in iter {
             let (index, op) = item?;
             if op.scratch.len == 0 {
                 continue;
@@ -419,8 +419,8 @@ impl<'a> Model<'a> {
         if step == 0 || step > self.op_count {
             return Ok(false);
         }
-        let mut iter = self.ops();
-        while let Some(item) = iter.next() {
+        let iter = self.ops();
+        for item in iter {
             let (index, op) = item?;
             if index + 1 == step {
                 return Ok(matches!(op.kind, crate::graph::OpKind::Reshape)
@@ -471,7 +471,7 @@ fn validate_tensor(
             if r.len as u64 != bytes {
                 return Err(bad("constant length does not match its shape"));
             }
-            if r.offset as usize % ALIGN != 0 {
+            if !(r.offset as usize).is_multiple_of(ALIGN) {
                 return Err(bad("constant is not 16-byte aligned in WEIGHTS"));
             }
             if r.offset as u64 + r.len as u64 > weights.len() as u64 {
@@ -483,7 +483,7 @@ fn validate_tensor(
             first,
             last,
         } => {
-            if offset as usize % t.dtype.size().max(4) != 0 && t.dtype != DType::I8 {
+            if !(offset as usize).is_multiple_of(t.dtype.size().max(4)) && t.dtype != DType::I8 {
                 return Err(bad("arena offset is not aligned for its type"));
             }
             if offset as u64 + bytes > arena {
@@ -514,7 +514,7 @@ fn validate_tensor(
                 return Err(bad("per-channel quantization must be symmetric"));
             }
             let start = pc.scales.offset as usize;
-            if start % 4 != 0 {
+            if !start.is_multiple_of(4) {
                 return Err(bad("per-channel scales are misaligned"));
             }
             let raw = weights

@@ -108,7 +108,7 @@ impl Ctx<'_, '_> {
             .model
             .weights_range(r)
             .map_err(|_| self.err("requant table lies outside WEIGHTS"))?;
-        if r.offset % 4 != 0 {
+        if !r.offset.is_multiple_of(4) {
             return Err(self.err("requant table is misaligned"));
         }
         if bytes.len() != 8 && bytes.len() != 8 * channels {
@@ -317,7 +317,7 @@ pub fn prepare_op(model: &Model<'_>, index: u16, op: &OpDef) -> Result<Prepared,
             }
             let (out_f, in_f) = (weights.shape[0] as usize, weights.shape[1] as usize);
             let n_in = element_count(&input);
-            if n_in % in_f != 0 {
+            if !n_in.is_multiple_of(in_f) {
                 return Err(ctx.err("input size is not a multiple of in_features"));
             }
             let batch = n_in / in_f;
@@ -442,7 +442,7 @@ pub fn prepare_op(model: &Model<'_>, index: u16, op: &OpDef) -> Result<Prepared,
                         ctx.err("int8 softmax output must have scale 1/256 and zero point -128")
                     );
                 }
-                if !(0..31).contains(&p.input_left_shift)
+                if !(0..=31).contains(&p.input_left_shift)
                     || !requant_is_valid(p.input_multiplier, 0)
                     || p.diff_min > 0
                 {
@@ -559,13 +559,13 @@ pub fn prepare_op(model: &Model<'_>, index: u16, op: &OpDef) -> Result<Prepared,
             for (d, s) in dims(&input).enumerate() {
                 in_shape[lead + d] = s;
             }
-            for d in 0..4 {
+            for (d, &size) in in_shape.iter().enumerate() {
                 let o = if d < lead {
                     1
                 } else {
                     out.shape[d - lead] as u64
                 };
-                let want = in_shape[d] as u64 + p.before[d] as u64 + p.after[d] as u64;
+                let want = size as u64 + p.before[d] as u64 + p.after[d] as u64;
                 if o != want || (d < lead && (p.before[d] != 0 || p.after[d] != 0)) {
                     return Err(ctx.err("pad output shape does not match the paddings"));
                 }

@@ -48,7 +48,7 @@ struct WeightsBuilder {
 
 impl WeightsBuilder {
     fn push(&mut self, data: &[u8]) -> BufRef {
-        while self.bytes.len() % ALIGN != 0 {
+        while !self.bytes.len().is_multiple_of(ALIGN) {
             self.bytes.push(0);
         }
         let offset = self.bytes.len() as u32;

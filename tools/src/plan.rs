@@ -37,15 +37,17 @@ fn align_up(v: usize, align: usize) -> usize {
     v.div_ceil(align) * align
 }
 
+/// A sort key that decides the placement order.
+type OrderKey = fn(&Buffer) -> (usize, usize);
+
 /// Places `buffers` with every offset a multiple of `align`, trying several greedy orders and
 /// keeping the smallest arena.
 pub fn plan(buffers: &[Buffer], align: usize) -> Plan {
-    let span = |b: &Buffer| (b.last - b.first) as usize + 1;
-    let keys: [&dyn Fn(&Buffer) -> (usize, usize); 4] = [
-        &|b| (usize::MAX - b.size, b.first as usize),
-        &|b| (b.first as usize, usize::MAX - b.size),
-        &|b| (usize::MAX - span(b), usize::MAX - b.size),
-        &|b| {
+    let keys: [OrderKey; 4] = [
+        |b| (usize::MAX - b.size, b.first as usize),
+        |b| (b.first as usize, usize::MAX - b.size),
+        |b| (usize::MAX - span(b), usize::MAX - b.size),
+        |b| {
             (
                 usize::MAX - b.size.saturating_mul(span(b)),
                 b.first as usize,
@@ -63,6 +65,10 @@ pub fn plan(buffers: &[Buffer], align: usize) -> Plan {
             offsets: Vec::new(),
             arena_bytes: 0,
         })
+}
+
+fn span(b: &Buffer) -> usize {
+    (b.last - b.first) as usize + 1
 }
 
 /// First-fit placement in the given order.

@@ -52,7 +52,7 @@ pub fn run_batch(
     let out_t = interp.output_info(0)?;
     let per_in = element_count(&in_t);
     let per_out = element_count(&out_t);
-    if input.is_empty() || input.len() % per_in != 0 {
+    if input.is_empty() || !input.len().is_multiple_of(per_in) {
         bail!(
             "input has shape {:?} ({} values), which is not a whole number of samples of the model's input shape {:?}\nhint: pass the samples batch first",
             input.shape(),

@@ -702,7 +702,7 @@ const CONV_ACT: u16 = 10;
 /// A small int8 model: CONV_2D (per-channel weights) → RELU → RESHAPE → FULLY_CONNECTED.
 fn int8_model() -> ModelSpec {
     let mut m = ModelSpec::new(&[CONV_2D, RELU, RESHAPE, FULLY_CONNECTED]);
-    let w = m.buffer((0..2 * 3 * 3 * 1).map(|i| i as u8).collect());
+    let w = m.buffer((0..2 * 3 * 3).map(|i| i as u8).collect());
     let b = m.buffer(i32_bytes(&[5, -5]));
     let shape = m.buffer(i32_bytes(&[1, -1]));
     let fc_w = m.buffer(vec![1; 3 * 8]);
@@ -889,6 +889,7 @@ fn pad_folds_int64_paddings_and_checks_constant_value() {
     // Paddings must be constant.
     let mut dynamic = m.clone();
     dynamic.tensors[1].buffer = 0;
+    dynamic.tensors[1].ty = INT32;
     dynamic.inputs = vec![0, 1];
     let e = err(&dynamic);
     assert!(e.to_string().contains("non-constant paddings"), "{e}");
@@ -1039,6 +1040,8 @@ fn structural_errors() {
     let mut m = int8_model();
     m.ops[1].inputs = vec![42];
     assert!(err(&m).to_string().contains("references tensor 42"));
+    m.ops[1].inputs = vec![-2];
+    assert!(err(&m).to_string().contains("input 0 references tensor -2"));
 
     // A required input given as -1.
     let mut m = int8_model();

@@ -784,8 +784,8 @@ pub fn import_tflite(bytes: &[u8]) -> Result<Graph> {
     for (index, o) in ops.iter().enumerate() {
         let params = param_positions(o.code);
         for (pos, &t) in o.inputs.iter().enumerate() {
-            if t < 0 {
-                continue;
+            if t == -1 {
+                continue; // absent optional input
             }
             let Some(t) = usize::try_from(t).ok().filter(|&t| t < n) else {
                 return malformed(format!(
@@ -1301,7 +1301,7 @@ impl Ctx<'_, '_> {
                 let opts = table.options::<DepthwiseConv2DOptions>(&what)?;
                 let in_c = self.tensor(input).shape[3];
                 let filter_c = self.tensor(filter).shape[3];
-                let derived = (in_c > 0 && filter_c % in_c == 0).then(|| filter_c / in_c);
+                let derived = (in_c > 0 && filter_c.is_multiple_of(in_c)).then(|| filter_c / in_c);
                 let depth_multiplier = match (opt!(opts, depth_multiplier, 0), derived) {
                     (0, Some(m)) if m > 0 => m,
                     (m, Some(d)) if usize::try_from(m) == Ok(d) && d > 0 => d,
