@@ -1,11 +1,14 @@
-//! `kiln convert`: a source model → a `.kiln` artifact (GRAPH, WEIGHTS, MANIFEST).
+//! `kiln convert`: a source model → a `.kiln` artifact (GRAPH, WEIGHTS, MANIFEST, and SELFTEST
+//! vectors when sample inputs are given).
 
 use crate::artifact::{write_artifact, HeaderFields};
 use crate::import::tflite::import_tflite;
 use crate::lower::{lower, Lowered};
+use crate::npy::Array;
+use crate::runner::capture_raw;
 use anyhow::{Context, Result};
 use kiln_runtime::format::SectionKind;
-use kiln_runtime::sections::Manifest;
+use kiln_runtime::sections::{Manifest, SelfTestCase, SelfTestHead};
 use sha2::{Digest, Sha256};
 
 /// Lowercase hex of a SHA-256.
@@ -23,13 +26,48 @@ pub struct Converted {
     pub artifact: Vec<u8>,
     /// Lowering output (arena, lower bound, section sizes).
     pub lowered: Lowered,
+    /// Number of SELFTEST cases embedded.
+    pub self_tests: usize,
 }
 
-/// Converts a TFLite flatbuffer into an artifact named `name`.
+/// Encodes a SELFTEST section from (raw input bytes, raw output bytes) pairs.
+pub fn encode_self_tests(cases: &[(Vec<u8>, Vec<u8>)]) -> Result<Vec<u8>> {
+    let count = u16::try_from(cases.len()).context("at most 65535 self-test cases")?;
+    let mut out = postcard::to_allocvec(&SelfTestHead { count })?;
+    for (inputs, outputs) in cases {
+        out.extend(postcard::to_allocvec(&SelfTestCase { inputs, outputs })?);
+    }
+    Ok(out)
+}
+
+fn assemble(lowered: &Lowered, manifest: &[u8], self_tests: Option<&[u8]>) -> Result<Vec<u8>> {
+    let mut sections: Vec<(SectionKind, &[u8])> = vec![
+        (SectionKind::Graph, &lowered.graph),
+        (SectionKind::Weights, &lowered.weights),
+        (SectionKind::Manifest, manifest),
+    ];
+    if let Some(s) = self_tests {
+        sections.push((SectionKind::SelfTest, s));
+    }
+    let fields = HeaderFields {
+        arena_bytes: u32::try_from(lowered.arena_bytes).context("arena larger than 4 GiB")?,
+        ..Default::default()
+    };
+    write_artifact(fields, &sections).map_err(anyhow::Error::msg)
+}
+
+/// Converts a TFLite flatbuffer into an artifact named `name`. With `samples`, the first
+/// `self_test_count` of them are run through the converted model on the host and stored with
+/// their exact outputs as SELFTEST vectors, which a device re-runs after an update.
 ///
 /// # Errors
-/// The model does not import (malformed, unsupported op) or does not lower.
-pub fn convert_tflite(source: &[u8], name: &str) -> Result<Converted> {
+/// The model does not import (malformed, unsupported op) or does not lower, or the samples do not
+/// fit the model.
+pub fn convert_tflite_with(
+    source: &[u8],
+    name: &str,
+    samples: Option<(&Array, usize)>,
+) -> Result<Converted> {
     let graph = import_tflite(source).context("cannot import the TFLite model")?;
     let lowered = lower(&graph).context("cannot lower the model for the runtime")?;
     let json = serde_json::json!({
@@ -42,17 +80,24 @@ pub fn convert_tflite(source: &[u8], name: &str) -> Result<Converted> {
     })
     .to_string();
     let manifest = postcard::to_allocvec(&Manifest { name, json: &json })?;
-    let artifact = write_artifact(
-        HeaderFields {
-            arena_bytes: u32::try_from(lowered.arena_bytes).context("arena larger than 4 GiB")?,
-            ..Default::default()
-        },
-        &[
-            (SectionKind::Graph, &lowered.graph),
-            (SectionKind::Weights, &lowered.weights),
-            (SectionKind::Manifest, &manifest),
-        ],
-    )
-    .map_err(anyhow::Error::msg)?;
-    Ok(Converted { artifact, lowered })
+    let mut artifact = assemble(&lowered, &manifest, None)?;
+    let mut self_tests = 0;
+    if let Some((x, count)) = samples {
+        let cases = capture_raw(&artifact, x, count).context("cannot compute self-test vectors")?;
+        self_tests = cases.len();
+        artifact = assemble(&lowered, &manifest, Some(&encode_self_tests(&cases)?))?;
+    }
+    Ok(Converted {
+        artifact,
+        lowered,
+        self_tests,
+    })
+}
+
+/// Converts a TFLite flatbuffer into an artifact named `name`, without self-test vectors.
+///
+/// # Errors
+/// As [`convert_tflite_with`].
+pub fn convert_tflite(source: &[u8], name: &str) -> Result<Converted> {
+    convert_tflite_with(source, name, None)
 }

@@ -38,6 +38,14 @@ enum Command {
         /// Name recorded in the manifest (default: the file stem).
         #[arg(long)]
         name: Option<String>,
+        /// Sample inputs (.npy, or .npz with `x` / `input`, batch first) from which SELFTEST
+        /// vectors are made: each sample's exact outputs are recorded, and a device re-runs them
+        /// bit for bit after an update before it confirms the model.
+        #[arg(long, value_name = "X.npz|X.npy")]
+        selftest: Option<PathBuf>,
+        /// How many samples of --selftest to embed.
+        #[arg(long, default_value_t = 4, value_name = "N")]
+        selftest_count: usize,
         /// Print the conversion summary as JSON on stdout.
         #[arg(long)]
         json: bool,
@@ -88,7 +96,24 @@ fn progress(len: u64, what: &str) -> ProgressBar {
     bar
 }
 
-fn convert(model: &Path, output: &Path, name: Option<String>, json: bool) -> Result<()> {
+struct ConvertArgs<'a> {
+    model: &'a Path,
+    output: &'a Path,
+    name: Option<String>,
+    selftest: Option<&'a Path>,
+    selftest_count: usize,
+    json: bool,
+}
+
+fn convert(a: ConvertArgs<'_>) -> Result<()> {
+    let ConvertArgs {
+        model,
+        output,
+        name,
+        selftest,
+        selftest_count,
+        json,
+    } = a;
     let source = read(model)?;
     let name = name.unwrap_or_else(|| {
         model
@@ -96,8 +121,13 @@ fn convert(model: &Path, output: &Path, name: Option<String>, json: bool) -> Res
             .map(|s| s.to_string_lossy().into_owned())
             .unwrap_or_default()
     });
-    let converted = kiln::convert::convert_tflite(&source, &name)
-        .with_context(|| format!("cannot convert {}", model.display()))?;
+    let samples = selftest.map(npy::read_input).transpose()?;
+    let converted = kiln::convert::convert_tflite_with(
+        &source,
+        &name,
+        samples.as_ref().map(|x| (x, selftest_count)),
+    )
+    .with_context(|| format!("cannot convert {}", model.display()))?;
     std::fs::write(output, &converted.artifact)
         .with_context(|| format!("cannot write {}", output.display()))?;
     let report = kiln::inspect::inspect(&converted.artifact)?;
@@ -112,18 +142,20 @@ fn convert(model: &Path, output: &Path, name: Option<String>, json: bool) -> Res
                 "weights_bytes": report.weights_bytes,
                 "macs": report.macs,
                 "ops": report.ops.len(),
+                "self_tests": converted.self_tests,
             })
         );
     } else {
         eprintln!(
-            "wrote {} ({} bytes): {} ops, {} MACs, arena {} bytes (liveness lower bound {}), weights {} bytes",
+            "wrote {} ({} bytes): {} ops, {} MACs, arena {} bytes (liveness lower bound {}), weights {} bytes, {} self-test(s)",
             output.display(),
             report.artifact_bytes,
             report.ops.len(),
             report.macs,
             report.arena_bytes,
             converted.lowered.liveness_lower_bound,
-            report.weights_bytes
+            report.weights_bytes,
+            converted.self_tests
         );
     }
     Ok(())
@@ -188,8 +220,17 @@ fn main() -> ExitCode {
             model,
             output,
             name,
+            selftest,
+            selftest_count,
             json,
-        } => convert(&model, &output, name, json),
+        } => convert(ConvertArgs {
+            model: &model,
+            output: &output,
+            name,
+            selftest: selftest.as_deref(),
+            selftest_count,
+            json,
+        }),
         Command::Run {
             model,
             input,

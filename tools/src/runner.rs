@@ -27,6 +27,73 @@ pub struct BatchResult {
     pub outputs: Outputs,
 }
 
+/// Runs the first `count` samples and returns, for each, the raw bytes the interpreter saw at its
+/// inputs and produced at its outputs (the SELFTEST vectors of the artifact).
+///
+/// # Errors
+/// As [`run_batch`].
+pub fn capture_raw(
+    artifact: &[u8],
+    input: &Array,
+    count: usize,
+) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+    let bytes = AlignedBytes::new(artifact);
+    let model = Model::load(bytes.as_slice())?;
+    let mut arena = AlignedBytes::zeroed(model.arena_bytes());
+    let mut interp = Interpreter::new(model, arena.as_mut_slice())?;
+    let per_in = check_batch(&interp, input)?;
+    let batch = input.len() / per_in;
+    let mut cases = Vec::new();
+    for s in 0..batch.min(count) {
+        set_sample(&mut interp, input, s, per_in)?;
+        let raw_in = interp.input_bytes_mut(0)?.to_vec();
+        interp.invoke()?;
+        cases.push((raw_in, interp.output_bytes(0)?.to_vec()));
+    }
+    Ok(cases)
+}
+
+fn check_batch(interp: &Interpreter<'_, '_>, input: &Array) -> Result<usize> {
+    let model = interp.model();
+    if model.inputs().len() != 1 || model.outputs().len() != 1 {
+        bail!(
+            "the model has {} inputs and {} outputs; kiln handles models with one of each here",
+            model.inputs().len(),
+            model.outputs().len()
+        );
+    }
+    let in_t = interp.input_info(0)?;
+    let per_in = element_count(&in_t);
+    if input.is_empty() || !input.len().is_multiple_of(per_in) {
+        bail!(
+            "input has shape {:?} ({} values), which is not a whole number of samples of the model's input shape {:?}\nhint: pass the samples batch first",
+            input.shape(),
+            input.len(),
+            in_t.shape.as_slice()
+        );
+    }
+    Ok(per_in)
+}
+
+fn set_sample(
+    interp: &mut Interpreter<'_, '_>,
+    input: &Array,
+    s: usize,
+    per_in: usize,
+) -> Result<()> {
+    match input {
+        Array::I8 { data, .. } => {
+            let dtype = interp.input_info(0)?.dtype;
+            if dtype != DType::I8 {
+                bail!("the input file holds int8 values but the model's input is {}; pass real (float) values", dtype.name());
+            }
+            interp.set_input_i8(0, &data[s * per_in..(s + 1) * per_in])?;
+        }
+        Array::F32 { data, .. } => interp.set_input_f32(0, &data[s * per_in..(s + 1) * per_in])?,
+    }
+    Ok(())
+}
+
 /// Runs every sample of `input` through the model (one input, one output), calling `progress`
 /// after each sample.
 ///
@@ -39,27 +106,11 @@ pub fn run_batch(
 ) -> Result<BatchResult> {
     let bytes = AlignedBytes::new(artifact);
     let model = Model::load(bytes.as_slice())?;
-    if model.inputs().len() != 1 || model.outputs().len() != 1 {
-        bail!(
-            "the model has {} inputs and {} outputs; `kiln run` handles models with one of each",
-            model.inputs().len(),
-            model.outputs().len()
-        );
-    }
     let mut arena = AlignedBytes::zeroed(model.arena_bytes());
     let mut interp = Interpreter::new(model, arena.as_mut_slice())?;
-    let in_t = interp.input_info(0)?;
+    let per_in = check_batch(&interp, input)?;
     let out_t = interp.output_info(0)?;
-    let per_in = element_count(&in_t);
     let per_out = element_count(&out_t);
-    if input.is_empty() || !input.len().is_multiple_of(per_in) {
-        bail!(
-            "input has shape {:?} ({} values), which is not a whole number of samples of the model's input shape {:?}\nhint: pass the samples batch first",
-            input.shape(),
-            input.len(),
-            in_t.shape.as_slice()
-        );
-    }
     let batch = input.len() / per_in;
     let mut outputs = match out_t.dtype {
         DType::I8 => Outputs::I8(Vec::with_capacity(batch * per_out)),
@@ -68,17 +119,7 @@ pub fn run_batch(
         DType::I32 => bail!("int32 model outputs are not supported"),
     };
     for s in 0..batch {
-        match input {
-            Array::I8 { data, .. } => {
-                if in_t.dtype != DType::I8 {
-                    bail!("the input file holds int8 values but the model's input is {}; pass real (float) values", in_t.dtype.name());
-                }
-                interp.set_input_i8(0, &data[s * per_in..(s + 1) * per_in])?;
-            }
-            Array::F32 { data, .. } => {
-                interp.set_input_f32(0, &data[s * per_in..(s + 1) * per_in])?
-            }
-        }
+        set_sample(&mut interp, input, s, per_in)?;
         interp.invoke()?;
         let raw = interp.output_bytes(0)?;
         match &mut outputs {

@@ -1,0 +1,81 @@
+#!/usr/bin/env bash
+# Kiln's test suite: what CI runs (.ci/run calls this), and what you run before you push.
+#
+#   ./scripts/test.sh
+#
+# Installs what it needs on a fresh Debian machine (apt: qemu-system-arm, binutils-arm-none-eabi;
+# rustup targets through rust-toolchain.toml), then: formatting, clippy, the workspace tests
+# (kernels, format, planner, importer, TFLM golden bit-exactness, malformed-artifact proptests),
+# no_std builds for thumbv7em-none-eabihf and thumbv6m-none-eabi, a proof that no allocator is
+# linked, and the runtime's SELFTEST vectors run bit-exact on a Cortex-M4 under QEMU.
+# Test data is read from KILN_TESTDATA (default ../shared/testdata); tests that need it say
+# "skipped" when it is absent.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$(pwd)
+export KILN_TESTDATA="${KILN_TESTDATA:-$ROOT/../shared/testdata}"
+export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
+
+step() { printf '\n==> %s\n' "$*"; }
+need_apt=()
+command -v qemu-system-arm >/dev/null || need_apt+=(qemu-system-arm)
+command -v arm-none-eabi-nm >/dev/null || need_apt+=(binutils-arm-none-eabi)
+if ((${#need_apt[@]})); then
+  step "installing ${need_apt[*]} (apt)"
+  if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need_apt[@]}" >/dev/null
+fi
+for tool in cargo rustup qemu-system-arm arm-none-eabi-nm; do
+  command -v "$tool" >/dev/null || { echo "error: $tool is required but missing; install it (see README.md)"; exit 1; }
+done
+# rust-toolchain.toml pins the toolchain and lists the targets; make sure they are present.
+rustup show active-toolchain >/dev/null
+rustup target add thumbv7em-none-eabihf thumbv6m-none-eabi aarch64-unknown-linux-gnu >/dev/null 2>&1 || true
+
+if [ -d "$KILN_TESTDATA/models" ]; then
+  echo "test data: $KILN_TESTDATA"
+else
+  echo "warning: test data not found at $KILN_TESTDATA: golden and model tests will be skipped"
+fi
+
+step "cargo fmt --check"
+cargo fmt --all -- --check
+
+step "cargo clippy (all targets, warnings are errors)"
+cargo clippy --workspace --all-targets -- -D warnings
+
+step "cargo test --workspace"
+cargo test --workspace
+
+step "kiln-runtime builds for Cortex-M with no default features (no allocator)"
+for target in thumbv7em-none-eabihf thumbv6m-none-eabi; do
+  cargo build -p kiln-runtime --no-default-features --target "$target"
+done
+
+if [ -d "$KILN_TESTDATA/models" ]; then
+  step "bare-metal check: KWS self-tests on a Cortex-M4 under QEMU, no allocator linked"
+  work=$(mktemp -d)
+  trap 'rm -rf "$work"' EXIT
+  cargo run -q -p kiln -- convert "$KILN_TESTDATA/models/mlperf-tiny/kws_ref_model.tflite" -o "$work/kws.kiln" \
+    --selftest "$KILN_TESTDATA/golden/kws_ref_model.npz" --selftest-count 4
+  for target in thumbv7em-none-eabihf thumbv6m-none-eabi; do
+    (cd firmware/runtime-check && KILN_CHECK_MODEL="$work/kws.kiln" CARGO_TARGET_DIR="$ROOT/target/firmware" \
+      cargo build -q --release --target "$target")
+    elf="$ROOT/target/firmware/$target/release/kiln-runtime-check"
+    if arm-none-eabi-nm -C "$elf" | grep -E '__rust_alloc|__rg_alloc|__rust_no_alloc_shim|alloc::alloc'; then
+      echo "error: $target image links an allocator symbol (listed above); kiln-runtime must not allocate"
+      exit 1
+    fi
+    echo "$target: no allocator symbols; $(arm-none-eabi-size "$elf" | tail -1 | awk '{print ".text " $1 " B, .bss " $3 " B"}')"
+    timeout 120 qemu-system-arm -cpu cortex-m4 -machine mps2-an386 -nographic -monitor none \
+      -semihosting-config enable=on,target=native -kernel "$elf"
+  done
+fi
+
+if [ -f fuzz/Cargo.toml ]; then
+  step "fuzz targets type-check"
+  (cd fuzz && CARGO_TARGET_DIR="$ROOT/target/fuzz-check" cargo check -q)
+fi
+
+step "all checks passed"
