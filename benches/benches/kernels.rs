@@ -2,11 +2,11 @@
 //! Run: `cargo bench -p kiln-benches --bench kernels`.
 
 use criterion::{criterion_group, criterion_main, Criterion};
-use std::hint::black_box;
 use kiln_runtime::graph::{ClampI8, Requant};
 use kiln_runtime::kernels::conv::{conv2d_i8, ConvGeometry, QuantizedOutput};
 use kiln_runtime::kernels::depthwise::depthwise_conv2d_i8;
 use kiln_runtime::kernels::fully_connected::{fully_connected_i8, FullyConnectedGeometry};
+use std::hint::black_box;
 
 fn pattern(n: usize, seed: u32) -> Vec<i8> {
     let mut s = seed;
