@@ -3,7 +3,7 @@
 
 use crate::artifact::{write_artifact, HeaderFields};
 use crate::import::tflite::import_tflite;
-use crate::lower::{lower, Lowered};
+use crate::lower::{lower, to_fp16, Lowered};
 use crate::npy::Array;
 use crate::runner::capture_raw;
 use anyhow::{Context, Result};
@@ -17,6 +17,26 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
         .iter()
         .map(|b| format!("{b:02x}"))
         .collect()
+}
+
+/// How float parts of the model are stored.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Precision {
+    /// As in the source model (int8 stays int8, float stays f32).
+    #[default]
+    AsSource,
+    /// Float weights and activations stored as f16 (f32 accumulation); int8 stays int8.
+    Fp16,
+}
+
+impl Precision {
+    /// Name recorded in the manifest.
+    pub fn name(self) -> &'static str {
+        match self {
+            Precision::AsSource => "as-source",
+            Precision::Fp16 => "fp16",
+        }
+    }
 }
 
 /// A converted model: the artifact bytes and the planner's figures.
@@ -67,14 +87,18 @@ pub fn convert_tflite_with(
     source: &[u8],
     name: &str,
     samples: Option<(&Array, usize)>,
+    precision: Precision,
 ) -> Result<Converted> {
-    let graph = import_tflite(source).context("cannot import the TFLite model")?;
+    let mut graph = import_tflite(source).context("cannot import the TFLite model")?;
+    if precision == Precision::Fp16 {
+        graph = to_fp16(&graph).context("cannot store the model as f16")?;
+    }
     let lowered = lower(&graph).context("cannot lower the model for the runtime")?;
     let json = serde_json::json!({
         "name": name,
         "kiln_version": env!("CARGO_PKG_VERSION"),
         "source": { "format": "tflite", "sha256": sha256_hex(source), "bytes": source.len() },
-        "conversion": { "command": "convert", "quantization": "as in source" },
+        "conversion": { "command": "convert", "precision": precision.name() },
         "arena_bytes": lowered.arena_bytes,
         "liveness_lower_bound_bytes": lowered.liveness_lower_bound,
     })
@@ -99,5 +123,5 @@ pub fn convert_tflite_with(
 /// # Errors
 /// As [`convert_tflite_with`].
 pub fn convert_tflite(source: &[u8], name: &str) -> Result<Converted> {
-    convert_tflite_with(source, name, None)
+    convert_tflite_with(source, name, None, Precision::AsSource)
 }

@@ -108,6 +108,30 @@ pub fn normalize(g: &Graph) -> Result<Graph, LowerError> {
     Ok(g)
 }
 
+/// Stores every f32 tensor of a (normalized) float graph as f16: constants are rounded to
+/// nearest even, activations (graph inputs and outputs included) become f16; kernels still
+/// accumulate in f32. int8 graphs are returned unchanged.
+pub fn to_fp16(g: &Graph) -> Result<Graph, LowerError> {
+    let mut g = normalize(g)?;
+    for t in &mut g.tensors {
+        if t.dtype != DType::F32 {
+            continue;
+        }
+        if let Some(data) = &t.data {
+            let values = dequantized(t)?;
+            debug_assert_eq!(values.len() * 4, data.len());
+            t.data = Some(
+                values
+                    .iter()
+                    .flat_map(|&v| half::f16::from_f32(v).to_le_bytes())
+                    .collect(),
+            );
+        }
+        t.dtype = DType::F16;
+    }
+    Ok(g)
+}
+
 fn f32_bytes(v: &[f32]) -> Vec<u8> {
     v.iter().flat_map(|x| x.to_le_bytes()).collect()
 }

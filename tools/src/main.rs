@@ -43,6 +43,10 @@ enum Command {
         /// bit for bit after an update before it confirms the model.
         #[arg(long, value_name = "X.npz|X.npy")]
         selftest: Option<PathBuf>,
+        /// Store float weights and activations as f16 (halves flash and arena; arithmetic stays
+        /// f32). int8 models are unaffected.
+        #[arg(long)]
+        fp16: bool,
         /// How many samples of --selftest to embed.
         #[arg(long, default_value_t = 4, value_name = "N")]
         selftest_count: usize,
@@ -102,6 +106,7 @@ struct ConvertArgs<'a> {
     name: Option<String>,
     selftest: Option<&'a Path>,
     selftest_count: usize,
+    fp16: bool,
     json: bool,
 }
 
@@ -112,8 +117,14 @@ fn convert(a: ConvertArgs<'_>) -> Result<()> {
         name,
         selftest,
         selftest_count,
+        fp16,
         json,
     } = a;
+    let precision = if fp16 {
+        kiln::convert::Precision::Fp16
+    } else {
+        kiln::convert::Precision::AsSource
+    };
     let source = read(model)?;
     let name = name.unwrap_or_else(|| {
         model
@@ -126,6 +137,7 @@ fn convert(a: ConvertArgs<'_>) -> Result<()> {
         &source,
         &name,
         samples.as_ref().map(|x| (x, selftest_count)),
+        precision,
     )
     .with_context(|| format!("cannot convert {}", model.display()))?;
     std::fs::write(output, &converted.artifact)
@@ -222,6 +234,7 @@ fn main() -> ExitCode {
             name,
             selftest,
             selftest_count,
+            fp16,
             json,
         } => convert(ConvertArgs {
             model: &model,
@@ -229,6 +242,7 @@ fn main() -> ExitCode {
             name,
             selftest: selftest.as_deref(),
             selftest_count,
+            fp16,
             json,
         }),
         Command::Run {
