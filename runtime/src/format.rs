@@ -205,7 +205,8 @@ impl<'a> Container<'a> {
                 reason: "section table runs past the body",
             });
         }
-        if bytes.len() < body_len + TRAILER_FIXED_LEN {
+        // (Not `body_len + TRAILER_FIXED_LEN`: that overflows a 32-bit usize.)
+        if bytes.len().saturating_sub(TRAILER_FIXED_LEN) < body_len {
             return Err(ModelError::Truncated { what: "trailer" });
         }
         // Trailer.

@@ -517,8 +517,9 @@ fn validate_tensor(
             if !start.is_multiple_of(4) {
                 return Err(bad("per-channel scales are misaligned"));
             }
-            let raw = weights
-                .get(start..start + pc.scales.len as usize)
+            let raw = start
+                .checked_add(pc.scales.len as usize)
+                .and_then(|end| weights.get(start..end))
                 .ok_or(bad("per-channel scales lie outside WEIGHTS"))?;
             for c in raw.chunks_exact(4) {
                 let s = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);

@@ -211,8 +211,10 @@ fn bias_ok(
     Ok(())
 }
 
-fn window_ok(input: usize, output: usize, stride: usize, pad: usize, extent: usize) -> bool {
+fn window_ok(input: usize, output: usize, stride: usize, pad: usize, extent: u64) -> bool {
     // The first window starts inside the padded input and every window starts before the end.
+    // (u64: dimensions up to 2^30 times strides up to 2^16 overflow a 32-bit usize.)
+    let (input, output, stride, pad) = (input as u64, output as u64, stride as u64, pad as u64);
     stride >= 1 && pad < extent.max(1) && output >= 1 && (output - 1) * stride < input + pad
 }
 
@@ -264,8 +266,8 @@ pub fn prepare_op(model: &Model<'_>, index: u16, op: &OpDef) -> Result<Prepared,
                 }
                 (fi, 1)
             };
-            let ext_h = (fh - 1) * dil_h + 1;
-            let ext_w = (fw - 1) * dil_w + 1;
+            let ext_h = (fh as u64 - 1) * dil_h as u64 + 1;
+            let ext_w = (fw as u64 - 1) * dil_w as u64 + 1;
             if !window_ok(h, oh, stride_h, p.pad_top as usize, ext_h)
                 || !window_ok(w, ow, stride_w, p.pad_left as usize, ext_w)
             {
@@ -321,7 +323,9 @@ pub fn prepare_op(model: &Model<'_>, index: u16, op: &OpDef) -> Result<Prepared,
                 return Err(ctx.err("input size is not a multiple of in_features"));
             }
             let batch = n_in / in_f;
-            if element_count(&out) != batch * out_f || dims(&out).last() != Some(out_f) {
+            if element_count(&out) as u64 != batch as u64 * out_f as u64
+                || dims(&out).last() != Some(out_f)
+            {
                 return Err(ctx.err("output shape must be [batch, out_features]"));
             }
             bias_ok(&ctx, &bias, dtype, out_f)?;
@@ -387,10 +391,19 @@ pub fn prepare_op(model: &Model<'_>, index: u16, op: &OpDef) -> Result<Prepared,
                     ctx.err("pool output must keep batch and channels; filter must be non-empty")
                 );
             }
-            if !window_ok(h, oh, p.stride_h as usize, p.pad_top as usize, fh)
-                || !window_ok(w, ow, p.stride_w as usize, p.pad_left as usize, fw)
+            if !window_ok(h, oh, p.stride_h as usize, p.pad_top as usize, fh as u64)
+                || !window_ok(w, ow, p.stride_w as usize, p.pad_left as usize, fw as u64)
             {
                 return Err(ctx.err("output size, stride and padding are inconsistent"));
+            }
+            // The int8 average sums up to `cells` values of [-128, 127] and adds half the count
+            // before dividing, in i32: keep that from overflowing.
+            let cells = fh.min(h) as u64 * fw.min(w) as u64;
+            if matches!(op.kind, OpKind::AveragePool2d(_))
+                && input.dtype == DType::I8
+                && 128 * cells + cells / 2 > 1 << 31
+            {
+                return Err(ctx.err("int8 average pool window is too large for an i32 sum"));
             }
             if input.dtype == DType::I8 && (input.quant != out.quant || p.clamp.min > p.clamp.max) {
                 return Err(ctx.err("int8 pooling needs identical input and output quantization"));
@@ -512,7 +525,7 @@ pub fn prepare_op(model: &Model<'_>, index: u16, op: &OpDef) -> Result<Prepared,
             if axis >= rank {
                 return Err(ctx.err("concatenation axis is beyond the rank"));
             }
-            let mut total = 0usize;
+            let mut total = 0u64;
             for i in 0..op.inputs.len() {
                 let t = ctx.input(op, i)?;
                 if t.dtype != out.dtype || t.shape.len() != rank {
@@ -533,9 +546,9 @@ pub fn prepare_op(model: &Model<'_>, index: u16, op: &OpDef) -> Result<Prepared,
                         ctx.err("int8 concatenation needs identical quantization on all inputs")
                     );
                 }
-                total += t.shape[axis] as usize;
+                total += t.shape[axis] as u64;
             }
-            if total != out.shape[axis] as usize {
+            if total != out.shape[axis] as u64 {
                 return Err(ctx.err("concatenation sizes do not add up to the output"));
             }
             let outer = dims(&out).take(axis).product();
@@ -590,6 +603,20 @@ pub fn prepare_op(model: &Model<'_>, index: u16, op: &OpDef) -> Result<Prepared,
             }
             if input.dtype == DType::I8 {
                 ctx.requant(p.requant)?;
+                // The kernel sums `q - zero_point` (|.| <= 255) over the reduced elements,
+                // rescales by the requant and adds half the count before dividing, all in i32
+                // (TFLM's arithmetic): keep that from overflowing.
+                let count: u64 = dims(&input)
+                    .enumerate()
+                    .filter(|(i, _)| p.axes & (1 << i) != 0)
+                    .map(|(_, d)| d as u64)
+                    .product();
+                let rescaled = ((255 * count) as u128) << p.requant.shift.max(0);
+                if rescaled + (count / 2) as u128 >= 1 << 31 {
+                    return Err(
+                        ctx.err("int8 mean overflows i32 for its element count and requant")
+                    );
+                }
             }
             let mut in_shape = [1usize; MAX_RANK];
             for (d, s) in dims(&input).enumerate() {

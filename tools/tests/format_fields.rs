@@ -1598,3 +1598,108 @@ fn softmax_int8_output_quantization() {
     );
 }
 
+// ---------------------------------------------------------------------------------------------
+// Parameters that would overflow an int8 kernel's i32 arithmetic.
+
+fn single_op_artifact(
+    kind: ir::OpKind,
+    input: ir::Tensor,
+    output: ir::Tensor,
+    edit: impl FnOnce(&mut Art),
+) -> Vec<u8> {
+    let g = ir::Graph {
+        name: "single".into(),
+        tensors: vec![input, output],
+        ops: vec![ir::Op {
+            kind,
+            inputs: vec![Some(0)],
+            outputs: vec![1],
+        }],
+        inputs: vec![0],
+        outputs: vec![1],
+    };
+    let lowered = lower(&g).expect("lower");
+    let bytes = write_artifact(
+        HeaderFields {
+            arena_bytes: lowered.arena_bytes as u32,
+            ..Default::default()
+        },
+        &[
+            (SectionKind::Graph, &lowered.graph),
+            (SectionKind::Weights, &lowered.weights),
+        ],
+    )
+    .unwrap();
+    let mut art = Art::decode(&bytes);
+    edit(&mut art);
+    art.build()
+}
+
+/// Loads and runs with every input element set to `fill`.
+fn run_filled(bytes: &[u8], fill: i8) -> Result<(), ModelError> {
+    let aligned = AlignedBytes::new(bytes);
+    let model = Model::load(aligned.as_slice())?;
+    let mut arena = AlignedBytes::zeroed(model.arena_bytes());
+    let mut interp = Interpreter::new(model, arena.as_mut_slice())?;
+    let n = kiln_runtime::model::element_count(&interp.input_info(0).unwrap());
+    interp.set_input_i8(0, &vec![fill; n]).unwrap();
+    interp.invoke().unwrap();
+    Ok(())
+}
+
+#[test]
+fn mean_int8_requant_that_overflows_the_accumulator() {
+    // MEAN over 16 elements: |sum| <= 255 * 16, scaled by 2^shift, plus 8 for the rounding.
+    let mean = |zp: i64, shift: i32| {
+        single_op_artifact(
+            ir::OpKind::Mean {
+                axes: vec![1, 2],
+                keep_dims: false,
+            },
+            t("x", DType::I8, &[1, 4, 4, 2], None, per_tensor(0.1, zp)),
+            t("y", DType::I8, &[1, 2], None, per_tensor(0.1, 0)),
+            |a| {
+                if let OpKind::Mean(p) = &mut a.ops[0].kind {
+                    p.requant.multiplier = i32::MAX;
+                    p.requant.shift = shift;
+                }
+            },
+        )
+    };
+    // 4080 * 2^19 + 8 < 2^31: accepted, and the extreme sums run without overflow.
+    for zp in [-128, 127] {
+        for fill in [-128, 127] {
+            run_filled(&mean(zp, 19), fill).expect("shift 19 loads and runs");
+        }
+    }
+    // 4080 * 2^20 >= 2^31: refused (it used to load and then overflow `acc - n / 2`).
+    for shift in [20, 30] {
+        assert_op(refused(&mean(0, shift)), "int8 mean overflows");
+    }
+}
+
+#[test]
+fn average_pool_int8_window_too_large_for_the_sum() {
+    // One window over the whole image: the i32 sum of `cells` values in [-128, 127], plus half
+    // of `cells`, must fit: 128.5 * cells <= 2^31, i.e. cells <= 16_711_935.
+    let pool = |w: usize| {
+        single_op_artifact(
+            ir::OpKind::AveragePool2d {
+                filter: [4096, w],
+                stride: [1, 1],
+                padding: ir::Padding::Valid,
+                activation: kiln_runtime::graph::Activation::None,
+            },
+            t("x", DType::I8, &[1, 4096, w, 1], None, per_tensor(0.1, 0)),
+            t("y", DType::I8, &[1, 1, 1, 1], None, per_tensor(0.1, 0)),
+            |_| {},
+        )
+    };
+    // 4096 * 4080 = 16_711_680 cells: accepted, and the extreme sums do not overflow.
+    let ok = pool(4080);
+    for fill in [-128, 127] {
+        run_filled(&ok, fill).expect("the largest window loads and runs");
+    }
+    // 4096 * 4081 cells: refused (it used to overflow `a - count / 2` on an all -128 input).
+    assert_op(refused(&pool(4081)), "too large for an i32 sum");
+}

@@ -61,10 +61,17 @@ pub fn softmax_i8(p: &SoftmaxParams, outer: usize, depth: usize, input: &[i8], o
             *o = match rescaled(q as i32 - max) {
                 Some(x) => {
                     let e = exp_on_negative_values(x, SCALED_DIFF_INTEGER_BITS);
-                    let unsat = rounding_divide_by_pot(
-                        saturating_rounding_doubling_high_mul(shifted_scale, e),
-                        exponent,
-                    );
+                    // Rows of >= 512 similar logits push the shift past 31, where TFLM's C++
+                    // shift is undefined; the Q0 product is below 2^31 <= 2^(exponent - 1), so
+                    // the exact rounded quotient is 0.
+                    let unsat = if exponent > 31 {
+                        0
+                    } else {
+                        rounding_divide_by_pot(
+                            saturating_rounding_doubling_high_mul(shifted_scale, e),
+                            exponent,
+                        )
+                    };
                     (unsat - 128).clamp(i8::MIN as i32, i8::MAX as i32) as i8
                 }
                 None => i8::MIN,
