@@ -356,6 +356,54 @@ pub enum OpKind {
     Quantize(QuantizeParams),
     /// int8 → float.
     Dequantize,
+    /// Element-wise difference with NumPy broadcasting (int8: TFLM's SUB arithmetic, the
+    /// parameters as for ADD).
+    Sub(BinaryParams),
+    /// Element-wise quotient with NumPy broadcasting (float only).
+    Div(BinaryParams),
+    /// Permutes the dimensions (any element type).
+    Transpose(TransposeParams),
+    /// A float element-wise function (LeakyRelu, HardSigmoid, HardSwish, Clamp, ...).
+    UnaryFloat(UnaryFn),
+    /// int8 → int8 through a 256-entry table in WEIGHTS (`table[q + 128]`), computed on the
+    /// host as `quantize_out(f(dequantize_in(q)))`: the most exact int8 result of any
+    /// element-wise function.
+    Lut(BufRef),
+    /// `x < 0 ? slope * x : x`, slope broadcast from the second input (float only).
+    PRelu,
+}
+
+/// Parameters of TRANSPOSE: output dimension `i` is input dimension `perm[i]`.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct TransposeParams {
+    /// The permutation (the first `rank` entries are used).
+    pub perm: [u8; MAX_RANK],
+}
+
+/// A float element-wise function.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq)]
+pub enum UnaryFn {
+    /// `x >= 0 ? x : alpha * x`.
+    LeakyRelu {
+        /// Slope for negative inputs.
+        alpha: f32,
+    },
+    /// `clamp(alpha * x + beta, 0, 1)`.
+    HardSigmoid {
+        /// Slope.
+        alpha: f32,
+        /// Offset.
+        beta: f32,
+    },
+    /// `x * clamp(x + 3, 0, 6) / 6`.
+    HardSwish,
+    /// `clamp(x, min, max)`.
+    Clamp {
+        /// Lower bound.
+        min: f32,
+        /// Upper bound.
+        max: f32,
+    },
 }
 
 impl OpKind {
@@ -380,6 +428,15 @@ impl OpKind {
             OpKind::Tanh(_) => "TANH",
             OpKind::Quantize(_) => "QUANTIZE",
             OpKind::Dequantize => "DEQUANTIZE",
+            OpKind::Sub(_) => "SUB",
+            OpKind::Div(_) => "DIV",
+            OpKind::Transpose(_) => "TRANSPOSE",
+            OpKind::UnaryFloat(UnaryFn::LeakyRelu { .. }) => "LEAKY_RELU",
+            OpKind::UnaryFloat(UnaryFn::HardSigmoid { .. }) => "HARD_SIGMOID",
+            OpKind::UnaryFloat(UnaryFn::HardSwish) => "HARD_SWISH",
+            OpKind::UnaryFloat(UnaryFn::Clamp { .. }) => "CLAMP",
+            OpKind::Lut(_) => "LUT",
+            OpKind::PRelu => "PRELU",
         }
     }
 }

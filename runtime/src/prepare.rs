@@ -653,6 +653,12 @@ pub fn prepare_op(model: &Model<'_>, index: u16, op: &OpDef) -> Result<Prepared,
                 count: element_count(&out),
             })
         }
+        OpKind::Sub(_)
+        | OpKind::Div(_)
+        | OpKind::Transpose(_)
+        | OpKind::UnaryFloat(_)
+        | OpKind::Lut(_)
+        | OpKind::PRelu => Err(ctx.err("op is not supported by this runtime yet")),
     }
 }
 

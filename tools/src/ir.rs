@@ -166,6 +166,44 @@ pub enum OpKind {
     Quantize,
     /// int8 (or f16 constant) → float.
     Dequantize,
+    /// Broadcasting subtraction.
+    Sub {
+        /// Fused activation.
+        activation: Activation,
+    },
+    /// Broadcasting division (float).
+    Div {
+        /// Fused activation.
+        activation: Activation,
+    },
+    /// Permute dimensions: output dim `i` is input dim `perm[i]`.
+    Transpose {
+        /// The permutation.
+        perm: Vec<usize>,
+    },
+    /// `x >= 0 ? x : alpha * x`.
+    LeakyRelu {
+        /// Negative slope.
+        alpha: f32,
+    },
+    /// `x < 0 ? slope * x : x`; inputs: x, slope (broadcast).
+    PRelu,
+    /// `clamp(alpha * x + beta, 0, 1)`.
+    HardSigmoid {
+        /// Slope.
+        alpha: f32,
+        /// Offset.
+        beta: f32,
+    },
+    /// `x * clamp(x + 3, 0, 6) / 6`.
+    HardSwish,
+    /// `clamp(x, min, max)` (ONNX Clip that is not a RELU / RELU6 / RELU_N1_TO_1).
+    Clamp {
+        /// Lower bound.
+        min: f32,
+        /// Upper bound.
+        max: f32,
+    },
 }
 
 /// One op: its kind, inputs (`None` for an absent optional input) and outputs.

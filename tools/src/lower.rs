@@ -801,6 +801,16 @@ fn lower_op(
             OpKind::Quantize(p)
         }
         ir::OpKind::Dequantize => OpKind::Dequantize,
+        ir::OpKind::Sub { .. }
+        | ir::OpKind::Div { .. }
+        | ir::OpKind::Transpose { .. }
+        | ir::OpKind::LeakyRelu { .. }
+        | ir::OpKind::PRelu
+        | ir::OpKind::HardSigmoid { .. }
+        | ir::OpKind::HardSwish
+        | ir::OpKind::Clamp { .. } => {
+            return Err(c.err("not supported by the runtime yet"));
+        }
     })
 }
 
@@ -854,5 +864,13 @@ pub fn ir_name(k: &ir::OpKind) -> &'static str {
         ir::OpKind::Tanh => "TANH",
         ir::OpKind::Quantize => "QUANTIZE",
         ir::OpKind::Dequantize => "DEQUANTIZE",
+        ir::OpKind::Sub { .. } => "SUB",
+        ir::OpKind::Div { .. } => "DIV",
+        ir::OpKind::Transpose { .. } => "TRANSPOSE",
+        ir::OpKind::LeakyRelu { .. } => "LEAKY_RELU",
+        ir::OpKind::PRelu => "PRELU",
+        ir::OpKind::HardSigmoid { .. } => "HARD_SIGMOID",
+        ir::OpKind::HardSwish => "HARD_SWISH",
+        ir::OpKind::Clamp { .. } => "CLAMP",
     }
 }
