@@ -43,26 +43,7 @@ fn import_model(name: &str) -> Option<Graph> {
 }
 
 fn kind_name(kind: &OpKind) -> &'static str {
-    match kind {
-        OpKind::Conv2d { .. } => "Conv2d",
-        OpKind::DepthwiseConv2d { .. } => "DepthwiseConv2d",
-        OpKind::FullyConnected { .. } => "FullyConnected",
-        OpKind::Add { .. } => "Add",
-        OpKind::Mul { .. } => "Mul",
-        OpKind::AveragePool2d { .. } => "AveragePool2d",
-        OpKind::MaxPool2d { .. } => "MaxPool2d",
-        OpKind::Reshape => "Reshape",
-        OpKind::Softmax { .. } => "Softmax",
-        OpKind::Relu => "Relu",
-        OpKind::Relu6 => "Relu6",
-        OpKind::Concatenation { .. } => "Concatenation",
-        OpKind::Pad { .. } => "Pad",
-        OpKind::Mean { .. } => "Mean",
-        OpKind::Logistic => "Logistic",
-        OpKind::Tanh => "Tanh",
-        OpKind::Quantize => "Quantize",
-        OpKind::Dequantize => "Dequantize",
-    }
+    kiln::lower::ir_name(kind)
 }
 
 fn op_counts(g: &Graph) -> BTreeMap<&'static str, usize> {
@@ -168,12 +149,12 @@ fn kws_int8() {
     };
     check_invariants(&g);
     let expected: BTreeMap<_, _> = [
-        ("Conv2d", 5),
-        ("DepthwiseConv2d", 4),
-        ("AveragePool2d", 1),
-        ("Reshape", 1),
-        ("FullyConnected", 1),
-        ("Softmax", 1),
+        ("CONV_2D", 5),
+        ("DEPTHWISE_CONV_2D", 4),
+        ("AVERAGE_POOL_2D", 1),
+        ("RESHAPE", 1),
+        ("FULLY_CONNECTED", 1),
+        ("SOFTMAX", 1),
     ]
     .into_iter()
     .collect();
@@ -209,7 +190,7 @@ fn kws_int8() {
     let pool = g
         .ops
         .iter()
-        .find(|op| kind_name(&op.kind) == "AveragePool2d")
+        .find(|op| kind_name(&op.kind) == "AVERAGE_POOL_2D")
         .unwrap();
     assert_eq!(
         pool.kind,
@@ -278,12 +259,12 @@ fn kws_hybrid_float32() {
 fn check_resnet(g: &Graph, dtype: DType) {
     check_invariants(g);
     let expected: BTreeMap<_, _> = [
-        ("Conv2d", 9),
-        ("Add", 3),
-        ("AveragePool2d", 1),
-        ("Reshape", 1),
-        ("FullyConnected", 1),
-        ("Softmax", 1),
+        ("CONV_2D", 9),
+        ("ADD", 3),
+        ("AVERAGE_POOL_2D", 1),
+        ("RESHAPE", 1),
+        ("FULLY_CONNECTED", 1),
+        ("SOFTMAX", 1),
     ]
     .into_iter()
     .collect();
@@ -343,12 +324,12 @@ fn vww_int8_and_float() {
         };
         check_invariants(&g);
         let expected: BTreeMap<_, _> = [
-            ("Conv2d", 14),
-            ("DepthwiseConv2d", 13),
-            ("AveragePool2d", 1),
-            ("Reshape", 1),
-            ("FullyConnected", 1),
-            ("Softmax", 1),
+            ("CONV_2D", 14),
+            ("DEPTHWISE_CONV_2D", 13),
+            ("AVERAGE_POOL_2D", 1),
+            ("RESHAPE", 1),
+            ("FULLY_CONNECTED", 1),
+            ("SOFTMAX", 1),
         ]
         .into_iter()
         .collect();
@@ -376,7 +357,7 @@ fn anomaly_detection_int8_and_float() {
         check_invariants(&g);
         assert_eq!(
             op_counts(&g),
-            [("FullyConnected", 10)].into_iter().collect(),
+            [("FULLY_CONNECTED", 10)].into_iter().collect(),
             "{name}"
         );
         assert_eq!(
