@@ -40,6 +40,16 @@ pub struct Lowered {
     pub arena_bytes: usize,
     /// Most bytes alive at any one step (no plan can use less).
     pub liveness_lower_bound: usize,
+    /// Artifact tensor index of each host-IR tensor (`None` for tensors no op uses).
+    pub tensor_index: Vec<Option<u16>>,
+}
+
+/// Options of [`lower_with`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LowerOptions {
+    /// Keep every activation alive to the end (no reuse), so that all intermediate tensors can
+    /// be read after `invoke` — used by calibration and per-layer reports, never for devices.
+    pub keep_all_alive: bool,
 }
 
 struct WeightsBuilder {
@@ -207,6 +217,14 @@ pub fn same_padding(
 /// # Errors
 /// An op or tensor the runtime cannot run, named with its index.
 pub fn lower(g: &Graph) -> Result<Lowered, LowerError> {
+    lower_with(g, &LowerOptions::default())
+}
+
+/// [`lower`] with options.
+///
+/// # Errors
+/// As [`lower`].
+pub fn lower_with(g: &Graph, options: &LowerOptions) -> Result<Lowered, LowerError> {
     let g = normalize(g)?;
     // Tensors in use, in a stable order: graph inputs, then op order.
     let mut used: Vec<TensorId> = Vec::new();
@@ -351,6 +369,9 @@ pub fn lower(g: &Graph) -> Result<Lowered, LowerError> {
     for &t in &g.outputs {
         last[idx(t) as usize] = n + 1;
     }
+    if options.keep_all_alive {
+        last.iter_mut().for_each(|l| *l = n + 1);
+    }
     // In-place RESHAPE: the output joins its input's buffer when the input dies there.
     let mut group: Vec<usize> = (0..defs.len()).collect();
     for (i, op) in ops.iter().enumerate() {
@@ -453,6 +474,7 @@ pub fn lower(g: &Graph) -> Result<Lowered, LowerError> {
         weights: weights.bytes,
         arena_bytes: p.arena_bytes,
         liveness_lower_bound: plan::liveness_lower_bound(&buffers),
+        tensor_index: map,
     })
 }
 
