@@ -60,6 +60,17 @@ pub fn encode_self_tests(cases: &[(Vec<u8>, Vec<u8>)]) -> Result<Vec<u8>> {
     Ok(out)
 }
 
+/// Lowers a host graph and writes a bare artifact (GRAPH + WEIGHTS + a MANIFEST with the name).
+///
+/// # Errors
+/// The graph does not lower.
+pub fn assemble_graph(g: &crate::ir::Graph, name: &str) -> Result<Vec<u8>> {
+    let lowered = lower(g)?;
+    let json = serde_json::json!({ "name": name, "kiln_version": env!("CARGO_PKG_VERSION") }).to_string();
+    let manifest = postcard::to_allocvec(&Manifest { name, json: &json })?;
+    assemble(&lowered, &manifest, None)
+}
+
 fn assemble(lowered: &Lowered, manifest: &[u8], self_tests: Option<&[u8]>) -> Result<Vec<u8>> {
     let mut sections: Vec<(SectionKind, &[u8])> = vec![
         (SectionKind::Graph, &lowered.graph),

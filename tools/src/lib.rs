@@ -1,12 +1,15 @@
-//! `kiln`, the host tool, as a library: importers, the host IR, lowering and memory planning,
-//! the artifact writer, and the helpers behind the CLI.
+//! `kiln`, the host tool, as a library: importers, the host IR, passes, quantization, lowering
+//! and memory planning, the artifact writer, evaluation, and the helpers behind the CLI.
 
 pub mod artifact;
 pub mod convert;
+pub mod eval;
 pub mod import;
 pub mod inspect;
 pub mod ir;
 pub mod lower;
 pub mod npy;
+pub mod passes;
 pub mod plan;
+pub mod quantize;
 pub mod runner;

@@ -7,9 +7,10 @@ use kiln_runtime::format::ALIGN;
 use kiln_runtime::graph::{
     self as rg, ActivationParams, BufRef, ClampI8, ConcatParams, ConvParams, DType,
     FullyConnectedParams, GraphHeader, Location, MeanParams, OpDef, OpKind, PadParams, PerChannel,
-    PoolParams, Quant, QuantizeParams, Requant, ScratchRef, TensorDef, NO_TENSOR,
+    PoolParams, Quant, QuantizeParams, Requant, ScratchRef, TensorDef, UnaryFn, NO_TENSOR,
 };
-use kiln_runtime::kernels::{activation, mean, quantize, softmax};
+use kiln_runtime::kernels::transpose::TransposeGeometry;
+use kiln_runtime::kernels::{activation, lut, mean, quantize, softmax, unary};
 
 /// Why a graph could not be lowered. Messages name the op and say what to do.
 #[derive(Debug, thiserror::Error)]
@@ -327,7 +328,7 @@ pub fn lower_with(g: &Graph, options: &LowerOptions) -> Result<Lowered, LowerErr
     for (index, op) in g.ops.iter().enumerate() {
         let kind = lower_op(&g, index, op, &mut weights)?;
         let mut inputs = heapless::Vec::new();
-        for t in &op.inputs {
+        for t in op.inputs.iter().take(lowered_input_count(&kind, op)) {
             inputs
                 .push(t.map_or(NO_TENSOR, idx))
                 .map_err(|_| LowerError::Op {
@@ -823,17 +824,166 @@ fn lower_op(
             OpKind::Quantize(p)
         }
         ir::OpKind::Dequantize => OpKind::Dequantize,
-        ir::OpKind::Sub { .. }
-        | ir::OpKind::Div { .. }
-        | ir::OpKind::Transpose { .. }
-        | ir::OpKind::LeakyRelu { .. }
-        | ir::OpKind::PRelu
-        | ir::OpKind::HardSigmoid { .. }
-        | ir::OpKind::HardSwish
-        | ir::OpKind::Clamp { .. } => {
-            return Err(c.err("not supported by the runtime yet"));
+        ir::OpKind::Sub { activation: act } => {
+            let mut p = rg::BinaryParams {
+                activation: *act,
+                ..Default::default()
+            };
+            if int8 {
+                // TFLM prepares int8 SUB exactly as ADD.
+                let (s0, _) = c.q(c.input(0)?)?;
+                let (s1, _) = c.q(c.input(1)?)?;
+                let (so, _) = c.q(c.output()?)?;
+                p = quantize::add_params(s0, s1, so, c.clamp(*act)?);
+                p.activation = *act;
+            }
+            OpKind::Sub(p)
         }
+        ir::OpKind::Div { activation: act } => {
+            if int8 {
+                return Err(c.err("int8 DIV is not supported; keep this op in float"));
+            }
+            OpKind::Div(rg::BinaryParams {
+                activation: *act,
+                ..Default::default()
+            })
+        }
+        ir::OpKind::Transpose { perm } => OpKind::Transpose(transpose_params(&c, perm)?),
+        ir::OpKind::LeakyRelu { alpha } => unary_op(&c, w, UnaryFn::LeakyRelu { alpha: *alpha })?,
+        ir::OpKind::HardSigmoid { alpha, beta } => unary_op(
+            &c,
+            w,
+            UnaryFn::HardSigmoid {
+                alpha: *alpha,
+                beta: *beta,
+            },
+        )?,
+        ir::OpKind::HardSwish => unary_op(&c, w, UnaryFn::HardSwish)?,
+        ir::OpKind::Clamp { min, max } => unary_op(
+            &c,
+            w,
+            UnaryFn::Clamp {
+                min: *min,
+                max: *max,
+            },
+        )?,
+        ir::OpKind::PRelu => prelu_op(&c, w)?,
     })
+}
+
+/// How many of the IR op's inputs the lowered op reads: a LUT reads only its input (the constant
+/// slope of an int8 PRELU is folded into the table).
+fn lowered_input_count(kind: &OpKind, op: &ir::Op) -> usize {
+    match kind {
+        OpKind::Lut(_) => 1,
+        _ => op.inputs.len(),
+    }
+}
+
+/// TRANSPOSE: the permutation, checked against the input and output shapes.
+fn transpose_params(c: &OpCtx<'_>, perm: &[usize]) -> Result<rg::TransposeParams, LowerError> {
+    let (input, out) = (c.input(0)?, c.output()?);
+    if input.shape.len() > rg::MAX_RANK {
+        return Err(c.err(format!(
+            "rank {} is above the runtime's {}",
+            input.shape.len(),
+            rg::MAX_RANK
+        )));
+    }
+    let g = TransposeGeometry::new(&input.shape, perm).ok_or_else(|| {
+        c.err(format!(
+            "perm {perm:?} is not a permutation of the {} input axes",
+            input.shape.len()
+        ))
+    })?;
+    if out.shape[..] != g.out_shape()[..input.shape.len()] {
+        return Err(c.err(format!(
+            "output shape {:?} is not the input shape {:?} permuted by {perm:?}",
+            out.shape, input.shape
+        )));
+    }
+    if input.dtype == DType::I8 && c.q(input)? != c.q(out)? {
+        return Err(c.err("int8 TRANSPOSE needs the same quantization on input and output"));
+    }
+    let mut p = rg::TransposeParams::default();
+    for (d, &v) in p.perm.iter_mut().zip(perm) {
+        *d = v as u8;
+    }
+    Ok(p)
+}
+
+/// A float element-wise function: `UnaryFloat` for float tensors, a LUT of it for int8.
+fn unary_op(c: &OpCtx<'_>, w: &mut WeightsBuilder, f: UnaryFn) -> Result<OpKind, LowerError> {
+    let finite = match f {
+        UnaryFn::LeakyRelu { alpha } => alpha.is_finite(),
+        UnaryFn::HardSigmoid { alpha, beta } => alpha.is_finite() && beta.is_finite(),
+        UnaryFn::HardSwish => true,
+        UnaryFn::Clamp { min, max } => min.is_finite() && max.is_finite(),
+    };
+    if !finite {
+        return Err(c.err(format!("parameters must be finite: {f:?}")));
+    }
+    if let UnaryFn::Clamp { min, max } = f {
+        if min > max {
+            return Err(c.err(format!("min {min} is above max {max}")));
+        }
+    }
+    if !c.is_int8()? {
+        return Ok(OpKind::UnaryFloat(f));
+    }
+    Ok(OpKind::Lut(lut_for(c, w, |x| unary::unary_f64(f, x))?))
+}
+
+/// PRELU: as is for float tensors; for int8 a LUT when the slope is one constant value (a scalar,
+/// or a tensor whose elements are all equal).
+fn prelu_op(c: &OpCtx<'_>, w: &mut WeightsBuilder) -> Result<OpKind, LowerError> {
+    if !c.is_int8()? {
+        return Ok(OpKind::PRelu);
+    }
+    let slope = c.input(1)?;
+    let Some(data) = &slope.data else {
+        return Err(c.err("int8 PRELU needs a constant slope"));
+    };
+    // Real slope values, in f64 for per-tensor int8 (the usual case), else as dequantized.
+    let values: Vec<f64> = match &slope.quant {
+        Some(q) if slope.dtype == DType::I8 && q.scales.len() == 1 => {
+            let zp = q.zero_points.first().copied().unwrap_or(0);
+            data.iter()
+                .map(|&v| q.scales[0] as f64 * ((v as i8) as i64 - zp) as f64)
+                .collect()
+        }
+        _ => dequantized(slope)?.into_iter().map(f64::from).collect(),
+    };
+    let Some(&a) = values.first() else {
+        return Err(c.err("PRELU slope is empty"));
+    };
+    if values.iter().any(|&v| v != a) {
+        return Err(c.err("int8 PRELU with per-channel slopes is not supported yet"));
+    }
+    Ok(OpKind::Lut(lut_for(c, w, move |x| {
+        if x < 0.0 {
+            a * x
+        } else {
+            x
+        }
+    })?))
+}
+
+/// The 256-byte int8 table of the real function `f` for this op's input and output
+/// quantization, pushed to WEIGHTS.
+fn lut_for(
+    c: &OpCtx<'_>,
+    w: &mut WeightsBuilder,
+    f: impl Fn(f64) -> f64,
+) -> Result<BufRef, LowerError> {
+    let (input, out) = (c.input(0)?, c.output()?);
+    if input.dtype != DType::I8 {
+        return Err(c.err("an int8 output needs an int8 input"));
+    }
+    let (si, zi) = c.q(input)?;
+    let (so, zo) = c.q(out)?;
+    let table = lut::lut_table(si, zi, so, zo, f);
+    Ok(w.push(bytemuck::cast_slice(&table)))
 }
 
 /// Per-output-channel requantization of a conv-like int8 op, as TFLM computes it:
