@@ -83,7 +83,9 @@ fn percentile(st: &TensorStats, p: f64) -> (f32, f32) {
     (lo, hi)
 }
 
-/// KL divergence of `p` from `q` (both unnormalised), skipping empty bins of `p`.
+/// KL divergence of `p` from `q` (both unnormalised), skipping empty bins of `p`; empty bins of
+/// `q` are smoothed to a tiny mass (as MXNet and TensorRT do) so one outlier cannot make every
+/// clipped candidate infinitely bad.
 fn kl(p: &[f64], q: &[f64]) -> f64 {
     let (sp, sq): (f64, f64) = (p.iter().sum(), q.iter().sum());
     if sp == 0.0 || sq == 0.0 {
@@ -93,12 +95,8 @@ fn kl(p: &[f64], q: &[f64]) -> f64 {
         .zip(q)
         .filter(|(&a, _)| a > 0.0)
         .map(|(&a, &b)| {
-            let (a, b) = (a / sp, b / sq);
-            if b <= 0.0 {
-                f64::INFINITY
-            } else {
-                a * (a / b).ln()
-            }
+            let (a, b) = (a / sp, (b / sq).max(1e-6));
+            a * (a / b).ln()
         })
         .sum()
 }
