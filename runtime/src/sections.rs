@@ -109,3 +109,57 @@ pub fn run_self_test(interp: &mut Interpreter<'_, '_>) -> Result<SelfTestReport,
     }
     Ok(report)
 }
+
+/// Head of the BASELINE section; `count` [`BaselineHistogram`]s follow.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BaselineHead {
+    /// Number of histograms.
+    pub count: u8,
+}
+
+/// Which graph tensor a baseline histogram describes.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BaselineTensor {
+    /// Graph input `n`.
+    Input(u8),
+    /// Graph output `n`.
+    Output(u8),
+}
+
+/// A fixed-bin histogram of a graph input or output over the calibration data, in real
+/// (dequantized) values: `edges` holds `bins + 1` little-endian f32 bin edges chosen on the host
+/// (equal-mass on the calibration data), `counts` holds `bins` little-endian u32 counts. Devices
+/// bin their own traffic with the same edges; the fleet server compares the two (PSI).
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BaselineHistogram<'a> {
+    /// The tensor.
+    pub tensor: BaselineTensor,
+    /// Bin edges, f32 LE, ascending.
+    pub edges: &'a [u8],
+    /// Counts, u32 LE.
+    pub counts: &'a [u8],
+}
+
+/// Iterates the histograms of the BASELINE section of a model (none when absent).
+///
+/// # Errors
+/// The section does not decode, or a histogram's edges and counts disagree.
+pub fn baseline_histograms<'a>(
+    model: &Model<'a>,
+    mut visit: impl FnMut(BaselineHistogram<'a>),
+) -> Result<usize, ModelError> {
+    let Some(bytes) = model.container().section(crate::format::SectionKind::Baseline) else {
+        return Ok(0);
+    };
+    let bad = ModelError::Decode { what: "baseline" };
+    let (head, mut rest): (BaselineHead, &[u8]) = postcard::take_from_bytes(bytes).map_err(|_| bad)?;
+    for _ in 0..head.count {
+        let (h, r): (BaselineHistogram<'a>, &[u8]) = postcard::take_from_bytes(rest).map_err(|_| bad)?;
+        rest = r;
+        if h.edges.len() % 4 != 0 || h.counts.len() % 4 != 0 || h.edges.len() != h.counts.len() + 4 {
+            return Err(bad);
+        }
+        visit(h);
+    }
+    Ok(head.count as usize)
+}

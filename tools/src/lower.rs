@@ -960,13 +960,8 @@ fn prelu_op(c: &OpCtx<'_>, w: &mut WeightsBuilder) -> Result<OpKind, LowerError>
     if values.iter().any(|&v| v != a) {
         return Err(c.err("int8 PRELU with per-channel slopes is not supported yet"));
     }
-    Ok(OpKind::Lut(lut_for(c, w, move |x| {
-        if x < 0.0 {
-            a * x
-        } else {
-            x
-        }
-    })?))
+    let prelu = move |x: f64| if x < 0.0 { a * x } else { x };
+    Ok(OpKind::Lut(lut_for(c, w, prelu)?))
 }
 
 /// The 256-byte int8 table of the real function `f` for this op's input and output

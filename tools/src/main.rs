@@ -83,6 +83,82 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Quantize a float model (int8, fp16, or auto mixed precision) with calibration data.
+    ///
+    /// Calibration runs the float graph on the samples and records every activation's range
+    /// (--estimator minmax, percentile[:P] or entropy). Weights become per-channel symmetric int8,
+    /// activations asymmetric int8, biases int32 (corrected for the mean shift that weight
+    /// quantization causes unless --no-bias-correction). The artifact carries its lineage (SHA-256
+    /// of the source and of the calibration data, every option, the float and quantized metrics),
+    /// SELFTEST vectors from the first calibration samples and a BASELINE of input and output
+    /// histograms for drift detection. With --max-accuracy-drop and --eval, a result that loses
+    /// more than the budget is refused and nothing is written.
+    Quantize {
+        /// The float model (.tflite).
+        model: PathBuf,
+        /// Where to write the artifact.
+        #[arg(short, long, value_name = "OUT.kiln")]
+        output: PathBuf,
+        /// int8, fp16, or auto (int8 with the fewest, most sensitive layers kept in fp16 that stay
+        /// within --max-accuracy-drop; needs --eval).
+        #[arg(long, default_value = "int8")]
+        precision: kiln::quantize::pipeline::Precision,
+        /// Calibration samples (.npy, or .npz with `x`), real values as the float model takes
+        /// them, batch first. uint8 images are read as values 0..255 (see --input-scale).
+        #[arg(long, value_name = "DATA.npz")]
+        calib: PathBuf,
+        /// Multiply uint8 sample values by this (e.g. 0.00392156862745098 for 1/255).
+        #[arg(long, value_name = "S")]
+        input_scale: Option<f32>,
+        /// Activation range estimator: minmax, percentile[:P] (default P 99.99) or entropy.
+        #[arg(long, default_value = "minmax")]
+        estimator: kiln::quantize::ranges::Estimator,
+        /// Do not correct biases for the weight quantization error.
+        #[arg(long)]
+        no_bias_correction: bool,
+        /// Labelled evaluation set (`x`, `y`) for the report, the gate and --precision auto.
+        #[arg(long, value_name = "DATA.npz")]
+        eval: Option<PathBuf>,
+        /// Metric of --eval: top1 (classification) or auc (autoencoder clips [n, frames, mels]).
+        #[arg(long, default_value = "top1")]
+        metric: kiln::quantize::pipeline::Metric,
+        /// Refuse the result if it scores more than P percentage points below the float model.
+        #[arg(long, value_name = "P")]
+        max_accuracy_drop: Option<f64>,
+        /// Self-test vectors to embed.
+        #[arg(long, default_value_t = 4, value_name = "N")]
+        selftest_count: usize,
+        /// Name recorded in the manifest (default: the file stem).
+        #[arg(long)]
+        name: Option<String>,
+        /// Print the report as JSON on stdout.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Measure an artifact's accuracy on labelled data, and its agreement with a reference model.
+    ///
+    /// Float samples are quantized at the model's input edge with its own parameters. With
+    /// --reference (a float .tflite or .kiln), also reports how often both pick the same class
+    /// and the SQNR of the outputs.
+    Eval {
+        /// The artifact.
+        model: PathBuf,
+        /// Labelled data: `x` (samples, batch first) and `y` (class indices or 0/1 anomaly labels).
+        #[arg(long, value_name = "DATA.npz")]
+        data: PathBuf,
+        /// top1 or auc (for autoencoders: `x` holds clips [n, frames, mels]).
+        #[arg(long, default_value = "top1")]
+        metric: kiln::quantize::pipeline::Metric,
+        /// Multiply uint8 sample values by this.
+        #[arg(long, value_name = "S")]
+        input_scale: Option<f32>,
+        /// A float reference model (.tflite or .kiln) to compare with.
+        #[arg(long, value_name = "FLOAT_MODEL")]
+        reference: Option<PathBuf>,
+        /// Print the figures as JSON on stdout.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn read(path: &Path) -> Result<Vec<u8>> {
@@ -225,6 +301,123 @@ fn inspect(model: &Path, json: bool) -> Result<()> {
     Ok(())
 }
 
+#[allow(clippy::too_many_arguments)]
+fn quantize(
+    model: &Path,
+    output: &Path,
+    precision: kiln::quantize::pipeline::Precision,
+    calib: &Path,
+    input_scale: Option<f32>,
+    estimator: kiln::quantize::ranges::Estimator,
+    bias_correction: bool,
+    eval: Option<&Path>,
+    metric: kiln::quantize::pipeline::Metric,
+    max_accuracy_drop: Option<f64>,
+    selftest_count: usize,
+    name: Option<String>,
+    json: bool,
+) -> Result<()> {
+    use kiln::convert::sha256_hex;
+    use kiln::quantize::pipeline::{self, EvalSet, Request};
+    let (graph, format, source) = kiln::import::import_file(model)?;
+    let x = npy::read_real(calib, None, input_scale)?;
+    let calib_sha256 = sha256_hex(&read(calib)?);
+    let eval_data = match eval {
+        Some(p) => Some((npy::read_real(p, None, input_scale)?, npy::read_labels(p)?, sha256_hex(&read(p)?))),
+        None => None,
+    };
+    let name = name.unwrap_or_else(|| {
+        model.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default()
+    });
+    let bar = progress(0, "quantizing");
+    let req = Request {
+        name,
+        graph,
+        source: serde_json::json!({ "format": format, "sha256": sha256_hex(&source), "bytes": source.len() }),
+        calib: &x,
+        calib_sha256,
+        precision,
+        options: pipeline::options(estimator, bias_correction),
+        eval: eval_data.as_ref().map(|(x, y, sha256)| EvalSet { x, y, metric, sha256: sha256.clone() }),
+        max_accuracy_drop,
+        selftest_count,
+        extra: serde_json::json!({ "input_scale": input_scale }),
+    };
+    let q = pipeline::quantize(req, |what, done, total| {
+        bar.set_message(what.to_string());
+        bar.set_length(total as u64);
+        bar.set_position(done as u64);
+    })
+    .with_context(|| format!("cannot quantize {}", model.display()))?;
+    bar.finish_and_clear();
+    std::fs::write(output, &q.artifact).with_context(|| format!("cannot write {}", output.display()))?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&serde_json::json!({ "output": output, "report": q.report }))?);
+    } else {
+        let r = &q.report;
+        eprintln!("{:>4}  {:<18} {:<6} {:>12} {:>10}", "#", "op", "type", "MACs", "params");
+        for l in &r.layers {
+            eprintln!("{:>4}  {:<18} {:<6} {:>12} {:>10}", l.index, l.op, l.precision, l.macs, l.params);
+        }
+        if let (Some(f), Some(qm), Some(m)) = (r.float_metric, r.quantized_metric, r.metric) {
+            eprintln!("{m:?}: float {:.2} %, quantized {:.2} % ({:+.2} pt)", f * 100.0, qm * 100.0, (qm - f) * 100.0);
+        }
+        eprintln!(
+            "wrote {} ({} bytes): arena {} bytes, weights {} bytes, {:.0} % of MACs in int8, {} self-test(s)",
+            output.display(),
+            r.artifact_bytes,
+            r.arena_bytes,
+            r.weights_bytes,
+            r.int8_mac_fraction * 100.0,
+            r.self_tests
+        );
+    }
+    Ok(())
+}
+
+fn eval(
+    model: &Path,
+    data: &Path,
+    metric: kiln::quantize::pipeline::Metric,
+    input_scale: Option<f32>,
+    reference: Option<&Path>,
+    json: bool,
+) -> Result<()> {
+    use kiln::quantize::pipeline::{measure, EvalSet, Metric};
+    let artifact = read(model)?;
+    let x = npy::read_real(data, None, input_scale)?;
+    let y = npy::read_labels(data)?;
+    let set = EvalSet { x: &x, y: &y, metric, sha256: kiln::convert::sha256_hex(&read(data)?) };
+    let score = measure(&artifact, &set).with_context(|| format!("cannot evaluate {}", model.display()))?;
+    let key = match metric {
+        Metric::Top1 => "top1",
+        Metric::Auc => "auc",
+    };
+    let mut out = serde_json::json!({ key: score, "samples": y.len() });
+    if let Some(r) = reference {
+        let ref_art = if r.extension().and_then(|e| e.to_str()) == Some("kiln") {
+            read(r)?
+        } else {
+            let (g, _, _) = kiln::import::import_file(r)?;
+            kiln::convert::assemble_graph(&g, "reference")?
+        };
+        let ref_score = measure(&ref_art, &set)?;
+        out["reference"] = serde_json::json!({ key: ref_score });
+        if metric == Metric::Top1 {
+            let (a, per) = kiln::eval::run_real(&artifact, &x, |_, _| {})?;
+            let (b, _) = kiln::eval::run_real(&ref_art, &x, |_, _| {})?;
+            out["agreement"] = serde_json::json!(kiln::eval::agreement(&a, &b, per));
+            out["sqnr_db"] = serde_json::json!(kiln::eval::sqnr_db(&b, &a));
+        }
+    }
+    if json {
+        println!("{out}");
+    } else {
+        eprintln!("{}", serde_json::to_string_pretty(&out)?);
+    }
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
@@ -252,6 +445,38 @@ fn main() -> ExitCode {
             json,
         } => run(&model, &input, output.as_deref(), json),
         Command::Inspect { model, json } => inspect(&model, json),
+        Command::Quantize {
+            model,
+            output,
+            precision,
+            calib,
+            input_scale,
+            estimator,
+            no_bias_correction,
+            eval: eval_set,
+            metric,
+            max_accuracy_drop,
+            selftest_count,
+            name,
+            json,
+        } => quantize(
+            &model,
+            &output,
+            precision,
+            &calib,
+            input_scale,
+            estimator,
+            !no_bias_correction,
+            eval_set.as_deref(),
+            metric,
+            max_accuracy_drop,
+            selftest_count,
+            name,
+            json,
+        ),
+        Command::Eval { model, data, metric, input_scale, reference, json } => {
+            eval(&model, &data, metric, input_scale, reference.as_deref(), json)
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -3,6 +3,7 @@
 //! which some ops stay float with QUANTIZE / DEQUANTIZE at the boundaries.
 
 pub mod calibrate;
+pub mod pipeline;
 pub mod ranges;
 
 use crate::ir::{Graph, Op, OpKind, QuantInfo, Tensor, TensorId};
