@@ -413,14 +413,24 @@ fn run_i8(
             };
             fully_connected::fully_connected_i8(g, &q, input, bytemuck::cast_slice(w), bias, out);
         }
-        (OpKind::Add(p) | OpKind::Mul(p), Prepared::Binary(s)) => {
+        (OpKind::Add(p) | OpKind::Sub(p) | OpKind::Mul(p), Prepared::Binary(s)) => {
             let (b_t, b) = x.tensor(op, 1)?;
             let zps = [zp_in, zp(&b_t), zp_out];
-            if matches!(op.kind, OpKind::Add(_)) {
-                binary::add_i8(s, p, zps, input, bytemuck::cast_slice(b), out);
-            } else {
-                binary::mul_i8(s, p, zps, input, bytemuck::cast_slice(b), out);
+            let b: &[i8] = bytemuck::cast_slice(b);
+            match op.kind {
+                OpKind::Add(_) => binary::add_i8(s, p, zps, input, b, out),
+                OpKind::Sub(_) => binary::sub_i8(s, p, zps, input, b, out),
+                _ => binary::mul_i8(s, p, zps, input, b, out),
             }
+        }
+        (OpKind::Transpose(_), Prepared::Transpose(g)) => transpose::transpose(g, input, out),
+        (OpKind::Lut(table), _) => {
+            let bytes: &[i8] = bytemuck::cast_slice(x.model.weights_range(*table)?);
+            let table = <&[i8; 256]>::try_from(bytes).map_err(|_| ModelError::BadOp {
+                index: NO_TENSOR,
+                reason: "LUT table must be exactly 256 bytes",
+            })?;
+            lut::lut_i8(table, input, out)
         }
         (OpKind::AveragePool2d(p), Prepared::Pool(g)) => {
             pooling::average_pool_i8(g, p.clamp, input, out)
@@ -538,6 +548,17 @@ fn run_float<T: Float>(
         (OpKind::Mul(p), Prepared::Binary(s)) => {
             binary::mul_float(s, p.activation, input, cast(x.tensor(op, 1)?.1)?, out)
         }
+        (OpKind::Sub(p), Prepared::Binary(s)) => {
+            binary::sub_float(s, p.activation, input, cast(x.tensor(op, 1)?.1)?, out)
+        }
+        (OpKind::Div(p), Prepared::Binary(s)) => {
+            binary::div_float(s, p.activation, input, cast(x.tensor(op, 1)?.1)?, out)
+        }
+        (OpKind::PRelu, Prepared::Binary(s)) => {
+            binary::prelu_float(s, input, cast(x.tensor(op, 1)?.1)?, out)
+        }
+        (OpKind::Transpose(_), Prepared::Transpose(g)) => transpose::transpose(g, input, out),
+        (OpKind::UnaryFloat(f), _) => unary::unary_float(*f, input, out),
         (OpKind::AveragePool2d(p), Prepared::Pool(g)) => {
             pooling::average_pool_float(g, p.activation, input, out)
         }

@@ -5,12 +5,13 @@
 
 use crate::error::ModelError;
 use crate::graph::{
-    BufRef, DType, Location, OpDef, OpKind, Requant, TensorDef, MAX_RANK, NO_TENSOR,
+    BufRef, DType, Location, OpDef, OpKind, Requant, TensorDef, UnaryFn, MAX_RANK, NO_TENSOR,
 };
 use crate::kernels::binary::BroadcastShapes;
 use crate::kernels::conv::ConvGeometry;
 use crate::kernels::fully_connected::FullyConnectedGeometry;
 use crate::kernels::pooling::PoolGeometry;
+use crate::kernels::transpose::TransposeGeometry;
 use crate::model::{element_count, Model};
 use crate::quant::requant_is_valid;
 
@@ -26,7 +27,7 @@ pub enum Prepared {
     },
     /// FULLY_CONNECTED.
     FullyConnected(FullyConnectedGeometry),
-    /// ADD / MUL.
+    /// ADD / SUB / MUL / DIV / PRELU (PRELU: input 0 is `x`, input 1 the slope, out == x).
     Binary(BroadcastShapes),
     /// AVERAGE_POOL_2D / MAX_POOL_2D.
     Pool(PoolGeometry),
@@ -37,7 +38,8 @@ pub enum Prepared {
         /// Row length.
         depth: usize,
     },
-    /// One output element per input element (RESHAPE, activations, QUANTIZE, DEQUANTIZE).
+    /// One output element per input element (RESHAPE, activations, QUANTIZE, DEQUANTIZE, float
+    /// unary functions, LUT).
     Elementwise {
         /// Element count.
         count: usize,
@@ -54,6 +56,8 @@ pub enum Prepared {
         /// Input shape.
         in_shape: [usize; 4],
     },
+    /// TRANSPOSE.
+    Transpose(TransposeGeometry),
     /// MEAN over a mask of axes of the input shape.
     Mean {
         /// Input shape.
@@ -211,6 +215,34 @@ fn bias_ok(
     Ok(())
 }
 
+/// Broadcast shapes of a binary op's two inputs and output.
+fn broadcast(
+    ctx: &Ctx<'_, '_>,
+    a: &TensorDef,
+    b: &TensorDef,
+    out: &TensorDef,
+) -> Result<BroadcastShapes, ModelError> {
+    let mut sa = [0usize; MAX_RANK];
+    let mut sb = [0usize; MAX_RANK];
+    let mut so = [0usize; MAX_RANK];
+    for (dst, t) in [(&mut sa, a), (&mut sb, b), (&mut so, out)] {
+        for (d, s) in dst.iter_mut().zip(dims(t)) {
+            *d = s;
+        }
+    }
+    BroadcastShapes::new(
+        &sa[..a.shape.len()],
+        &sb[..b.shape.len()],
+        &so[..out.shape.len()],
+    )
+    .ok_or(ctx.err("input shapes do not broadcast to the output shape"))
+}
+
+/// (scale, zero point) of a tensor, for comparing the quantization of two int8 tensors.
+fn scale_zp(t: &TensorDef) -> Option<(f32, i32)> {
+    t.quant.map(|q| (q.scale, q.zero_point))
+}
+
 fn window_ok(input: usize, output: usize, stride: usize, pad: usize, extent: u64) -> bool {
     // The first window starts inside the padded input and every window starts before the end.
     // (u64: dimensions up to 2^30 times strides up to 2^16 overflow a 32-bit usize.)
@@ -341,28 +373,18 @@ pub fn prepare_op(model: &Model<'_>, index: u16, op: &OpDef) -> Result<Prepared,
                 out_features: out_f,
             }))
         }
-        OpKind::Add(p) | OpKind::Mul(p) => {
+        OpKind::Add(p) | OpKind::Sub(p) | OpKind::Mul(p) | OpKind::Div(p) => {
             ctx.expect_inputs(op, 2, 2)?;
             let a = ctx.input(op, 0)?;
             let b = ctx.input(op, 1)?;
             let dtype = same_compute_type(&ctx, &[&a, &b, &out])?;
-            let mut sa = [0usize; MAX_RANK];
-            let mut sb = [0usize; MAX_RANK];
-            let mut so = [0usize; MAX_RANK];
-            for (dst, t) in [(&mut sa, &a), (&mut sb, &b), (&mut so, &out)] {
-                for (d, s) in dst.iter_mut().zip(dims(t)) {
-                    *d = s;
-                }
-            }
-            let s = BroadcastShapes::new(
-                &sa[..a.shape.len()],
-                &sb[..b.shape.len()],
-                &so[..out.shape.len()],
-            )
-            .ok_or(ctx.err("input shapes do not broadcast to the output shape"))?;
+            let s = broadcast(&ctx, &a, &b, &out)?;
             if dtype == DType::I8 {
+                if matches!(op.kind, OpKind::Div(_)) {
+                    return Err(ctx.err("int8 DIV is not supported (float only)"));
+                }
                 ctx.requant(p.output)?;
-                if matches!(op.kind, OpKind::Add(_)) {
+                if matches!(op.kind, OpKind::Add(_) | OpKind::Sub(_)) {
                     ctx.requant(p.input0)?;
                     ctx.requant(p.input1)?;
                     if p.input0.shift > 0
@@ -370,7 +392,7 @@ pub fn prepare_op(model: &Model<'_>, index: u16, op: &OpDef) -> Result<Prepared,
                         || p.output.shift > 0
                         || !(0..=22).contains(&p.left_shift)
                     {
-                        return Err(ctx.err("ADD rescale shifts out of range"));
+                        return Err(ctx.err("ADD/SUB rescale shifts out of range"));
                     }
                 }
                 if p.clamp.min > p.clamp.max {
@@ -653,12 +675,90 @@ pub fn prepare_op(model: &Model<'_>, index: u16, op: &OpDef) -> Result<Prepared,
                 count: element_count(&out),
             })
         }
-        OpKind::Sub(_)
-        | OpKind::Div(_)
-        | OpKind::Transpose(_)
-        | OpKind::UnaryFloat(_)
-        | OpKind::Lut(_)
-        | OpKind::PRelu => Err(ctx.err("op is not supported by this runtime yet")),
+        OpKind::Transpose(p) => {
+            ctx.expect_inputs(op, 1, 1)?;
+            let input = ctx.input(op, 0)?;
+            let dtype = same_compute_type(&ctx, &[&input, &out])?;
+            let rank = input.shape.len();
+            let mut in_shape = [0usize; MAX_RANK];
+            for (d, s) in in_shape.iter_mut().zip(dims(&input)) {
+                *d = s;
+            }
+            let mut perm = [0usize; MAX_RANK];
+            for (d, &v) in perm.iter_mut().zip(&p.perm) {
+                *d = v as usize;
+            }
+            let g = TransposeGeometry::new(&in_shape[..rank], &perm[..rank])
+                .ok_or(ctx.err("transpose perm is not a permutation of the input's axes"))?;
+            let want = g.out_shape();
+            if out.shape.len() != rank || dims(&out).zip(want).any(|(o, w)| o != w) {
+                return Err(ctx.err("transpose output shape is not the permuted input shape"));
+            }
+            if dtype == DType::I8 && scale_zp(&input) != scale_zp(&out) {
+                return Err(ctx.err("int8 transpose needs identical input and output quantization"));
+            }
+            Ok(Prepared::Transpose(g))
+        }
+        OpKind::UnaryFloat(f) => {
+            ctx.expect_inputs(op, 1, 1)?;
+            let input = ctx.input(op, 0)?;
+            let dtype = same_compute_type(&ctx, &[&input, &out])?;
+            if !is_float(dtype) {
+                return Err(ctx.err("float unary functions need f32 or f16 tensors (int8: LUT)"));
+            }
+            if input.shape != out.shape {
+                return Err(ctx.err("activation output must have the input's shape"));
+            }
+            let finite = match f {
+                UnaryFn::LeakyRelu { alpha } => alpha.is_finite(),
+                UnaryFn::HardSigmoid { alpha, beta } => alpha.is_finite() && beta.is_finite(),
+                UnaryFn::HardSwish => true,
+                UnaryFn::Clamp { min, max } => min.is_finite() && max.is_finite(),
+            };
+            if !finite {
+                return Err(ctx.err("unary function parameter is not finite"));
+            }
+            if let UnaryFn::Clamp { min, max } = f {
+                if min > max {
+                    return Err(ctx.err("clamp min is above max"));
+                }
+            }
+            Ok(Prepared::Elementwise {
+                count: element_count(&out),
+            })
+        }
+        OpKind::Lut(table) => {
+            ctx.expect_inputs(op, 1, 1)?;
+            let input = ctx.input(op, 0)?;
+            if input.dtype != DType::I8 || out.dtype != DType::I8 {
+                return Err(ctx.err("LUT maps int8 to int8"));
+            }
+            if element_count(&input) != element_count(&out) {
+                return Err(ctx.err("LUT must keep the element count"));
+            }
+            model
+                .weights_range(table)
+                .map_err(|_| ctx.err("LUT table lies outside WEIGHTS"))?;
+            if table.len != 256 {
+                return Err(ctx.err("LUT table must be exactly 256 bytes"));
+            }
+            Ok(Prepared::Elementwise {
+                count: element_count(&out),
+            })
+        }
+        OpKind::PRelu => {
+            ctx.expect_inputs(op, 2, 2)?;
+            let x = ctx.input(op, 0)?;
+            let slope = ctx.input(op, 1)?;
+            let dtype = same_compute_type(&ctx, &[&x, &slope, &out])?;
+            if !is_float(dtype) {
+                return Err(ctx.err("PRELU needs f32 or f16 tensors (int8: LUT)"));
+            }
+            if x.shape != out.shape {
+                return Err(ctx.err("PRELU output must have the input's shape"));
+            }
+            Ok(Prepared::Binary(broadcast(&ctx, &x, &slope, &out)?))
+        }
     }
 }
 

@@ -148,15 +148,21 @@ pub fn baseline_histograms<'a>(
     model: &Model<'a>,
     mut visit: impl FnMut(BaselineHistogram<'a>),
 ) -> Result<usize, ModelError> {
-    let Some(bytes) = model.container().section(crate::format::SectionKind::Baseline) else {
+    let Some(bytes) = model
+        .container()
+        .section(crate::format::SectionKind::Baseline)
+    else {
         return Ok(0);
     };
     let bad = ModelError::Decode { what: "baseline" };
-    let (head, mut rest): (BaselineHead, &[u8]) = postcard::take_from_bytes(bytes).map_err(|_| bad)?;
+    let (head, mut rest): (BaselineHead, &[u8]) =
+        postcard::take_from_bytes(bytes).map_err(|_| bad)?;
     for _ in 0..head.count {
-        let (h, r): (BaselineHistogram<'a>, &[u8]) = postcard::take_from_bytes(rest).map_err(|_| bad)?;
+        let (h, r): (BaselineHistogram<'a>, &[u8]) =
+            postcard::take_from_bytes(rest).map_err(|_| bad)?;
         rest = r;
-        if h.edges.len() % 4 != 0 || h.counts.len() % 4 != 0 || h.edges.len() != h.counts.len() + 4 {
+        if h.edges.len() % 4 != 0 || h.counts.len() % 4 != 0 || h.edges.len() != h.counts.len() + 4
+        {
             return Err(bad);
         }
         visit(h);

@@ -66,7 +66,8 @@ pub fn encode_self_tests(cases: &[(Vec<u8>, Vec<u8>)]) -> Result<Vec<u8>> {
 /// The graph does not lower.
 pub fn assemble_graph(g: &crate::ir::Graph, name: &str) -> Result<Vec<u8>> {
     let lowered = lower(g)?;
-    let json = serde_json::json!({ "name": name, "kiln_version": env!("CARGO_PKG_VERSION") }).to_string();
+    let json =
+        serde_json::json!({ "name": name, "kiln_version": env!("CARGO_PKG_VERSION") }).to_string();
     let manifest = postcard::to_allocvec(&Manifest { name, json: &json })?;
     assemble(&lowered, &manifest, None)
 }

@@ -12,7 +12,11 @@ use kiln_runtime::Interpreter;
 ///
 /// # Errors
 /// The artifact is invalid or the data does not fit its input.
-pub fn run_real(artifact: &[u8], x: &Array, mut progress: impl FnMut(usize, usize)) -> Result<(Vec<f32>, usize)> {
+pub fn run_real(
+    artifact: &[u8],
+    x: &Array,
+    mut progress: impl FnMut(usize, usize),
+) -> Result<(Vec<f32>, usize)> {
     let bytes = AlignedBytes::new(artifact);
     let model = Model::load(bytes.as_slice())?;
     let mut arena = AlignedBytes::zeroed(model.arena_bytes());
@@ -30,8 +34,12 @@ pub fn run_real(artifact: &[u8], x: &Array, mut progress: impl FnMut(usize, usiz
     let mut out = vec![0f32; n * per_out];
     for s in 0..n {
         match x {
-            Array::I8 { data, .. } => interp.set_input_i8(0, &data[s * per_in..(s + 1) * per_in])?,
-            Array::F32 { data, .. } => interp.set_input_f32(0, &data[s * per_in..(s + 1) * per_in])?,
+            Array::I8 { data, .. } => {
+                interp.set_input_i8(0, &data[s * per_in..(s + 1) * per_in])?
+            }
+            Array::F32 { data, .. } => {
+                interp.set_input_f32(0, &data[s * per_in..(s + 1) * per_in])?
+            }
         }
         interp.invoke()?;
         interp.output_f32(0, &mut out[s * per_out..(s + 1) * per_out])?;
@@ -42,7 +50,9 @@ pub fn run_real(artifact: &[u8], x: &Array, mut progress: impl FnMut(usize, usiz
 
 /// Index of the largest value.
 pub fn argmax(row: &[f32]) -> usize {
-    (0..row.len()).max_by(|&a, &b| row[a].total_cmp(&row[b]).then(b.cmp(&a))).unwrap_or(0)
+    (0..row.len())
+        .max_by(|&a, &b| row[a].total_cmp(&row[b]).then(b.cmp(&a)))
+        .unwrap_or(0)
 }
 
 /// Fraction of rows whose argmax equals the label.
@@ -51,7 +61,9 @@ pub fn top1(outputs: &[f32], per: usize, labels: &[i64]) -> f64 {
     if n == 0 {
         return 0.0;
     }
-    let hits = (0..n).filter(|&i| argmax(&outputs[i * per..(i + 1) * per]) as i64 == labels[i]).count();
+    let hits = (0..n)
+        .filter(|&i| argmax(&outputs[i * per..(i + 1) * per]) as i64 == labels[i])
+        .count();
     hits as f64 / n as f64
 }
 
@@ -61,13 +73,20 @@ pub fn agreement(a: &[f32], b: &[f32], per: usize) -> f64 {
     if n == 0 {
         return 0.0;
     }
-    (0..n).filter(|&i| argmax(&a[i * per..(i + 1) * per]) == argmax(&b[i * per..(i + 1) * per])).count() as f64 / n as f64
+    (0..n)
+        .filter(|&i| argmax(&a[i * per..(i + 1) * per]) == argmax(&b[i * per..(i + 1) * per]))
+        .count() as f64
+        / n as f64
 }
 
 /// Signal-to-quantization-noise ratio of `test` against `reference`, in dB.
 pub fn sqnr_db(reference: &[f32], test: &[f32]) -> f64 {
     let signal: f64 = reference.iter().map(|&v| (v as f64).powi(2)).sum();
-    let noise: f64 = reference.iter().zip(test).map(|(&a, &b)| (a as f64 - b as f64).powi(2)).sum();
+    let noise: f64 = reference
+        .iter()
+        .zip(test)
+        .map(|(&a, &b)| (a as f64 - b as f64).powi(2))
+        .sum();
     if noise == 0.0 {
         f64::INFINITY
     } else {
@@ -78,8 +97,18 @@ pub fn sqnr_db(reference: &[f32], test: &[f32]) -> f64 {
 /// Area under the ROC curve of `scores` (higher = more anomalous) for binary `labels` (1 =
 /// positive); ties count half.
 pub fn auc(scores: &[f64], labels: &[i64]) -> f64 {
-    let pos: Vec<f64> = scores.iter().zip(labels).filter(|(_, &l)| l != 0).map(|(&s, _)| s).collect();
-    let neg: Vec<f64> = scores.iter().zip(labels).filter(|(_, &l)| l == 0).map(|(&s, _)| s).collect();
+    let pos: Vec<f64> = scores
+        .iter()
+        .zip(labels)
+        .filter(|(_, &l)| l != 0)
+        .map(|(&s, _)| s)
+        .collect();
+    let neg: Vec<f64> = scores
+        .iter()
+        .zip(labels)
+        .filter(|(_, &l)| l == 0)
+        .map(|(&s, _)| s)
+        .collect();
     if pos.is_empty() || neg.is_empty() {
         return f64::NAN;
     }
@@ -112,7 +141,7 @@ pub fn anomaly_scores(artifact: &[u8], clips: &[f32], shape: &[usize]) -> Result
     let mut arena = AlignedBytes::zeroed(model.arena_bytes());
     let mut interp = Interpreter::new(model, arena.as_mut_slice())?;
     let per = element_count(&interp.input_info(0)?);
-    if per % mels != 0 || per / mels > frames {
+    if !per.is_multiple_of(mels) || per / mels > frames {
         bail!("the model takes {per} values, which is not a whole number of {mels}-value frames of these clips");
     }
     let window = per / mels;
@@ -127,7 +156,12 @@ pub fn anomaly_scores(artifact: &[u8], clips: &[f32], shape: &[usize]) -> Result
             interp.set_input_f32(0, x)?;
             interp.invoke()?;
             interp.output_f32(0, &mut out)?;
-            total += x.iter().zip(&out).map(|(&a, &b)| ((a - b) as f64).powi(2)).sum::<f64>() / per as f64;
+            total += x
+                .iter()
+                .zip(&out)
+                .map(|(&a, &b)| ((a - b) as f64).powi(2))
+                .sum::<f64>()
+                / per as f64;
         }
         scores.push(total / windows as f64);
     }
@@ -145,6 +179,9 @@ mod tests {
         assert_eq!(auc(&[0.1, 0.2, 0.9, 0.8], &[1, 1, 0, 0]), 0.0);
         assert_eq!(auc(&[0.5, 0.5], &[1, 0]), 0.5);
         assert!((sqnr_db(&[1.0, 1.0], &[1.1, 0.9]) - 20.0).abs() < 1e-4);
-        assert_eq!(agreement(&[1.0, 0.0, 0.0, 1.0], &[2.0, 1.0, 1.0, 0.0], 2), 0.5);
+        assert_eq!(
+            agreement(&[1.0, 0.0, 0.0, 1.0], &[2.0, 1.0, 1.0, 0.0], 2),
+            0.5
+        );
     }
 }

@@ -323,11 +323,18 @@ fn quantize(
     let x = npy::read_real(calib, None, input_scale)?;
     let calib_sha256 = sha256_hex(&read(calib)?);
     let eval_data = match eval {
-        Some(p) => Some((npy::read_real(p, None, input_scale)?, npy::read_labels(p)?, sha256_hex(&read(p)?))),
+        Some(p) => Some((
+            npy::read_real(p, None, input_scale)?,
+            npy::read_labels(p)?,
+            sha256_hex(&read(p)?),
+        )),
         None => None,
     };
     let name = name.unwrap_or_else(|| {
-        model.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default()
+        model
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default()
     });
     let bar = progress(0, "quantizing");
     let req = Request {
@@ -338,7 +345,12 @@ fn quantize(
         calib_sha256,
         precision,
         options: pipeline::options(estimator, bias_correction),
-        eval: eval_data.as_ref().map(|(x, y, sha256)| EvalSet { x, y, metric, sha256: sha256.clone() }),
+        eval: eval_data.as_ref().map(|(x, y, sha256)| EvalSet {
+            x,
+            y,
+            metric,
+            sha256: sha256.clone(),
+        }),
         max_accuracy_drop,
         selftest_count,
         extra: serde_json::json!({ "input_scale": input_scale }),
@@ -350,17 +362,34 @@ fn quantize(
     })
     .with_context(|| format!("cannot quantize {}", model.display()))?;
     bar.finish_and_clear();
-    std::fs::write(output, &q.artifact).with_context(|| format!("cannot write {}", output.display()))?;
+    std::fs::write(output, &q.artifact)
+        .with_context(|| format!("cannot write {}", output.display()))?;
     if json {
-        println!("{}", serde_json::to_string_pretty(&serde_json::json!({ "output": output, "report": q.report }))?);
+        println!(
+            "{}",
+            serde_json::to_string_pretty(
+                &serde_json::json!({ "output": output, "report": q.report })
+            )?
+        );
     } else {
         let r = &q.report;
-        eprintln!("{:>4}  {:<18} {:<6} {:>12} {:>10}", "#", "op", "type", "MACs", "params");
+        eprintln!(
+            "{:>4}  {:<18} {:<6} {:>12} {:>10}",
+            "#", "op", "type", "MACs", "params"
+        );
         for l in &r.layers {
-            eprintln!("{:>4}  {:<18} {:<6} {:>12} {:>10}", l.index, l.op, l.precision, l.macs, l.params);
+            eprintln!(
+                "{:>4}  {:<18} {:<6} {:>12} {:>10}",
+                l.index, l.op, l.precision, l.macs, l.params
+            );
         }
         if let (Some(f), Some(qm), Some(m)) = (r.float_metric, r.quantized_metric, r.metric) {
-            eprintln!("{m:?}: float {:.2} %, quantized {:.2} % ({:+.2} pt)", f * 100.0, qm * 100.0, (qm - f) * 100.0);
+            eprintln!(
+                "{m:?}: float {:.2} %, quantized {:.2} % ({:+.2} pt)",
+                f * 100.0,
+                qm * 100.0,
+                (qm - f) * 100.0
+            );
         }
         eprintln!(
             "wrote {} ({} bytes): arena {} bytes, weights {} bytes, {:.0} % of MACs in int8, {} self-test(s)",
@@ -387,8 +416,14 @@ fn eval(
     let artifact = read(model)?;
     let x = npy::read_real(data, None, input_scale)?;
     let y = npy::read_labels(data)?;
-    let set = EvalSet { x: &x, y: &y, metric, sha256: kiln::convert::sha256_hex(&read(data)?) };
-    let score = measure(&artifact, &set).with_context(|| format!("cannot evaluate {}", model.display()))?;
+    let set = EvalSet {
+        x: &x,
+        y: &y,
+        metric,
+        sha256: kiln::convert::sha256_hex(&read(data)?),
+    };
+    let score =
+        measure(&artifact, &set).with_context(|| format!("cannot evaluate {}", model.display()))?;
     let key = match metric {
         Metric::Top1 => "top1",
         Metric::Auc => "auc",
@@ -474,9 +509,21 @@ fn main() -> ExitCode {
             name,
             json,
         ),
-        Command::Eval { model, data, metric, input_scale, reference, json } => {
-            eval(&model, &data, metric, input_scale, reference.as_deref(), json)
-        }
+        Command::Eval {
+            model,
+            data,
+            metric,
+            input_scale,
+            reference,
+            json,
+        } => eval(
+            &model,
+            &data,
+            metric,
+            input_scale,
+            reference.as_deref(),
+            json,
+        ),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -65,51 +65,77 @@ fn from_npy<R: std::io::Read>(npy: npyz::NpyFile<R>, what: &str) -> Result<Array
 /// given.
 pub fn read_real(path: &Path, name: Option<&str>, u8_scale: Option<f32>) -> Result<Array> {
     let shown = path.display();
-    fn load<R: std::io::Read>(npy: npyz::NpyFile<R>, what: &str, u8_scale: Option<f32>) -> Result<Array> {
+    fn load<R: std::io::Read>(
+        npy: npyz::NpyFile<R>,
+        what: &str,
+        u8_scale: Option<f32>,
+    ) -> Result<Array> {
         let descr = npy.dtype().descr();
         if descr.trim_matches('\'').trim_start_matches(['<', '|', '=']) == "u1" {
             let shape: Vec<usize> = npy.shape().iter().map(|&d| d as usize).collect();
             let s = u8_scale.unwrap_or(1.0);
-            let data = npy.into_vec::<u8>()?.into_iter().map(|v| v as f32 * s).collect();
+            let data = npy
+                .into_vec::<u8>()?
+                .into_iter()
+                .map(|v| v as f32 * s)
+                .collect();
             return Ok(Array::F32 { shape, data });
         }
         from_npy(npy, what)
     }
     if path.extension().and_then(|e| e.to_str()) == Some("npz") {
-        let mut npz = npyz::npz::NpzArchive::open(path).with_context(|| format!("cannot open {shown} as .npz"))?;
+        let mut npz = npyz::npz::NpzArchive::open(path)
+            .with_context(|| format!("cannot open {shown} as .npz"))?;
         let names: Vec<&str> = match name {
             Some(n) => vec![n],
             None => vec!["x", "input", "spectrograms"],
         };
         for n in &names {
-            if let Some(npy) = npz.by_name(n).with_context(|| format!("cannot read array `{n}` of {shown}"))? {
+            if let Some(npy) = npz
+                .by_name(n)
+                .with_context(|| format!("cannot read array `{n}` of {shown}"))?
+            {
                 return load(npy, &format!("array `{n}` of {shown}"), u8_scale);
             }
         }
         let have: Vec<String> = npz.array_names().map(str::to_string).collect();
-        bail!("{shown} has no array named {} (it has: {})", names.join(" or "), have.join(", "))
+        bail!(
+            "{shown} has no array named {} (it has: {})",
+            names.join(" or "),
+            have.join(", ")
+        )
     } else {
         let bytes = std::fs::read(path).with_context(|| format!("cannot read {shown}"))?;
-        let npy = npyz::NpyFile::new(&bytes[..]).with_context(|| format!("{shown} is not a valid .npy file"))?;
+        let npy = npyz::NpyFile::new(&bytes[..])
+            .with_context(|| format!("{shown} is not a valid .npy file"))?;
         load(npy, &shown.to_string(), u8_scale)
     }
 }
 
 /// Reads integer class labels (array `y` of an `.npz`).
 pub fn read_labels(path: &Path) -> Result<Vec<i64>> {
-    let mut npz = npyz::npz::NpzArchive::open(path).with_context(|| format!("cannot open {} as .npz", path.display()))?;
-    let npy = npz
-        .by_name("y")?
-        .ok_or_else(|| anyhow!("{} has no labels array `y`\nhint: store the class indices as `y`", path.display()))?;
+    let mut npz = npyz::npz::NpzArchive::open(path)
+        .with_context(|| format!("cannot open {} as .npz", path.display()))?;
+    let npy = npz.by_name("y")?.ok_or_else(|| {
+        anyhow!(
+            "{} has no labels array `y`\nhint: store the class indices as `y`",
+            path.display()
+        )
+    })?;
     let descr = npy.dtype().descr();
-    Ok(match descr.trim_matches('\'').trim_start_matches(['<', '|', '=']) {
-        "i1" => npy.into_vec::<i8>()?.into_iter().map(i64::from).collect(),
-        "u1" => npy.into_vec::<u8>()?.into_iter().map(i64::from).collect(),
-        "i2" => npy.into_vec::<i16>()?.into_iter().map(i64::from).collect(),
-        "i4" => npy.into_vec::<i32>()?.into_iter().map(i64::from).collect(),
-        "i8" => npy.into_vec::<i64>()?,
-        other => bail!("labels `y` of {} have dtype `{other}`; use integer class indices", path.display()),
-    })
+    Ok(
+        match descr.trim_matches('\'').trim_start_matches(['<', '|', '=']) {
+            "i1" => npy.into_vec::<i8>()?.into_iter().map(i64::from).collect(),
+            "u1" => npy.into_vec::<u8>()?.into_iter().map(i64::from).collect(),
+            "i2" => npy.into_vec::<i16>()?.into_iter().map(i64::from).collect(),
+            "i4" => npy.into_vec::<i32>()?.into_iter().map(i64::from).collect(),
+            "i8" => npy.into_vec::<i64>()?,
+            other => bail!(
+                "labels `y` of {} have dtype `{other}`; use integer class indices",
+                path.display()
+            ),
+        },
+    )
 }
 
 /// Reads the input batch: an `.npy`, or the array `x` (else `input`) of an `.npz`.

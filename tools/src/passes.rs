@@ -48,7 +48,10 @@ pub fn fuse_activations(g: &mut Graph) -> usize {
         let uses = consumers(g);
         let mut found = None;
         for (i, op) in g.ops.iter().enumerate() {
-            let (Some(act), Some(Some(input))) = (as_activation(&op.kind), op.inputs.first()) else { continue };
+            let (Some(act), Some(Some(input))) = (as_activation(&op.kind), op.inputs.first())
+            else {
+                continue;
+            };
             if uses[*input] != 1 || g.outputs.contains(input) {
                 continue;
             }
@@ -81,7 +84,13 @@ mod tests {
     use kiln_runtime::graph::DType;
 
     fn t(name: &str) -> Tensor {
-        Tensor { name: name.into(), dtype: DType::F32, shape: vec![1, 4], data: None, quant: None }
+        Tensor {
+            name: name.into(),
+            dtype: DType::F32,
+            shape: vec![1, 4],
+            data: None,
+            quant: None,
+        }
     }
 
     #[test]
@@ -90,8 +99,18 @@ mod tests {
             name: "g".into(),
             tensors: vec![t("x"), t("w"), t("y"), t("z"), t("u")],
             ops: vec![
-                Op { kind: OpKind::FullyConnected { activation: Activation::None }, inputs: vec![Some(0), Some(1)], outputs: vec![2] },
-                Op { kind: OpKind::Relu, inputs: vec![Some(2)], outputs: vec![3] },
+                Op {
+                    kind: OpKind::FullyConnected {
+                        activation: Activation::None,
+                    },
+                    inputs: vec![Some(0), Some(1)],
+                    outputs: vec![2],
+                },
+                Op {
+                    kind: OpKind::Relu,
+                    inputs: vec![Some(2)],
+                    outputs: vec![3],
+                },
             ],
             inputs: vec![0],
             outputs: vec![3],
@@ -99,15 +118,30 @@ mod tests {
         assert_eq!(fuse_activations(&mut g), 1);
         assert_eq!(g.ops.len(), 1);
         assert_eq!(g.ops[0].outputs, vec![3]);
-        assert_eq!(g.ops[0].kind, OpKind::FullyConnected { activation: Activation::Relu });
+        assert_eq!(
+            g.ops[0].kind,
+            OpKind::FullyConnected {
+                activation: Activation::Relu
+            }
+        );
 
         // The pre-activation value is also a graph output: no fusion.
         let mut g2 = Graph {
             name: "g".into(),
             tensors: vec![t("x"), t("w"), t("y"), t("z"), t("u")],
             ops: vec![
-                Op { kind: OpKind::FullyConnected { activation: Activation::None }, inputs: vec![Some(0), Some(1)], outputs: vec![2] },
-                Op { kind: OpKind::Relu6, inputs: vec![Some(2)], outputs: vec![3] },
+                Op {
+                    kind: OpKind::FullyConnected {
+                        activation: Activation::None,
+                    },
+                    inputs: vec![Some(0), Some(1)],
+                    outputs: vec![2],
+                },
+                Op {
+                    kind: OpKind::Relu6,
+                    inputs: vec![Some(2)],
+                    outputs: vec![3],
+                },
             ],
             inputs: vec![0],
             outputs: vec![2, 3],

@@ -1,4 +1,5 @@
-//! ADD and MUL with NumPy broadcasting, int8 (TFLM reference arithmetic) and float.
+//! ADD, SUB, MUL, DIV and PRELU with NumPy broadcasting: int8 (TFLM reference arithmetic) for
+//! ADD, SUB and MUL; float for all five.
 //!
 //! Equal shapes take a flat loop. Otherwise the shapes are simplified (size-1 output dimensions
 //! dropped, neighbouring dimensions that broadcast the same way merged) and the output is walked
@@ -193,14 +194,9 @@ fn broadcast_apply<A: Copy, B: Copy, O>(
     }
 }
 
-/// int8 ADD, TFLM `reference_integer_ops` `AddElementwise` arithmetic, with broadcasting.
-///
-/// For each pair: `x = (q - zp) * 2^left_shift`, rescaled by `input0` / `input1` with
-/// `multiply_by_quantized_multiplier_smaller_than_one`; the sum is rescaled by `output` the same
-/// way, offset by the output zero point and clamped to `p.clamp`. `zero_points` are those of
-/// input 0, input 1 and the output. Parameters come from
-/// [`add_params`](super::quantize::add_params).
-pub fn add_i8(
+/// Shared body of int8 ADD and SUB (`SUB = true` subtracts the scaled input 1).
+#[inline(always)]
+fn add_sub_i8<const SUB: bool>(
     s: &BroadcastShapes,
     p: &BinaryParams,
     zero_points: [i32; 3],
@@ -227,10 +223,49 @@ pub fn add_i8(
             m1,
             s1,
         );
-        let raw = multiply_by_quantized_multiplier_smaller_than_one(x.wrapping_add(y), mo, so)
-            .wrapping_add(zp_out);
+        let raw = if SUB {
+            x.wrapping_sub(y)
+        } else {
+            x.wrapping_add(y)
+        };
+        let raw =
+            multiply_by_quantized_multiplier_smaller_than_one(raw, mo, so).wrapping_add(zp_out);
         raw.max(lo).min(hi) as i8
     });
+}
+
+/// int8 ADD, TFLM `reference_integer_ops` `AddElementwise` arithmetic, with broadcasting.
+///
+/// For each pair: `x = (q - zp) * 2^left_shift`, rescaled by `input0` / `input1` with
+/// `multiply_by_quantized_multiplier_smaller_than_one`; the sum is rescaled by `output` the same
+/// way, offset by the output zero point and clamped to `p.clamp`. `zero_points` are those of
+/// input 0, input 1 and the output. Parameters come from
+/// [`add_params`](super::quantize::add_params).
+pub fn add_i8(
+    s: &BroadcastShapes,
+    p: &BinaryParams,
+    zero_points: [i32; 3],
+    a: &[i8],
+    b: &[i8],
+    out: &mut [i8],
+) {
+    add_sub_i8::<false>(s, p, zero_points, a, b, out);
+}
+
+/// int8 SUB, TFLM's reference `SubElementwise` / `BroadcastQuantSubSlow` arithmetic, with
+/// broadcasting: exactly [`add_i8`] with the rescaled input 1 subtracted instead of added
+/// (`raw = scaled0 - scaled1`). TFLM prepares SUB exactly as ADD (`left_shift = 20`, inputs
+/// rescaled by `s / (2 * max(s0, s1))`, output by `2 * max(s0, s1) / (2^20 * s_out)`), so the
+/// parameters come from [`add_params`](super::quantize::add_params) too.
+pub fn sub_i8(
+    s: &BroadcastShapes,
+    p: &BinaryParams,
+    zero_points: [i32; 3],
+    a: &[i8],
+    b: &[i8],
+    out: &mut [i8],
+) {
+    add_sub_i8::<true>(s, p, zero_points, a, b, out);
 }
 
 /// int8 MUL, TFLM `reference_integer_ops` `Mul` arithmetic, with broadcasting:
@@ -278,6 +313,44 @@ pub fn mul_float<T: Float>(
 ) {
     broadcast_apply(s, a, b, out, |x: T, y: T| {
         T::from_f32(activate(x.to_f32() * y.to_f32(), activation))
+    });
+}
+
+/// Float SUB (`a - b`) with broadcasting and a fused activation (f32 arithmetic).
+pub fn sub_float<T: Float>(
+    s: &BroadcastShapes,
+    activation: Activation,
+    a: &[T],
+    b: &[T],
+    out: &mut [T],
+) {
+    broadcast_apply(s, a, b, out, |x: T, y: T| {
+        T::from_f32(activate(x.to_f32() - y.to_f32(), activation))
+    });
+}
+
+/// Float DIV (`a / b`) with broadcasting and a fused activation (f32 arithmetic, IEEE semantics:
+/// a zero divisor gives ±infinity or NaN, as in TFLite's float kernel).
+pub fn div_float<T: Float>(
+    s: &BroadcastShapes,
+    activation: Activation,
+    a: &[T],
+    b: &[T],
+    out: &mut [T],
+) {
+    broadcast_apply(s, a, b, out, |x: T, y: T| {
+        T::from_f32(activate(x.to_f32() / y.to_f32(), activation))
+    });
+}
+
+/// Float PRELU: `out = x < 0 ? slope * x : x` (f32 arithmetic), `slope` (input 1) broadcast to
+/// `x` (input 0). The output has `x`'s shape (`s.out == s.a`, checked by `prepare`). A NaN input
+/// stays NaN.
+pub fn prelu_float<T: Float>(s: &BroadcastShapes, x: &[T], slope: &[T], out: &mut [T]) {
+    debug_assert_eq!(s.a, s.out);
+    broadcast_apply(s, x, slope, out, |x: T, a: T| {
+        let v = x.to_f32();
+        T::from_f32(if v < 0.0 { a.to_f32() * v } else { v })
     });
 }
 
@@ -415,6 +488,23 @@ mod tests {
         v.clamp(p.clamp.min as i64, p.clamp.max as i64) as i8
     }
 
+    /// The spec of int8 SUB in i64: ADD's with the rescaled input 1 subtracted.
+    fn naive_sub(p: &BinaryParams, zp: [i32; 3], x: i8, y: i8) -> i8 {
+        let smaller = |v: i64, m: i32, s: i32| naive_div_pot(naive_high_mul(v, m as i64), -s);
+        let x = smaller(
+            (x as i64 - zp[0] as i64) << p.left_shift,
+            p.input0.multiplier,
+            p.input0.shift,
+        );
+        let y = smaller(
+            (y as i64 - zp[1] as i64) << p.left_shift,
+            p.input1.multiplier,
+            p.input1.shift,
+        );
+        let v = smaller(x - y, p.output.multiplier, p.output.shift) + zp[2] as i64;
+        v.clamp(p.clamp.min as i64, p.clamp.max as i64) as i8
+    }
+
     fn naive_mul(p: &BinaryParams, zp: [i32; 3], x: i8, y: i8) -> i8 {
         let prod = (x as i64 - zp[0] as i64) * (y as i64 - zp[1] as i64);
         let v = naive_mbqm(prod, p.output.multiplier, p.output.shift) + zp[2] as i64;
@@ -456,6 +546,35 @@ mod tests {
                 let want = naive_add(&p, zp, a[ia], b[ib]);
                 let real = (scales[0] as f64 * (a[ia] as i32 - zp[0]) as f64
                     + scales[1] as f64 * (b[ib] as i32 - zp[1]) as f64)
+                    / scales[2] as f64
+                    + zp[2] as f64;
+                let real = real.clamp(clamp.min as f64, clamp.max as f64);
+                if out[o] != want || (out[o] as f64 - real).abs() > 1.0 {
+                    bad = Some((o, out[o], want, real));
+                }
+            });
+            prop_assert!(bad.is_none(), "{:?} {:?}", bad, p);
+        }
+
+        #[test]
+        fn sub_i8_matches_spec_and_real(
+            (sa, sb, so, a, b) in shapes().prop_flat_map(|(sa, sb, so)| {
+                let (la, lb): (usize, usize) = (sa.iter().product(), sb.iter().product());
+                (Just(sa), Just(sb), Just(so), i8_data(la), i8_data(lb))
+            }),
+            (scales, zp) in quant(),
+            act in prop_oneof![Just(Activation::None), Just(Activation::Relu), Just(Activation::Relu6)],
+        ) {
+            let s = BroadcastShapes::new(&sa, &sb, &so).unwrap();
+            let clamp = activation_clamp(act, scales[2], zp[2]);
+            let p = add_params(scales[0], scales[1], scales[2], clamp);
+            let mut out = std::vec![0i8; s.out_len()];
+            sub_i8(&s, &p, zp, &a, &b, &mut out);
+            let mut bad = None;
+            for_each_naive(&sa, &sb, &so, |o, ia, ib| {
+                let want = naive_sub(&p, zp, a[ia], b[ib]);
+                let real = (scales[0] as f64 * (a[ia] as i32 - zp[0]) as f64
+                    - scales[1] as f64 * (b[ib] as i32 - zp[1]) as f64)
                     / scales[2] as f64
                     + zp[2] as f64;
                 let real = real.clamp(clamp.min as f64, clamp.max as f64);
@@ -544,6 +663,126 @@ mod tests {
                 prop_assert_eq!(prod_h[i], f16::from_f32(prod[i]));
             }
         }
+    }
+
+    proptest! {
+        #![proptest_config(config())]
+
+        #[test]
+        fn sub_div_prelu_float_match_reference(
+            (sa, sb, so, a, b) in shapes().prop_flat_map(|(sa, sb, so)| {
+                let (la, lb): (usize, usize) = (sa.iter().product(), sb.iter().product());
+                (Just(sa), Just(sb), Just(so),
+                 proptest::collection::vec(-100.0f32..100.0, la),
+                 proptest::collection::vec(-100.0f32..100.0, lb))
+            }),
+            act in prop_oneof![Just(Activation::None), Just(Activation::Relu),
+                               Just(Activation::Relu6), Just(Activation::ReluN1To1)],
+        ) {
+            // Divisors away from zero.
+            let b: Vec<f32> = b.iter().map(|&v| if v.abs() < 1e-3 { 0.5 } else { v }).collect();
+            let s = BroadcastShapes::new(&sa, &sb, &so).unwrap();
+            let n = s.out_len();
+            let clamp = |v: f64| match act {
+                Activation::None => v,
+                Activation::Relu => v.max(0.0),
+                Activation::Relu6 => v.clamp(0.0, 6.0),
+                Activation::ReluN1To1 => v.clamp(-1.0, 1.0),
+            };
+            let (mut diff, mut quot) = (std::vec![0f32; n], std::vec![0f32; n]);
+            sub_float(&s, act, &a, &b, &mut diff);
+            div_float(&s, act, &a, &b, &mut quot);
+            let mut bad = None;
+            for_each_naive(&sa, &sb, &so, |o, ia, ib| {
+                let (x, y) = (a[ia] as f64, b[ib] as f64);
+                let tol_diff = 1e-5 * (x.abs() + y.abs()) + 1e-30;
+                let tol_quot = 1e-5 * (x / y).abs() + 1e-30;
+                if (diff[o] as f64 - clamp(x - y)).abs() > tol_diff
+                    || (quot[o] as f64 - clamp(x / y)).abs() > tol_quot
+                {
+                    bad = Some((o, diff[o], quot[o], x, y));
+                }
+            });
+            prop_assert!(bad.is_none(), "{:?}", bad);
+
+            // PRELU: x has the output shape, the slope is `b`'s shape broadcast into it.
+            let sp = BroadcastShapes::new(&so, &sb, &so).unwrap();
+            let x: Vec<f32> = (0..n).map(|i| a[i % a.len().max(1)] - 7.0 * (i % 3) as f32).collect();
+            let mut pre = std::vec![0f32; n];
+            prelu_float(&sp, &x, &b, &mut pre);
+            let mut bad = None;
+            for_each_naive(&so, &sb, &so, |o, ix, ib| {
+                let (v, k) = (x[ix] as f64, b[ib] as f64);
+                let want = if v < 0.0 { k * v } else { v };
+                if (pre[o] as f64 - want).abs() > 1e-5 * want.abs() + 1e-30 {
+                    bad = Some((o, pre[o], want));
+                }
+            });
+            prop_assert!(bad.is_none(), "{:?}", bad);
+
+            // f16 storage: the f32 result on the f16-rounded inputs, rounded once to f16.
+            let to_h = |v: &[f32]| -> Vec<f16> { v.iter().map(|&v| f16::from_f32(v)).collect() };
+            let to_f = |v: &[f16]| -> Vec<f32> { v.iter().map(|v| v.to_f32()).collect() };
+            let (ah, bh, xh) = (to_h(&a), to_h(&b), to_h(&x));
+            let (af, bf, xf) = (to_f(&ah), to_f(&bh), to_f(&xh));
+            let mut outs_h = [std::vec![f16::ZERO; n], std::vec![f16::ZERO; n], std::vec![f16::ZERO; n]];
+            let mut outs_f = [std::vec![0f32; n], std::vec![0f32; n], std::vec![0f32; n]];
+            sub_float(&s, act, &ah, &bh, &mut outs_h[0]);
+            div_float(&s, act, &ah, &bh, &mut outs_h[1]);
+            prelu_float(&sp, &xh, &bh, &mut outs_h[2]);
+            sub_float(&s, act, &af, &bf, &mut outs_f[0]);
+            div_float(&s, act, &af, &bf, &mut outs_f[1]);
+            prelu_float(&sp, &xf, &bf, &mut outs_f[2]);
+            for (h, f) in outs_h.iter().zip(&outs_f) {
+                for i in 0..n {
+                    // NaN (0/0 cannot happen: divisors are non-zero in f16 too, |b| >= 1e-3).
+                    prop_assert_eq!(h[i], f16::from_f32(f[i]));
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn sub_int8_saturation_and_extreme_zero_points() {
+        let s = BroadcastShapes::new(&[4], &[4], &[4]).unwrap();
+        let p = add_params(1.0, 1.0, 1.0, ClampI8::default());
+        let mut out = [0i8; 4];
+        sub_i8(
+            &s,
+            &p,
+            [0, 0, 0],
+            &[127, -128, 3, -3],
+            &[-128, 127, 4, -4],
+            &mut out,
+        );
+        assert_eq!(out, [127, -128, -1, 1]);
+        // Zero points -128 / 127 on the inputs, -128 on the output:
+        // out = -128 + (a + 128) - (b - 127).
+        sub_i8(
+            &s,
+            &p,
+            [-128, 127, -128],
+            &[-128, -128, 127, -100],
+            &[127, -128, -128, 126],
+            &mut out,
+        );
+        assert_eq!(out, [-128, 127, 127, -99]);
+        // out = 127 + (a - 127) - (b + 128) = a - b - 128.
+        sub_i8(
+            &s,
+            &p,
+            [127, -128, 127],
+            &[127, 127, 0, -128],
+            &[-128, -127, -128, 127],
+            &mut out,
+        );
+        assert_eq!(out, [127, 126, 0, -128]);
+        // Broadcast a scalar subtrahend, different scales.
+        let s = BroadcastShapes::new(&[2, 2], &[], &[2, 2]).unwrap();
+        let p = add_params(0.5, 0.25, 0.5, ClampI8::default());
+        sub_i8(&s, &p, [0, 0, 0], &[10, 20, -10, 0], &[8], &mut out);
+        // real = 0.5 * a - 0.25 * 8 = 0.5 * a - 2 -> out = a - 4
+        assert_eq!(out, [6, 16, -14, -4]);
     }
 
     #[test]

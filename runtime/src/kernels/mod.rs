@@ -14,11 +14,14 @@ pub mod concat;
 pub mod conv;
 pub mod depthwise;
 pub mod fully_connected;
+pub mod lut;
 pub mod mean;
 pub mod pad;
 pub mod pooling;
 pub mod quantize;
 pub mod softmax;
+pub mod transpose;
+pub mod unary;
 
 /// A float storage type: values are loaded to f32, computed in f32 and stored back.
 pub trait Float: Copy + Default + PartialOrd + bytemuck::Pod + core::fmt::Debug {

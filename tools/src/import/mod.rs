@@ -13,10 +13,18 @@ use std::path::Path;
 /// Unknown extension, unreadable file, or an import error (named with the file).
 pub fn import_file(path: &Path) -> Result<(Graph, &'static str, Vec<u8>)> {
     let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
-    let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("").to_ascii_lowercase();
+    let ext = path
+        .extension()
+        .and_then(|e| e.to_str())
+        .unwrap_or("")
+        .to_ascii_lowercase();
     let graph = match ext.as_str() {
-        "tflite" => tflite::import_tflite(&bytes).with_context(|| format!("cannot import {}", path.display()))?,
-        _ => bail!("{} is not a model kiln can read (by its extension)\nhint: pass a .tflite file", path.display()),
+        "tflite" => tflite::import_tflite(&bytes)
+            .with_context(|| format!("cannot import {}", path.display()))?,
+        _ => bail!(
+            "{} is not a model kiln can read (by its extension)\nhint: pass a .tflite file",
+            path.display()
+        ),
     };
     Ok((graph, ext_name(&ext), bytes))
 }

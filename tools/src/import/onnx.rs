@@ -778,3 +778,1083 @@ fn type_name(ty: i32) -> String {
     };
     name.to_string()
 }
+
+// ---------------------------------------------------------------------------------------------
+// Values and nodes.
+// ---------------------------------------------------------------------------------------------
+
+/// Physical column order of a 2-D `[M, K]` value made by flattening an `[M, inner...]` tensor
+/// stored out of logical order: physical columns run over `inner` permuted by `perm`.
+#[derive(Clone, Debug, PartialEq)]
+struct Cols {
+    /// Logical shape of the flattened axes.
+    inner: Vec<usize>,
+    /// Physical order of the flattened axes (indices into `inner`).
+    perm: Vec<usize>,
+}
+
+impl Cols {
+    /// For each physical column, its logical column.
+    fn logical_columns(&self) -> Vec<usize> {
+        let k = elements(&self.inner).unwrap_or(0);
+        let idx: Vec<usize> = (0..k).collect();
+        permute_unchecked(&idx, &self.inner, &self.perm)
+    }
+}
+
+/// An ONNX value held by an IR tensor.
+#[derive(Clone, Debug)]
+struct Act {
+    id: TensorId,
+    /// Logical (ONNX) shape.
+    shape: Vec<usize>,
+    /// Physical axis `i` holds logical axis `perm[i]`.
+    perm: Vec<usize>,
+    /// Set for a flatten whose columns are physically permuted (then `perm` is `[0, 1]`).
+    cols: Option<Cols>,
+    /// The IR tensor is int8 and this (float) value is its dequantization.
+    deq: bool,
+    /// The ONNX value is uint8 (stored as int8, offset by -128).
+    u8: bool,
+}
+
+impl Act {
+    fn rank(&self) -> usize {
+        self.shape.len()
+    }
+
+    fn with(&self, id: TensorId, shape: Vec<usize>, perm: Vec<usize>) -> Act {
+        Act {
+            id,
+            shape,
+            perm,
+            cols: None,
+            ..self.clone()
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+enum Value {
+    Const(Rc<Const>),
+    Act(Act),
+}
+
+/// Quantization parameters of a QuantizeLinear / DequantizeLinear node, in int8 terms.
+#[derive(Clone, Debug, PartialEq)]
+struct QParams {
+    scales: Vec<f32>,
+    zero_points: Vec<i64>,
+    /// Logical axis (per-axis parameters).
+    axis: usize,
+    /// The quantized type is uint8 (zero points shifted by -128).
+    u8: bool,
+}
+
+/// One node being converted, with checked accessors.
+struct Node<'a> {
+    index: usize,
+    p: &'a pb::NodeProto,
+    opset: i64,
+}
+
+impl Node<'_> {
+    fn op(&self) -> &str {
+        &self.p.op_type
+    }
+
+    fn what(&self) -> String {
+        if self.p.name.is_empty() {
+            format!("node {} ({})", self.index, self.p.op_type)
+        } else {
+            format!("node {} ({} '{}')", self.index, self.p.op_type, self.p.name)
+        }
+    }
+
+    fn malformed<T>(&self, msg: impl std::fmt::Display) -> Result<T> {
+        malformed(format!("{}: {msg}", self.what()))
+    }
+
+    fn unsupported<T>(&self, msg: impl std::fmt::Display) -> Result<T> {
+        unsupported(format!("{}: {msg}", self.what()))
+    }
+
+    fn attr(&self, name: &str) -> Option<&pb::AttributeProto> {
+        self.p.attribute.iter().find(|a| a.name == name)
+    }
+
+    /// Refuses attributes outside `allowed` (so none is silently ignored).
+    fn check_attrs(&self, allowed: &[&str]) -> Result<()> {
+        for a in &self.p.attribute {
+            if !a.ref_attr_name.is_empty() {
+                return self.unsupported(format!("attribute '{}' refers to a function attribute", a.name));
+            }
+            if !allowed.contains(&a.name.as_str()) {
+                return self.unsupported(format!("attribute '{}'", a.name));
+            }
+        }
+        Ok(())
+    }
+
+    fn typed(&self, name: &str, want: i32, present: bool) -> Result<Option<&pb::AttributeProto>> {
+        let Some(a) = self.attr(name) else {
+            return Ok(None);
+        };
+        if (a.r#type != at::UNDEFINED && a.r#type != want) || (a.r#type == at::UNDEFINED && !present) {
+            return self.malformed(format!("attribute '{name}' has type {}, expected {want}", a.r#type));
+        }
+        Ok(Some(a))
+    }
+
+    fn int(&self, name: &str, default: i64) -> Result<i64> {
+        let present = self.attr(name).is_some_and(|a| a.i.is_some());
+        Ok(match self.typed(name, at::INT, present)? {
+            Some(a) => a.i.unwrap_or(default),
+            None => default,
+        })
+    }
+
+    fn float(&self, name: &str, default: f32) -> Result<f32> {
+        let present = self.attr(name).is_some_and(|a| a.f.is_some());
+        Ok(match self.typed(name, at::FLOAT, present)? {
+            Some(a) => a.f.unwrap_or(default),
+            None => default,
+        })
+    }
+
+    fn ints(&self, name: &str) -> Result<Option<Vec<i64>>> {
+        Ok(self.typed(name, at::INTS, true)?.map(|a| a.ints.clone()))
+    }
+
+    fn floats(&self, name: &str) -> Result<Option<Vec<f32>>> {
+        Ok(self.typed(name, at::FLOATS, true)?.map(|a| a.floats.clone()))
+    }
+
+    fn string(&self, name: &str) -> Result<Option<String>> {
+        let present = self.attr(name).is_some_and(|a| a.s.is_some());
+        Ok(self
+            .typed(name, at::STRING, present)?
+            .map(|a| String::from_utf8_lossy(a.s.as_deref().unwrap_or_default()).into_owned()))
+    }
+
+    fn tensor(&self, name: &str) -> Result<Option<&pb::TensorProto>> {
+        let present = self.attr(name).is_some_and(|a| a.t.is_some());
+        Ok(self.typed(name, at::TENSOR, present)?.and_then(|a| a.t.as_ref()))
+    }
+
+    /// Name of input `i`, `None` when absent or empty.
+    fn in_name(&self, i: usize) -> Option<&str> {
+        self.p.input.get(i).map(String::as_str).filter(|s| !s.is_empty())
+    }
+
+    fn out_name(&self, i: usize) -> Result<&str> {
+        match self.p.output.get(i).map(String::as_str) {
+            Some(s) if !s.is_empty() => Ok(s),
+            _ => self.malformed(format!("output {i} is missing")),
+        }
+    }
+
+    fn arity(&self, min_in: usize, max_in: usize) -> Result<()> {
+        let n = self.p.input.len();
+        if n < min_in || n > max_in {
+            return self.malformed(format!(
+                "has {n} inputs, expected {}",
+                if min_in == max_in {
+                    min_in.to_string()
+                } else {
+                    format!("{min_in} to {max_in}")
+                }
+            ));
+        }
+        if self.p.output.is_empty() {
+            return self.malformed("has no outputs");
+        }
+        Ok(())
+    }
+
+    /// A negative axis counts from the end; must end up in `0..rank`.
+    fn axis(&self, a: i64, rank: usize) -> Result<usize> {
+        let r = i64::try_from(rank).unwrap_or(i64::MAX);
+        let v = if a < 0 { a + r } else { a };
+        match usize::try_from(v) {
+            Ok(v) if v < rank => Ok(v),
+            _ => self.malformed(format!("axis {a} is outside rank {rank}")),
+        }
+    }
+
+    fn axes(&self, list: &[i64], rank: usize) -> Result<Vec<usize>> {
+        let mut out = Vec::with_capacity(list.len());
+        for &a in list {
+            let v = self.axis(a, rank)?;
+            if out.contains(&v) {
+                return self.malformed(format!("axis {a} is repeated"));
+            }
+            out.push(v);
+        }
+        Ok(out)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The converter.
+// ---------------------------------------------------------------------------------------------
+
+struct Cx<'a> {
+    nodes: &'a [pb::NodeProto],
+    opset: i64,
+    g: Graph,
+    values: HashMap<String, Value>,
+    /// Node indices consuming each value (one entry per input edge).
+    consumers: HashMap<String, Vec<usize>>,
+    /// Graph output names (with multiplicity).
+    outputs: Vec<String>,
+    /// Pending ONNX uses of each IR tensor, through any value it holds.
+    pending: HashMap<TensorId, usize>,
+    /// IR ops reading each tensor.
+    readers: HashMap<TensorId, usize>,
+    /// IR op writing each tensor.
+    producer: HashMap<TensorId, usize>,
+    graph_inputs: HashSet<TensorId>,
+    /// int8 tensor → its dequantization.
+    deq_cache: HashMap<TensorId, TensorId>,
+    /// (tensor, physical layout) → tensor in that layout.
+    layout_cache: HashMap<(TensorId, Vec<usize>), TensorId>,
+    /// Float constants stored as float16 in the file.
+    f16_consts: HashSet<TensorId>,
+    notes: Vec<String>,
+}
+
+impl<'a> Cx<'a> {
+    fn convert(graph: &'a pb::GraphProto, opset: i64) -> Result<OnnxModel> {
+        let mut consumers: HashMap<String, Vec<usize>> = HashMap::new();
+        for (i, n) in graph.node.iter().enumerate() {
+            for name in n.input.iter().filter(|s| !s.is_empty()) {
+                consumers.entry(name.clone()).or_default().push(i);
+            }
+        }
+        let mut cx = Cx {
+            nodes: &graph.node,
+            opset,
+            g: Graph {
+                name: graph.name.clone(),
+                ..Graph::default()
+            },
+            values: HashMap::new(),
+            consumers,
+            outputs: graph.output.iter().map(|o| o.name.clone()).collect(),
+            pending: HashMap::new(),
+            readers: HashMap::new(),
+            producer: HashMap::new(),
+            graph_inputs: HashSet::new(),
+            deq_cache: HashMap::new(),
+            layout_cache: HashMap::new(),
+            f16_consts: HashSet::new(),
+            notes: Vec::new(),
+        };
+
+        for t in &graph.initializer {
+            if t.name.is_empty() {
+                return malformed("an initializer has no name");
+            }
+            let c = read_tensor(t, "initializer")?;
+            if cx.values.insert(t.name.clone(), Value::Const(Rc::new(c))).is_some() {
+                return malformed(format!("two initializers are named '{}'", t.name));
+            }
+        }
+
+        let mut input_shapes = Vec::new();
+        let mut input_perms = Vec::new();
+        for vi in &graph.input {
+            if cx.values.contains_key(&vi.name) {
+                continue; // an initializer: a constant
+            }
+            let (ty, shape) = input_type(vi)?;
+            let dtype = match ty {
+                dt::FLOAT => DType::F32,
+                dt::INT8 => DType::I8,
+                other => {
+                    return unsupported(format!(
+                        "graph input '{}' is {} (Kiln reads float32 inputs, or int8 inputs of \
+                         quantized models)",
+                        vi.name,
+                        type_name(other)
+                    ))
+                }
+            };
+            let perm = preferred_perm(shape.len());
+            let id = cx.new_tensor(&vi.name, dtype, phys_shape(&shape, &perm), None);
+            cx.g.inputs.push(id);
+            cx.graph_inputs.insert(id);
+            input_shapes.push(shape.clone());
+            input_perms.push(perm.clone());
+            let act = Act {
+                id,
+                shape,
+                perm,
+                cols: None,
+                deq: false,
+                u8: false,
+            };
+            cx.bind(&vi.name, Value::Act(act))?;
+        }
+        if cx.g.inputs.is_empty() && graph.node.is_empty() && graph.output.is_empty() {
+            return malformed("the graph is empty");
+        }
+
+        for (index, p) in graph.node.iter().enumerate() {
+            let n = Node { index, p, opset };
+            cx.node(&n)?;
+        }
+
+        let mut output_shapes = Vec::new();
+        let mut output_perms = Vec::new();
+        for vi in &graph.output {
+            let (shape, perm) = cx.graph_output(vi)?;
+            output_shapes.push(shape);
+            output_perms.push(perm);
+        }
+        for &id in &cx.g.inputs {
+            let t = &cx.g.tensors[id];
+            if t.dtype == DType::I8 && t.quant.is_none() {
+                return unsupported(format!(
+                    "int8 graph input '{}' is not dequantized by a DequantizeLinear, so its \
+                     quantization is unknown",
+                    t.name
+                ));
+            }
+        }
+        cx.finish();
+        Ok(OnnxModel {
+            graph: cx.g,
+            input_shapes,
+            input_perms,
+            output_shapes,
+            output_perms,
+            notes: cx.notes,
+        })
+    }
+
+    // --- bookkeeping -------------------------------------------------------------------------
+
+    fn new_tensor(
+        &mut self,
+        name: &str,
+        dtype: DType,
+        shape: Vec<usize>,
+        quant: Option<QuantInfo>,
+    ) -> TensorId {
+        self.g.tensors.push(Tensor {
+            name: name.to_string(),
+            dtype,
+            shape,
+            data: None,
+            quant,
+        });
+        self.g.tensors.len() - 1
+    }
+
+    fn const_tensor(
+        &mut self,
+        name: &str,
+        dtype: DType,
+        shape: Vec<usize>,
+        data: Vec<u8>,
+        quant: Option<QuantInfo>,
+    ) -> TensorId {
+        self.g.tensors.push(Tensor {
+            name: name.to_string(),
+            dtype,
+            shape,
+            data: Some(data),
+            quant,
+        });
+        self.g.tensors.len() - 1
+    }
+
+    /// A float constant tensor (`f16`: the values came from float16 storage).
+    fn f32_tensor(&mut self, name: &str, shape: Vec<usize>, v: &[f32], f16: bool) -> TensorId {
+        let id = self.const_tensor(name, DType::F32, shape, f32_bytes(v), None);
+        if f16 {
+            self.f16_consts.insert(id);
+        }
+        id
+    }
+
+    fn push(&mut self, kind: OpKind, inputs: Vec<Option<TensorId>>, out: TensorId) -> usize {
+        for &t in inputs.iter().flatten() {
+            *self.readers.entry(t).or_default() += 1;
+        }
+        self.g.ops.push(Op {
+            kind,
+            inputs,
+            outputs: vec![out],
+        });
+        let index = self.g.ops.len() - 1;
+        self.producer.insert(out, index);
+        index
+    }
+
+    /// Number of pending ONNX uses of a value name.
+    fn uses(&self, name: &str) -> usize {
+        self.consumers.get(name).map_or(0, Vec::len) + self.outputs.iter().filter(|o| *o == name).count()
+    }
+
+    fn bind(&mut self, name: &str, v: Value) -> Result<()> {
+        if let Value::Act(a) = &v {
+            let uses = self.uses(name);
+            *self.pending.entry(a.id).or_default() += uses;
+        }
+        if self.values.insert(name.to_string(), v).is_some() {
+            return malformed(format!("value '{name}' is defined twice"));
+        }
+        Ok(())
+    }
+
+    /// Whether an IR tensor is read by nothing but the current node (so the op writing it may
+    /// be changed).
+    fn private(&self, id: TensorId) -> bool {
+        self.pending.get(&id).copied().unwrap_or(0) == 0
+            && self.readers.get(&id).copied().unwrap_or(0) == 0
+            && !self.graph_inputs.contains(&id)
+    }
+
+    fn node(&mut self, n: &Node<'_>) -> Result<()> {
+        // This node's uses of its inputs are no longer pending.
+        for name in n.p.input.iter().filter(|s| !s.is_empty()) {
+            if let Some(Value::Act(a)) = self.values.get(name) {
+                let id = a.id;
+                if let Some(p) = self.pending.get_mut(&id) {
+                    *p = p.saturating_sub(1);
+                }
+            }
+        }
+        // Extra outputs this importer does not produce must be unused.
+        let produced = match n.op() {
+            "Dropout" | "MaxPool" | "BatchNormalization" => 1,
+            _ => n.p.output.len(),
+        };
+        for extra in n.p.output.iter().skip(produced).filter(|s| !s.is_empty()) {
+            if self.uses(extra) > 0 {
+                return n.unsupported(format!("output '{extra}' is used (Kiln computes only the first output)"));
+            }
+        }
+        match n.op() {
+            "Constant" => self.op_constant(n),
+            "ConstantOfShape" => self.op_constant_of_shape(n),
+            "Identity" | "Dropout" => self.op_identity(n),
+            "Shape" => self.op_shape(n),
+            "Gather" => self.op_gather(n),
+            "Cast" => self.op_cast(n),
+            "Conv" => self.op_conv(n),
+            "Gemm" | "MatMul" => self.op_gemm(n),
+            "Add" | "Sub" | "Mul" | "Div" => self.op_binary(n),
+            "PRelu" => self.op_prelu(n),
+            "Relu" | "Sigmoid" | "Tanh" | "LeakyRelu" | "HardSigmoid" | "HardSwish" | "Clip" => {
+                self.op_unary(n)
+            }
+            "MaxPool" | "AveragePool" => self.op_pool(n),
+            "GlobalAveragePool" => self.op_global_pool(n),
+            "ReduceMean" => self.op_reduce_mean(n),
+            "Reshape" | "Flatten" | "Squeeze" | "Unsqueeze" => self.op_reshape(n),
+            "Transpose" => self.op_transpose(n),
+            "Concat" => self.op_concat(n),
+            "Pad" => self.op_pad(n),
+            "Softmax" => self.op_softmax(n),
+            "BatchNormalization" => self.op_batchnorm(n),
+            "QuantizeLinear" => self.op_quantize(n),
+            "DequantizeLinear" => self.op_dequantize(n),
+            other => Err(OnnxError::UnsupportedOp {
+                op: other.to_string(),
+                index: n.index,
+                opset: self.opset,
+            }),
+        }
+    }
+
+    // --- inputs --------------------------------------------------------------------------------
+
+    fn value(&self, n: &Node<'_>, i: usize) -> Result<Value> {
+        let Some(name) = n.in_name(i) else {
+            return n.malformed(format!("input {i} is missing"));
+        };
+        match self.values.get(name) {
+            Some(v) => Ok(v.clone()),
+            None => n.malformed(format!(
+                "input '{name}' is not a graph input, an initializer or the output of an earlier node"
+            )),
+        }
+    }
+
+    fn opt_value(&self, n: &Node<'_>, i: usize) -> Result<Option<Value>> {
+        if n.in_name(i).is_none() {
+            return Ok(None);
+        }
+        self.value(n, i).map(Some)
+    }
+
+    fn const_in(&self, n: &Node<'_>, i: usize, role: &str) -> Result<Rc<Const>> {
+        match self.value(n, i)? {
+            Value::Const(c) => Ok(c),
+            Value::Act(_) => n.unsupported(format!(
+                "its {role} '{}' is computed at run time; Kiln needs it to be a constant \
+                 (an initializer or a Constant node)",
+                n.in_name(i).unwrap_or_default()
+            )),
+        }
+    }
+
+    fn opt_const_in(&self, n: &Node<'_>, i: usize, role: &str) -> Result<Option<Rc<Const>>> {
+        if n.in_name(i).is_none() {
+            return Ok(None);
+        }
+        self.const_in(n, i, role).map(Some)
+    }
+
+    /// Integer constant input (shape, axes, pads, ...).
+    fn ints_in(&self, n: &Node<'_>, i: usize, role: &str) -> Result<Option<Vec<i64>>> {
+        let Some(c) = self.opt_const_in(n, i, role)? else {
+            return Ok(None);
+        };
+        match c.ints() {
+            Some(v) if c.shape.len() <= 1 => Ok(Some(v.to_vec())),
+            _ => n.malformed(format!("its {role} must be a 1-D integer tensor")),
+        }
+    }
+
+    /// A scalar float constant input.
+    fn scalar_in(&self, n: &Node<'_>, i: usize, role: &str) -> Result<Option<f32>> {
+        let Some(c) = self.opt_const_in(n, i, role)? else {
+            return Ok(None);
+        };
+        let v = c.floats();
+        match v.as_slice() {
+            [x] => Ok(Some(*x)),
+            _ => n.malformed(format!("its {role} must be a single value, has shape {:?}", c.shape)),
+        }
+    }
+
+    /// An activation input (a constant data input becomes an IR constant tensor in ONNX order).
+    fn act_in(&mut self, n: &Node<'_>, i: usize) -> Result<Act> {
+        match self.value(n, i)? {
+            Value::Act(a) => {
+                if a.u8 && !a.deq {
+                    return n.unsupported("it reads uint8 values (only through DequantizeLinear)");
+                }
+                Ok(a)
+            }
+            Value::Const(c) => self.const_act(n, &c),
+        }
+    }
+
+    fn const_act(&mut self, n: &Node<'_>, c: &Const) -> Result<Act> {
+        if !c.is_float() {
+            return n.unsupported(format!(
+                "it computes on a constant of type {} (Kiln computes in float32 and int8)",
+                type_name(c.ty)
+            ));
+        }
+        let shape = if c.shape.is_empty() { vec![1] } else { c.shape.clone() };
+        let name = format!("{}/const", n.p.name);
+        let id = self.f32_tensor(&name, shape.clone(), &c.floats(), c.f16);
+        Ok(Act {
+            id,
+            perm: identity(c.shape.len()),
+            shape: c.shape.clone(),
+            cols: None,
+            deq: false,
+            u8: false,
+        })
+    }
+
+    fn dtype(&self, id: TensorId) -> DType {
+        self.g.tensors.get(id).map_or(DType::F32, |t| t.dtype)
+    }
+
+    fn quant_of(&self, id: TensorId) -> Option<(f32, i64)> {
+        let q = self.g.tensors.get(id)?.quant.as_ref()?;
+        Some((*q.scales.first()?, q.zero_points.first().copied().unwrap_or(0)))
+    }
+
+    /// Whether an activation is an int8 tensor standing for its float dequantization.
+    fn is_q(&self, a: &Act) -> bool {
+        a.deq && self.dtype(a.id) == DType::I8
+    }
+
+    /// The activation in float (emits a DEQUANTIZE for int8 ones).
+    fn float_act(&mut self, a: &Act) -> Act {
+        if !self.is_q(a) {
+            return a.clone();
+        }
+        let id = match self.deq_cache.get(&a.id) {
+            Some(&id) => id,
+            None => {
+                let t = &self.g.tensors[a.id];
+                let (name, shape) = (format!("{}/dequantized", t.name), t.shape.clone());
+                let id = self.new_tensor(&name, DType::F32, shape, None);
+                self.push(OpKind::Dequantize, vec![Some(a.id)], id);
+                self.deq_cache.insert(a.id, id);
+                id
+            }
+        };
+        Act {
+            id,
+            deq: false,
+            u8: false,
+            ..a.clone()
+        }
+    }
+
+    fn note_float(&mut self, n: &Node<'_>, inputs: &[&Act]) {
+        if inputs.iter().any(|a| self.is_q(a)) {
+            self.notes.push(format!(
+                "{} runs in float: its output is not quantized by a QuantizeLinear, or its \
+                 operands cannot be int8",
+                n.what()
+            ));
+        }
+    }
+
+    // --- layout ----------------------------------------------------------------------------------
+
+    /// A new activation tensor like `like` (same type and quantization) with a physical shape.
+    fn derived(&mut self, like: TensorId, suffix: &str, shape: Vec<usize>) -> TensorId {
+        let (name, dtype, quant) = {
+            let t = &self.g.tensors[like];
+            (format!("{}/{suffix}", t.name), t.dtype, t.quant.clone())
+        };
+        self.new_tensor(&name, dtype, shape, quant)
+    }
+
+    /// Physical reshape of an activation's tensor (no op when the shape is already that).
+    fn phys_reshape(&mut self, id: TensorId, shape: Vec<usize>) -> TensorId {
+        if self.g.tensors[id].shape == shape {
+            return id;
+        }
+        let out = self.derived(id, "reshaped", shape);
+        self.push(OpKind::Reshape, vec![Some(id)], out);
+        out
+    }
+
+    /// A cols-flattened activation in logical column order.
+    fn uncols(&mut self, a: &Act) -> Act {
+        let Some(cols) = a.cols.clone() else {
+            return a.clone();
+        };
+        let m = a.shape.first().copied().unwrap_or(1);
+        let mut shape = vec![m];
+        shape.extend(&cols.inner);
+        let mut perm = vec![0];
+        perm.extend(cols.perm.iter().map(|p| p + 1));
+        let id = self.phys_reshape(a.id, phys_shape(&shape, &perm));
+        let full = a.with(id, shape.clone(), perm);
+        let logical = self.to_layout(&full, &identity(shape.len()));
+        let id = self.phys_reshape(logical.id, a.shape.clone());
+        a.with(id, a.shape.clone(), identity(2))
+    }
+
+    /// The activation stored in physical layout `target`.
+    fn to_layout(&mut self, a: &Act, target: &[usize]) -> Act {
+        let a = self.uncols(a);
+        if a.perm == target {
+            return a;
+        }
+        let key = (a.id, target.to_vec());
+        if let Some(&id) = self.layout_cache.get(&key) {
+            return a.with(id, a.shape.clone(), target.to_vec());
+        }
+        let shape = phys_shape(&a.shape, target);
+        let id = if nonunit_order(&a.shape, &a.perm) == nonunit_order(&a.shape, target) {
+            self.phys_reshape(a.id, shape)
+        } else {
+            let inv = inverse(&a.perm);
+            let perm: Vec<usize> = target.iter().map(|&t| inv[t]).collect();
+            let out = self.derived(a.id, "transposed", shape);
+            self.push(OpKind::Transpose { perm }, vec![Some(a.id)], out);
+            out
+        };
+        self.layout_cache.insert(key, id);
+        a.with(id, a.shape.clone(), target.to_vec())
+    }
+
+    /// A reshape of an activation to logical shape `out` (sizes already checked). Emits a plain
+    /// IR reshape when the physical order allows, a transpose otherwise.
+    fn reshape_act(&mut self, a: &Act, out: &[usize]) -> Act {
+        let a = self.uncols(a);
+        let r = out.len();
+        let in_order = nonunit_order(&a.shape, &a.perm);
+        let candidates: Vec<Vec<usize>>;
+        let want: Vec<usize>;
+        if is_sorted(&in_order) {
+            candidates = vec![preferred_perm(r), identity(r)];
+            want = (0..r).filter(|&i| out[i] != 1).collect();
+        } else {
+            let in_nonunit: Vec<usize> = (0..a.rank()).filter(|&i| a.shape[i] != 1).collect();
+            let out_nonunit: Vec<usize> = (0..r).filter(|&i| out[i] != 1).collect();
+            let in_sizes: Vec<usize> = in_nonunit.iter().map(|&i| a.shape[i]).collect();
+            let out_sizes: Vec<usize> = out_nonunit.iter().map(|&i| out[i]).collect();
+            if in_sizes != out_sizes {
+                // Axes stored out of order are merged or split: go through ONNX order.
+                let logical = self.to_layout(&a, &identity(a.rank()));
+                return self.reshape_act(&logical, out);
+            }
+            want = in_order
+                .iter()
+                .filter_map(|ax| in_nonunit.iter().position(|x| x == ax))
+                .filter_map(|k| out_nonunit.get(k).copied())
+                .collect();
+            let mut constructed: Vec<usize> = (0..r).filter(|&i| out[i] == 1).collect();
+            constructed.extend(&want);
+            candidates = vec![preferred_perm(r), identity(r), constructed];
+        }
+        let perm = candidates
+            .into_iter()
+            .find(|p| nonunit_order(out, p) == want)
+            .unwrap_or_else(|| identity(r));
+        let id = self.phys_reshape(a.id, phys_shape(out, &perm));
+        a.with(id, out.to_vec(), perm)
+    }
+
+    // --- graph outputs and clean-up --------------------------------------------------------------
+
+    fn graph_output(&mut self, vi: &pb::ValueInfoProto) -> Result<(Vec<usize>, Vec<usize>)> {
+        let name = &vi.name;
+        let Some(v) = self.values.get(name).cloned() else {
+            return malformed(format!("graph output '{name}' is not produced by any node"));
+        };
+        let what = format!("graph output '{name}'");
+        let mut a = match v {
+            Value::Act(a) => a,
+            Value::Const(c) => {
+                if !c.is_float() {
+                    return unsupported(format!("{what} is a constant of type {}", type_name(c.ty)));
+                }
+                let shape = if c.shape.is_empty() { vec![1] } else { c.shape.clone() };
+                let id = self.f32_tensor(&format!("{name}/const"), shape, &c.floats(), false);
+                Act {
+                    id,
+                    shape: c.shape.clone(),
+                    perm: identity(c.shape.len()),
+                    cols: None,
+                    deq: false,
+                    u8: false,
+                }
+            }
+        };
+        if a.u8 {
+            return unsupported(format!(
+                "{what} is uint8 (Kiln's quantized outputs are int8; end the graph with a \
+                 DequantizeLinear or quantize to int8)"
+            ));
+        }
+        if a.deq {
+            a = self.float_act(&a);
+        }
+        let perm = preferred_perm(a.rank());
+        a = self.to_layout(&a, &perm);
+        // Each output needs its own tensor written by an op.
+        let needs_copy = self.g.tensors[a.id].data.is_some()
+            || self.graph_inputs.contains(&a.id)
+            || self.g.outputs.contains(&a.id);
+        if needs_copy {
+            let shape = self.g.tensors[a.id].shape.clone();
+            let out = self.derived(a.id, "output", shape);
+            self.g.tensors[out].data = None;
+            self.g.tensors[out].name = name.clone();
+            self.push(OpKind::Reshape, vec![Some(a.id)], out);
+            a.id = out;
+        }
+        // Check the declared shape, where there is one.
+        if let Some(pb::type_proto::Value::TensorType(t)) = vi.r#type.as_ref().and_then(|t| t.value.as_ref()) {
+            if let Some(s) = &t.shape {
+                let declared: Vec<Option<usize>> = s
+                    .dim
+                    .iter()
+                    .map(|d| match d.value {
+                        Some(pb::tensor_shape_proto::dimension::Value::DimValue(v)) if v > 0 => {
+                            usize::try_from(v).ok()
+                        }
+                        _ => None,
+                    })
+                    .collect();
+                let fits = declared.len() == a.shape.len()
+                    && declared.iter().zip(&a.shape).all(|(d, &s)| d.is_none_or(|d| d == s));
+                if !fits && !(declared.is_empty() && a.shape.is_empty()) {
+                    return malformed(format!(
+                        "{what} is declared with shape {:?} but computes to {:?}",
+                        s.dim
+                            .iter()
+                            .map(|d| match &d.value {
+                                Some(pb::tensor_shape_proto::dimension::Value::DimValue(v)) => v.to_string(),
+                                Some(pb::tensor_shape_proto::dimension::Value::DimParam(p)) => p.clone(),
+                                None => "?".into(),
+                            })
+                            .collect::<Vec<_>>(),
+                        a.shape
+                    ));
+                }
+            }
+        }
+        self.g.outputs.push(a.id);
+        Ok((a.shape.clone(), perm))
+    }
+
+    /// Drops ops whose results nothing uses, and stores float16-origin constants as f16 again.
+    fn finish(&mut self) {
+        let mut live: HashSet<TensorId> = self.g.outputs.iter().copied().collect();
+        let mut keep = vec![false; self.g.ops.len()];
+        for (i, op) in self.g.ops.iter().enumerate().rev() {
+            if op.outputs.iter().any(|o| live.contains(o)) {
+                keep[i] = true;
+                live.extend(op.inputs.iter().flatten().copied());
+            }
+        }
+        let ops = std::mem::take(&mut self.g.ops);
+        self.g.ops = ops
+            .into_iter()
+            .zip(keep)
+            .filter_map(|(op, k)| k.then_some(op))
+            .collect();
+
+        // float16 constants: the IR keeps them as f16 with a constant DEQUANTIZE (which lowering
+        // folds), as TFLite stores float16 weights, when the values still fit exactly.
+        let mut ids: Vec<TensorId> = self.f16_consts.iter().copied().filter(|id| live.contains(id)).collect();
+        ids.sort_unstable();
+        let mut deqs = Vec::new();
+        for id in ids {
+            let Some(data) = self.g.tensors[id].data.clone() else {
+                continue;
+            };
+            let v = f32s(&data);
+            if !v.iter().all(|&x| f16_exact(x)) {
+                continue;
+            }
+            let bytes: Vec<u8> = v.iter().flat_map(|&x| half::f16::from_f32(x).to_le_bytes()).collect();
+            let t = &self.g.tensors[id];
+            let half_t = Tensor {
+                name: format!("{}/f16", t.name),
+                dtype: DType::F16,
+                shape: t.shape.clone(),
+                data: Some(bytes),
+                quant: None,
+            };
+            self.g.tensors.push(half_t);
+            let src = self.g.tensors.len() - 1;
+            self.g.tensors[id].data = None;
+            deqs.push(Op {
+                kind: OpKind::Dequantize,
+                inputs: vec![Some(src)],
+                outputs: vec![id],
+            });
+        }
+        if !deqs.is_empty() {
+            deqs.append(&mut self.g.ops);
+            self.g.ops = deqs;
+        }
+    }
+
+    // --- constant-producing and shape ops --------------------------------------------------------
+
+    fn op_constant(&mut self, n: &Node<'_>) -> Result<()> {
+        n.check_attrs(&["value", "value_float", "value_floats", "value_int", "value_ints", "sparse_value", "value_string", "value_strings"])?;
+        n.arity(0, 0)?;
+        let set: Vec<&str> = n.p.attribute.iter().map(|a| a.name.as_str()).collect();
+        if set.len() != 1 {
+            return n.malformed(format!("needs exactly one value attribute, has {set:?}"));
+        }
+        let c = if let Some(t) = n.tensor("value")? {
+            read_tensor(t, &format!("{} value", n.what()))?
+        } else if n.attr("value_float").is_some() {
+            Const::float(vec![], vec![n.float("value_float", 0.0)?])
+        } else if let Some(v) = n.floats("value_floats")? {
+            Const::float(vec![v.len()], v)
+        } else if n.attr("value_int").is_some() {
+            Const::int(dt::INT64, vec![], vec![n.int("value_int", 0)?])
+        } else if let Some(v) = n.ints("value_ints")? {
+            Const::int(dt::INT64, vec![v.len()], v)
+        } else {
+            return n.unsupported(format!("value attribute '{}'", set.first().unwrap_or(&"")));
+        };
+        self.bind(n.out_name(0)?, Value::Const(Rc::new(c)))
+    }
+
+    fn op_constant_of_shape(&mut self, n: &Node<'_>) -> Result<()> {
+        n.check_attrs(&["value"])?;
+        n.arity(1, 1)?;
+        let Some(dims) = self.ints_in(n, 0, "shape")? else {
+            return n.malformed("has no shape input");
+        };
+        let mut shape = Vec::new();
+        for d in dims {
+            match usize::try_from(d) {
+                Ok(d) => shape.push(d),
+                Err(_) => return n.malformed(format!("has negative dimension {d}")),
+            }
+        }
+        let count = match elements(&shape) {
+            Some(c) if c <= 1 << 28 => c,
+            _ => return n.unsupported(format!("shape {shape:?} is too large")),
+        };
+        let value = match n.tensor("value")? {
+            Some(t) => read_tensor(t, "value")?,
+            None => Const::float(vec![1], vec![0.0]),
+        };
+        if value.len() != 1 {
+            return n.malformed("value must have one element");
+        }
+        let c = match &value.data {
+            CData::F(v) => Const::float(shape, vec![v[0]; count]),
+            CData::I(v) => Const::int(value.ty, shape, vec![v[0]; count]),
+        };
+        self.bind(n.out_name(0)?, Value::Const(Rc::new(c)))
+    }
+
+    fn op_identity(&mut self, n: &Node<'_>) -> Result<()> {
+        if n.op() == "Dropout" {
+            n.check_attrs(&["ratio", "seed", "is_test"])?;
+            n.arity(1, 3)?;
+            if n.opset < 7 && n.int("is_test", 0)? == 0 {
+                return n.unsupported("training mode");
+            }
+            if let Some(c) = self.opt_const_in(n, 2, "training_mode")? {
+                if c.ints().is_some_and(|v| v.iter().any(|&x| x != 0)) {
+                    return n.unsupported("training mode");
+                }
+            } else if n.in_name(2).is_some() {
+                return n.unsupported("a run-time training_mode");
+            }
+        } else {
+            n.check_attrs(&[])?;
+            n.arity(1, 1)?;
+        }
+        let v = self.value(n, 0)?;
+        self.bind(n.out_name(0)?, v)
+    }
+
+    fn op_shape(&mut self, n: &Node<'_>) -> Result<()> {
+        n.check_attrs(&["start", "end"])?;
+        n.arity(1, 1)?;
+        let shape = match self.value(n, 0)? {
+            Value::Const(c) => c.shape.clone(),
+            Value::Act(a) => a.shape.clone(),
+        };
+        let r = i64::try_from(shape.len()).unwrap_or(i64::MAX);
+        let clampi = |v: i64| -> usize {
+            let v = if v < 0 { v + r } else { v };
+            usize::try_from(v.clamp(0, r)).unwrap_or(0)
+        };
+        let start = clampi(n.int("start", 0)?);
+        let end = clampi(n.int("end", r)?);
+        let dims: Vec<i64> = shape
+            .get(start..end.max(start))
+            .unwrap_or_default()
+            .iter()
+            .map(|&d| i64::try_from(d).unwrap_or(i64::MAX))
+            .collect();
+        let c = Const::int(dt::INT64, vec![dims.len()], dims);
+        self.bind(n.out_name(0)?, Value::Const(Rc::new(c)))
+    }
+
+    fn op_gather(&mut self, n: &Node<'_>) -> Result<()> {
+        n.check_attrs(&["axis"])?;
+        n.arity(2, 2)?;
+        let data = self.const_in(n, 0, "data")?;
+        let idx = self.const_in(n, 1, "indices")?;
+        let r = data.shape.len();
+        if r == 0 {
+            return n.malformed("gathers from a scalar");
+        }
+        let axis = n.axis(n.int("axis", 0)?, r)?;
+        let Some(indices) = idx.ints() else {
+            return n.malformed("indices must be integers");
+        };
+        let dim = data.shape[axis];
+        let mut norm = Vec::with_capacity(indices.len());
+        for &i in indices {
+            let d = i64::try_from(dim).unwrap_or(i64::MAX);
+            let v = if i < 0 { i + d } else { i };
+            match usize::try_from(v) {
+                Ok(v) if v < dim => norm.push(v),
+                _ => return n.malformed(format!("index {i} is outside dimension {dim}")),
+            }
+        }
+        let outer: usize = data.shape[..axis].iter().product();
+        let inner: usize = data.shape[axis + 1..].iter().product();
+        let mut shape = data.shape[..axis].to_vec();
+        shape.extend(&idx.shape);
+        shape.extend(&data.shape[axis + 1..]);
+        let pick = |o: usize, k: usize| (o * dim + k) * inner;
+        let c = match &data.data {
+            CData::F(v) => {
+                let mut out = Vec::with_capacity(outer * norm.len() * inner);
+                for o in 0..outer {
+                    for &k in &norm {
+                        out.extend_from_slice(v.get(pick(o, k)..pick(o, k) + inner).unwrap_or_default());
+                    }
+                }
+                Const { shape, data: CData::F(out), quant: None, ..(*data).clone() }
+            }
+            CData::I(v) => {
+                let mut out = Vec::with_capacity(outer * norm.len() * inner);
+                for o in 0..outer {
+                    for &k in &norm {
+                        out.extend_from_slice(v.get(pick(o, k)..pick(o, k) + inner).unwrap_or_default());
+                    }
+                }
+                Const { shape, data: CData::I(out), quant: None, ..(*data).clone() }
+            }
+        };
+        self.bind(n.out_name(0)?, Value::Const(Rc::new(c)))
+    }
+
+    fn op_cast(&mut self, n: &Node<'_>) -> Result<()> {
+        n.check_attrs(&["to", "saturate", "round_mode"])?;
+        n.arity(1, 1)?;
+        let to = i32::try_from(n.int("to", 0)?).unwrap_or(0);
+        let v = self.value(n, 0)?;
+        let out = match v {
+            Value::Const(c) => {
+                let (lo, hi): (i64, i64) = match to {
+                    dt::UINT8 => (0, 255),
+                    dt::INT8 => (-128, 127),
+                    dt::INT16 => (-32768, 32767),
+                    dt::UINT16 => (0, 65535),
+                    dt::INT32 => (i32::MIN.into(), i32::MAX.into()),
+                    _ => (i64::MIN, i64::MAX),
+                };
+                let c2 = match to {
+                    dt::FLOAT | dt::FLOAT16 => Const {
+                        ty: dt::FLOAT,
+                        shape: c.shape.clone(),
+                        data: CData::F(c.floats()),
+                        f16: c.f16 || to == dt::FLOAT16,
+                        quant: None,
+                    },
+                    dt::BOOL => Const::int(
+                        to,
+                        c.shape.clone(),
+                        c.floats().iter().map(|&x| i64::from(x != 0.0)).collect(),
+                    ),
+                    dt::INT64 | dt::INT32 | dt::INT16 | dt::INT8 | dt::UINT8 | dt::UINT16 => {
+                        let v: Vec<i64> = match &c.data {
+                            // Float → int truncates toward zero; out-of-range is undefined in ONNX.
+                            CData::F(v) => v.iter().map(|&x| (x.trunc() as i64).clamp(lo, hi)).collect(),
+                            CData::I(v) => v.iter().map(|&x| x.clamp(lo, hi)).collect(),
+                        };
+                        Const::int(to, c.shape.clone(), v)
+                    }
+                    other => return n.unsupported(format!("a cast to {}", type_name(other))),
+                };
+                Value::Const(Rc::new(c2))
+            }
+            Value::Act(a) => {
+                if to != dt::FLOAT || a.u8 || (self.dtype(a.id) == DType::I8 && !a.deq) {
+                    return n.unsupported(format!(
+                        "a run-time cast to {} (Kiln computes in float32)",
+                        type_name(to)
+                    ));
+                }
+                Value::Act(a)
+            }
+        };
+        self.bind(n.out_name(0)?, out)
+    }

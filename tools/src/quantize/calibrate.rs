@@ -57,30 +57,54 @@ impl FloatRunner {
     /// The graph is not float, has several inputs, or does not lower.
     pub fn new(g: &Graph) -> Result<Self> {
         if g.inputs.len() != 1 {
-            bail!("calibration handles models with one input; this one has {}", g.inputs.len());
+            bail!(
+                "calibration handles models with one input; this one has {}",
+                g.inputs.len()
+            );
         }
-        let lowered = lower_with(g, &LowerOptions { keep_all_alive: true })?;
+        let lowered = lower_with(
+            g,
+            &LowerOptions {
+                keep_all_alive: true,
+            },
+        )?;
         let bytes = write_artifact(
-            HeaderFields { arena_bytes: lowered.arena_bytes as u32, ..Default::default() },
-            &[(SectionKind::Graph, &lowered.graph), (SectionKind::Weights, &lowered.weights)],
+            HeaderFields {
+                arena_bytes: lowered.arena_bytes as u32,
+                ..Default::default()
+            },
+            &[
+                (SectionKind::Graph, &lowered.graph),
+                (SectionKind::Weights, &lowered.weights),
+            ],
         )
         .map_err(anyhow::Error::msg)?;
         let artifact = AlignedBytes::new(&bytes);
-        let model = Model::load(artifact.as_slice()).context("the calibration graph does not load")?;
+        let model =
+            Model::load(artifact.as_slice()).context("the calibration graph does not load")?;
         let mut activations = Vec::new();
         for (id, idx) in lowered.tensor_index.iter().enumerate() {
             let Some(idx) = idx else { continue };
             let t = model.tensor(*idx)?;
             if let Location::Arena { offset, .. } = t.location {
                 if t.dtype != DType::F32 {
-                    bail!("calibration needs a float graph, but tensor `{}` is {}", g.tensors[id].name, t.dtype.name());
+                    bail!(
+                        "calibration needs a float graph, but tensor `{}` is {}",
+                        g.tensors[id].name,
+                        t.dtype.name()
+                    );
                 }
                 activations.push((id, offset as usize, element_count(&t)));
             }
         }
         let input_elements = g.tensors[g.inputs[0]].elements();
         let arena = AlignedBytes::zeroed(model.arena_bytes());
-        Ok(FloatRunner { artifact, arena, activations, input_elements })
+        Ok(FloatRunner {
+            artifact,
+            arena,
+            activations,
+            input_elements,
+        })
     }
 
     /// Elements of one input sample.
@@ -127,7 +151,11 @@ pub fn samples_f32(x: &Array) -> Result<&[f32]> {
 ///
 /// # Errors
 /// The data does not fit the model, is empty, or holds NaN / infinity.
-pub fn calibrate(g: &Graph, x: &Array, mut progress: impl FnMut(usize, usize)) -> Result<Calibration> {
+pub fn calibrate(
+    g: &Graph,
+    x: &Array,
+    mut progress: impl FnMut(usize, usize),
+) -> Result<Calibration> {
     let data = samples_f32(x)?;
     let mut runner = FloatRunner::new(g)?;
     let per = runner.input_elements();
@@ -147,7 +175,11 @@ pub fn calibrate(g: &Graph, x: &Array, mut progress: impl FnMut(usize, usize)) -
     let mut ranges: Vec<Option<(f32, f32)>> = vec![None; g.tensors.len()];
     for s in 0..n {
         runner.run(&data[s * per..(s + 1) * per], |id, v| {
-            let (lo, hi) = v.iter().fold((f32::INFINITY, f32::NEG_INFINITY), |(lo, hi), &x| (lo.min(x), hi.max(x)));
+            let (lo, hi) = v
+                .iter()
+                .fold((f32::INFINITY, f32::NEG_INFINITY), |(lo, hi), &x| {
+                    (lo.min(x), hi.max(x))
+                });
             let r = ranges[id].get_or_insert((lo, hi));
             r.0 = r.0.min(lo);
             r.1 = r.1.max(hi);
@@ -172,7 +204,11 @@ pub fn calibrate(g: &Graph, x: &Array, mut progress: impl FnMut(usize, usize)) -
             let Some(st) = stats[id].as_mut() else { return };
             let width = (st.max - st.min) as f64;
             for &x in v {
-                let bin = if width > 0.0 { (((x - st.min) as f64 / width) * HISTOGRAM_BINS as f64) as usize } else { 0 };
+                let bin = if width > 0.0 {
+                    (((x - st.min) as f64 / width) * HISTOGRAM_BINS as f64) as usize
+                } else {
+                    0
+                };
                 st.histogram[bin.min(HISTOGRAM_BINS - 1)] += 1;
             }
             let c = st.channel_means.len();
@@ -189,5 +225,8 @@ pub fn calibrate(g: &Graph, x: &Array, mut progress: impl FnMut(usize, usize)) -
             st.channel_means.iter_mut().for_each(|m| *m /= per_channel);
         }
     }
-    Ok(Calibration { tensors: stats, samples: n })
+    Ok(Calibration {
+        tensors: stats,
+        samples: n,
+    })
 }

@@ -36,7 +36,11 @@ pub struct QuantizeOptions {
 
 impl Default for QuantizeOptions {
     fn default() -> Self {
-        QuantizeOptions { estimator: Estimator::MinMax, bias_correction: true, float_dtype: DType::F32 }
+        QuantizeOptions {
+            estimator: Estimator::MinMax,
+            bias_correction: true,
+            float_dtype: DType::F32,
+        }
     }
 }
 
@@ -44,7 +48,11 @@ impl Default for QuantizeOptions {
 pub fn int8_capable(g: &Graph, op: &Op) -> bool {
     match &op.kind {
         OpKind::Div { .. } | OpKind::Quantize | OpKind::Dequantize => false,
-        OpKind::PRelu => op.inputs.get(1).and_then(|t| t.map(|t| g.tensors[t].elements() == 1)).unwrap_or(false),
+        OpKind::PRelu => op
+            .inputs
+            .get(1)
+            .and_then(|t| t.map(|t| g.tensors[t].elements() == 1))
+            .unwrap_or(false),
         _ => true,
     }
 }
@@ -62,12 +70,20 @@ fn fixed_output(kind: &OpKind) -> Option<(f32, i64)> {
 fn passes_quant_through(kind: &OpKind) -> bool {
     matches!(
         kind,
-        OpKind::Reshape | OpKind::MaxPool2d { .. } | OpKind::AveragePool2d { .. } | OpKind::Pad { .. } | OpKind::Transpose { .. }
+        OpKind::Reshape
+            | OpKind::MaxPool2d { .. }
+            | OpKind::AveragePool2d { .. }
+            | OpKind::Pad { .. }
+            | OpKind::Transpose { .. }
     )
 }
 
 fn per_tensor(scale: f32, zp: i64) -> QuantInfo {
-    QuantInfo { scales: vec![scale], zero_points: vec![zp], axis: 0 }
+    QuantInfo {
+        scales: vec![scale],
+        zero_points: vec![zp],
+        axis: 0,
+    }
 }
 
 fn f32s(t: &Tensor) -> Result<Vec<f32>> {
@@ -76,13 +92,20 @@ fn f32s(t: &Tensor) -> Result<Vec<f32>> {
 
 fn bytes_of_f32(v: &[f32], dtype: DType) -> Vec<u8> {
     match dtype {
-        DType::F16 => v.iter().flat_map(|&x| half::f16::from_f32(x).to_le_bytes()).collect(),
+        DType::F16 => v
+            .iter()
+            .flat_map(|&x| half::f16::from_f32(x).to_le_bytes())
+            .collect(),
         _ => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
     }
 }
 
 /// Symmetric per-channel int8 weights along `axis`: (quantized bytes, scales).
-pub fn quantize_weights_per_channel(values: &[f32], shape: &[usize], axis: usize) -> (Vec<u8>, Vec<f32>) {
+pub fn quantize_weights_per_channel(
+    values: &[f32],
+    shape: &[usize],
+    axis: usize,
+) -> (Vec<u8>, Vec<f32>) {
     let channels = shape[axis];
     let inner: usize = shape[axis + 1..].iter().product();
     let mut absmax = vec![0f32; channels];
@@ -90,7 +113,10 @@ pub fn quantize_weights_per_channel(values: &[f32], shape: &[usize], axis: usize
         let c = (i / inner) % channels;
         absmax[c] = absmax[c].max(v.abs());
     }
-    let scales: Vec<f32> = absmax.iter().map(|&m| if m > 0.0 { m / 127.0 } else { 1e-8 }).collect();
+    let scales: Vec<f32> = absmax
+        .iter()
+        .map(|&m| if m > 0.0 { m / 127.0 } else { 1e-8 })
+        .collect();
     let q = values
         .iter()
         .enumerate()
@@ -103,21 +129,36 @@ pub fn quantize_weights_per_channel(values: &[f32], shape: &[usize], axis: usize
 }
 
 fn quantize_per_tensor(values: &[f32], scale: f32, zp: i64) -> Vec<u8> {
-    values.iter().map(|&v| ((v / scale).round() + zp as f32).clamp(-128.0, 127.0) as i8 as u8).collect()
+    values
+        .iter()
+        .map(|&v| ((v / scale).round() + zp as f32).clamp(-128.0, 127.0) as i8 as u8)
+        .collect()
 }
 
 /// Rewrites a float graph into one where each op computes in `precisions[i]`.
 ///
 /// # Errors
 /// The graph is not float, an op marked int8 cannot run in int8, or calibration misses a tensor.
-pub fn quantize_graph(g: &Graph, calib: &Calibration, precisions: &[OpPrecision], opts: &QuantizeOptions) -> Result<Graph> {
+pub fn quantize_graph(
+    g: &Graph,
+    calib: &Calibration,
+    precisions: &[OpPrecision],
+    opts: &QuantizeOptions,
+) -> Result<Graph> {
     let g = normalize(g)?;
     if precisions.len() != g.ops.len() {
-        bail!("internal: {} precisions for {} ops", precisions.len(), g.ops.len());
+        bail!(
+            "internal: {} precisions for {} ops",
+            precisions.len(),
+            g.ops.len()
+        );
     }
     for (i, op) in g.ops.iter().enumerate() {
         if precisions[i] == OpPrecision::Int8 && !int8_capable(&g, op) {
-            bail!("op {i} ({}) cannot run in int8", crate::lower::ir_name(&op.kind));
+            bail!(
+                "op {i} ({}) cannot run in int8",
+                crate::lower::ir_name(&op.kind)
+            );
         }
     }
     // Activation ranges.
@@ -126,7 +167,10 @@ pub fn quantize_graph(g: &Graph, calib: &Calibration, precisions: &[OpPrecision]
             // Graph inputs keep their whole range: clipping the data itself is never wanted.
             Some(st) if g.inputs.contains(&id) => Ok(estimate(st, Estimator::MinMax)),
             Some(st) => Ok(estimate(st, opts.estimator)),
-            None => bail!("calibration saw no values for tensor `{}`", g.tensors[id].name),
+            None => bail!(
+                "calibration saw no values for tensor `{}`",
+                g.tensors[id].name
+            ),
         }
     };
     let mut ranges: HashMap<TensorId, (f32, f32)> = HashMap::new();
@@ -193,7 +237,13 @@ pub fn quantize_graph(g: &Graph, calib: &Calibration, precisions: &[OpPrecision]
     }
 
     let float = opts.float_dtype;
-    let mut out = Graph { name: g.name.clone(), tensors: Vec::with_capacity(g.tensors.len()), ops: Vec::new(), inputs: g.inputs.clone(), outputs: g.outputs.clone() };
+    let mut out = Graph {
+        name: g.name.clone(),
+        tensors: Vec::with_capacity(g.tensors.len()),
+        ops: Vec::new(),
+        inputs: g.inputs.clone(),
+        outputs: g.outputs.clone(),
+    };
     // Activations keep their ids; constants are re-created per use.
     for (id, t) in g.tensors.iter().enumerate() {
         let mut nt = t.clone();
@@ -220,7 +270,9 @@ pub fn quantize_graph(g: &Graph, calib: &Calibration, precisions: &[OpPrecision]
             };
             let src = &g.tensors[t];
             if src.data.is_some() {
-                inputs.push(Some(constant_for(&g, &mut out, op, i, slot, t, int8, float, &act_q, calib, opts)?));
+                inputs.push(Some(constant_for(
+                    &g, &mut out, op, i, slot, t, int8, float, &act_q, calib, opts,
+                )?));
                 continue;
             }
             if is_int8[t] == int8 {
@@ -229,7 +281,11 @@ pub fn quantize_graph(g: &Graph, calib: &Calibration, precisions: &[OpPrecision]
             }
             let id = *converted.entry((t, int8)).or_insert_with(|| {
                 let mut nt = src.clone();
-                nt.name = format!("{}/{}", src.name, if int8 { "quantized" } else { "dequantized" });
+                nt.name = format!(
+                    "{}/{}",
+                    src.name,
+                    if int8 { "quantized" } else { "dequantized" }
+                );
                 if int8 {
                     let (s, z) = act_q.get(&t).copied().unwrap_or((1.0, 0));
                     nt.dtype = DType::I8;
@@ -240,7 +296,15 @@ pub fn quantize_graph(g: &Graph, calib: &Calibration, precisions: &[OpPrecision]
                 }
                 out.tensors.push(nt);
                 let id = out.tensors.len() - 1;
-                out.ops.push(Op { kind: if int8 { OpKind::Quantize } else { OpKind::Dequantize }, inputs: vec![Some(t)], outputs: vec![id] });
+                out.ops.push(Op {
+                    kind: if int8 {
+                        OpKind::Quantize
+                    } else {
+                        OpKind::Dequantize
+                    },
+                    inputs: vec![Some(t)],
+                    outputs: vec![id],
+                });
                 id
             });
             if int8 && !act_q.contains_key(&t) {
@@ -248,7 +312,11 @@ pub fn quantize_graph(g: &Graph, calib: &Calibration, precisions: &[OpPrecision]
             }
             inputs.push(Some(id));
         }
-        out.ops.push(Op { kind: op.kind.clone(), inputs, outputs: op.outputs.clone() });
+        out.ops.push(Op {
+            kind: op.kind.clone(),
+            inputs,
+            outputs: op.outputs.clone(),
+        });
     }
     Ok(out)
 }
@@ -281,29 +349,51 @@ fn constant_for(
             OpKind::DepthwiseConv2d { .. } => Some(3),
             _ => None,
         };
-        let input_q = op.inputs.first().and_then(|i| *i).and_then(|i| act_q.get(&i).copied());
+        let input_q = op
+            .inputs
+            .first()
+            .and_then(|i| *i)
+            .and_then(|i| act_q.get(&i).copied());
         match (weight_axis, slot) {
             (Some(axis), 1) => {
                 if src.shape.len() <= axis {
-                    bail!("op {op_index}: weights `{}` have rank {}", src.name, src.shape.len());
+                    bail!(
+                        "op {op_index}: weights `{}` have rank {}",
+                        src.name,
+                        src.shape.len()
+                    );
                 }
                 let (q, scales) = quantize_weights_per_channel(&values, &src.shape, axis);
                 nt.dtype = DType::I8;
                 nt.data = Some(q);
-                nt.quant = Some(QuantInfo { zero_points: vec![0; scales.len()], scales, axis });
+                nt.quant = Some(QuantInfo {
+                    zero_points: vec![0; scales.len()],
+                    scales,
+                    axis,
+                });
             }
             (Some(axis), 2) => {
                 // int32 bias with scale input_scale * weight_scale[c], corrected for the mean
                 // shift that weight quantization causes.
-                let w = &g.tensors[op.inputs[1].ok_or_else(|| anyhow::anyhow!("op {op_index}: missing weights"))?];
+                let w = &g.tensors[op.inputs[1]
+                    .ok_or_else(|| anyhow::anyhow!("op {op_index}: missing weights"))?];
                 let wv = f32s(w)?;
                 let (wq, w_scales) = quantize_weights_per_channel(&wv, &w.shape, axis);
-                let (s_in, _) = input_q.ok_or_else(|| anyhow::anyhow!("op {op_index}: input has no quantization"))?;
+                let (s_in, _) = input_q
+                    .ok_or_else(|| anyhow::anyhow!("op {op_index}: input has no quantization"))?;
                 let mut bias: Vec<f64> = values.iter().map(|&b| b as f64).collect();
                 if opts.bias_correction {
-                    let input = op.inputs[0].and_then(|i| calib.tensors.get(i).and_then(|s| s.as_ref()));
+                    let input =
+                        op.inputs[0].and_then(|i| calib.tensors.get(i).and_then(|s| s.as_ref()));
                     if let Some(st) = input {
-                        let shift = weight_error_mean(&op.kind, &wv, &wq, &w_scales, &w.shape, &st.channel_means);
+                        let shift = weight_error_mean(
+                            &op.kind,
+                            &wv,
+                            &wq,
+                            &w_scales,
+                            &w.shape,
+                            &st.channel_means,
+                        );
                         for (b, d) in bias.iter_mut().zip(shift) {
                             *b -= d;
                         }
@@ -314,7 +404,8 @@ fn constant_for(
                     .enumerate()
                     .flat_map(|(c, &b)| {
                         let s = s_in as f64 * w_scales[c.min(w_scales.len() - 1)] as f64;
-                        ((b / s).round().clamp(i32::MIN as f64, i32::MAX as f64) as i32).to_le_bytes()
+                        ((b / s).round().clamp(i32::MIN as f64, i32::MAX as f64) as i32)
+                            .to_le_bytes()
                     })
                     .collect();
                 nt.dtype = DType::I32;
@@ -324,7 +415,10 @@ fn constant_for(
                 // Other constant operands: per-tensor int8; a concatenation's constants use the
                 // shared quantization of the op.
                 let (s, z) = if matches!(op.kind, OpKind::Concatenation { .. }) {
-                    act_q.get(&op.outputs[0]).copied().unwrap_or_else(|| int8_params(0.0, 1.0))
+                    act_q
+                        .get(&op.outputs[0])
+                        .copied()
+                        .unwrap_or_else(|| int8_params(0.0, 1.0))
                 } else {
                     let lo = values.iter().copied().fold(0f32, f32::min);
                     let hi = values.iter().copied().fold(0f32, f32::max);
@@ -343,7 +437,14 @@ fn constant_for(
 
 /// E[(W_q - W) x] per output channel, with x replaced by its per-channel calibration mean
 /// (spatial stationarity; border padding ignored).
-fn weight_error_mean(kind: &OpKind, w: &[f32], wq: &[u8], scales: &[f32], shape: &[usize], means: &[f64]) -> Vec<f64> {
+fn weight_error_mean(
+    kind: &OpKind,
+    w: &[f32],
+    wq: &[u8],
+    scales: &[f32],
+    shape: &[usize],
+    means: &[f64],
+) -> Vec<f64> {
     let err = |i: usize, c: usize| -> f64 { (wq[i] as i8) as f64 * scales[c] as f64 - w[i] as f64 };
     match kind {
         OpKind::DepthwiseConv2d { .. } => {
@@ -364,7 +465,11 @@ fn weight_error_mean(kind: &OpKind, w: &[f32], wq: &[u8], scales: &[f32], shape:
             let mut d = vec![0f64; oc];
             for (i, _) in w.iter().enumerate() {
                 let c = i / inner;
-                let m = if means.len() == ic || means.len() >= ic { means.get(i % ic).copied().unwrap_or(0.0) } else { 0.0 };
+                let m = if means.len() == ic || means.len() >= ic {
+                    means.get(i % ic).copied().unwrap_or(0.0)
+                } else {
+                    0.0
+                };
                 d[c] += err(i, c) * m;
             }
             d

@@ -149,8 +149,17 @@ pub struct Quantized {
 }
 
 fn layer_macs(g: &Graph, op: &crate::ir::Op) -> u64 {
-    let shape = |i: usize| op.inputs.get(i).and_then(|t| t.map(|t| g.tensors[t].shape.clone())).unwrap_or_default();
-    let out: usize = op.outputs.first().map(|&t| g.tensors[t].elements()).unwrap_or(0);
+    let shape = |i: usize| {
+        op.inputs
+            .get(i)
+            .and_then(|t| t.map(|t| g.tensors[t].shape.clone()))
+            .unwrap_or_default()
+    };
+    let out: usize = op
+        .outputs
+        .first()
+        .map(|&t| g.tensors[t].elements())
+        .unwrap_or(0);
     match op.kind {
         OpKind::Conv2d { .. } => {
             let f = shape(1);
@@ -179,7 +188,9 @@ pub fn measure(artifact: &[u8], eval: &EvalSet<'_>) -> Result<f64> {
             Ok(top1(&out, per, eval.y))
         }
         Metric::Auc => {
-            let Array::F32 { shape, data } = eval.x else { bail!("AUC needs real-valued clips") };
+            let Array::F32 { shape, data } = eval.x else {
+                bail!("AUC needs real-valued clips")
+            };
             let scores = anomaly_scores(artifact, data, shape)?;
             Ok(auc(&scores, eval.y))
         }
@@ -187,9 +198,19 @@ pub fn measure(artifact: &[u8], eval: &EvalSet<'_>) -> Result<f64> {
 }
 
 fn artifact_of(lowered: &Lowered, sections: &[(SectionKind, &[u8])]) -> Result<Vec<u8>> {
-    let mut all: Vec<(SectionKind, &[u8])> = vec![(SectionKind::Graph, &lowered.graph), (SectionKind::Weights, &lowered.weights)];
+    let mut all: Vec<(SectionKind, &[u8])> = vec![
+        (SectionKind::Graph, &lowered.graph),
+        (SectionKind::Weights, &lowered.weights),
+    ];
     all.extend_from_slice(sections);
-    write_artifact(HeaderFields { arena_bytes: lowered.arena_bytes as u32, ..Default::default() }, &all).map_err(anyhow::Error::msg)
+    write_artifact(
+        HeaderFields {
+            arena_bytes: lowered.arena_bytes as u32,
+            ..Default::default()
+        },
+        &all,
+    )
+    .map_err(anyhow::Error::msg)
 }
 
 fn bare(g: &Graph) -> Result<(Lowered, Vec<u8>)> {
@@ -222,7 +243,10 @@ pub fn equal_mass_histogram(values: &mut [f32], bins: usize) -> (Vec<f32>, Vec<u
     let mut counts = vec![0u32; edges.len() - 1];
     for &v in values.iter() {
         // Bin i holds edges[i] <= v < edges[i+1]; the top edge is inclusive.
-        let i = edges.partition_point(|&e| e <= v).saturating_sub(1).min(counts.len() - 1);
+        let i = edges
+            .partition_point(|&e| e <= v)
+            .saturating_sub(1)
+            .min(counts.len() - 1);
         counts[i] += 1;
     }
     (edges, counts)
@@ -230,12 +254,18 @@ pub fn equal_mass_histogram(values: &mut [f32], bins: usize) -> (Vec<f32>, Vec<u
 
 /// Encodes the BASELINE section from (tensor, values) pairs.
 pub fn encode_baseline(parts: &mut [(BaselineTensor, Vec<f32>)], bins: usize) -> Result<Vec<u8>> {
-    let mut out = postcard::to_allocvec(&BaselineHead { count: u8::try_from(parts.len()).context("too many baseline histograms")? })?;
+    let mut out = postcard::to_allocvec(&BaselineHead {
+        count: u8::try_from(parts.len()).context("too many baseline histograms")?,
+    })?;
     for (tensor, values) in parts.iter_mut() {
         let (edges, counts) = equal_mass_histogram(values, bins);
         let e: Vec<u8> = edges.iter().flat_map(|v| v.to_le_bytes()).collect();
         let c: Vec<u8> = counts.iter().flat_map(|v| v.to_le_bytes()).collect();
-        out.extend(postcard::to_allocvec(&BaselineHistogram { tensor: *tensor, edges: &e, counts: &c })?);
+        out.extend(postcard::to_allocvec(&BaselineHistogram {
+            tensor: *tensor,
+            edges: &e,
+            counts: &c,
+        })?);
     }
     Ok(out)
 }
@@ -245,7 +275,10 @@ pub fn encode_baseline(parts: &mut [(BaselineTensor, Vec<f32>)], bins: usize) ->
 /// # Errors
 /// Bad data, an unsupported graph, or the accuracy gate refusing the result (the error says both
 /// figures).
-pub fn quantize(req: Request<'_>, mut progress: impl FnMut(&str, usize, usize)) -> Result<Quantized> {
+pub fn quantize(
+    req: Request<'_>,
+    mut progress: impl FnMut(&str, usize, usize),
+) -> Result<Quantized> {
     let mut g = normalize(&req.graph)?;
     fuse_activations(&mut g);
     if g.inputs.len() != 1 || g.outputs.len() != 1 {
@@ -264,7 +297,9 @@ pub fn quantize(req: Request<'_>, mut progress: impl FnMut(&str, usize, usize)) 
     if req.precision == Precision::Auto && req.eval.is_none() {
         bail!("--precision auto needs --eval DATA.npz to measure each layer's effect on accuracy");
     }
-    let weighted: Vec<usize> = (0..g.ops.len()).filter(|&i| layer_macs(&g, &g.ops[i]) > 0).collect();
+    let weighted: Vec<usize> = (0..g.ops.len())
+        .filter(|&i| layer_macs(&g, &g.ops[i]) > 0)
+        .collect();
 
     // The float reference.
     let (_, float_art) = bare(&g)?;
@@ -277,16 +312,33 @@ pub fn quantize(req: Request<'_>, mut progress: impl FnMut(&str, usize, usize)) 
     let calib: Option<Calibration> = if req.precision == Precision::Fp16 {
         None
     } else {
-        Some(calibrate(&g, req.calib, |done, total| progress("calibrating", done, total))?)
+        Some(calibrate(&g, req.calib, |done, total| {
+            progress("calibrating", done, total)
+        })?)
     };
-    let all_int8: Vec<OpPrecision> =
-        g.ops.iter().map(|op| if int8_capable(&g, op) { OpPrecision::Int8 } else { OpPrecision::Float }).collect();
-    let mixed_opts = QuantizeOptions { float_dtype: DType::F16, ..req.options };
+    let all_int8: Vec<OpPrecision> = g
+        .ops
+        .iter()
+        .map(|op| {
+            if int8_capable(&g, op) {
+                OpPrecision::Int8
+            } else {
+                OpPrecision::Float
+            }
+        })
+        .collect();
+    let mixed_opts = QuantizeOptions {
+        float_dtype: DType::F16,
+        ..req.options
+    };
     let (qgraph, precisions) = match req.precision {
         Precision::Fp16 => (to_fp16(&g)?, vec![OpPrecision::Float; g.ops.len()]),
         Precision::Int8 => {
             let c = calib.as_ref().context("internal: no calibration")?;
-            (quantize_graph(&g, c, &all_int8, &req.options)?, all_int8.clone())
+            (
+                quantize_graph(&g, c, &all_int8, &req.options)?,
+                all_int8.clone(),
+            )
         }
         Precision::Auto => {
             let c = calib.as_ref().context("internal: no calibration")?;
@@ -332,7 +384,8 @@ pub fn quantize(req: Request<'_>, mut progress: impl FnMut(&str, usize, usize)) 
         Some(e) => Some(measure(&bare_q, e).context("cannot evaluate the quantized model")?),
         None => None,
     };
-    if let (Some(limit), Some(f), Some(q)) = (req.max_accuracy_drop, float_metric, quantized_metric) {
+    if let (Some(limit), Some(f), Some(q)) = (req.max_accuracy_drop, float_metric, quantized_metric)
+    {
         let drop = (f - q) * 100.0;
         if drop > limit {
             bail!(
@@ -348,17 +401,32 @@ pub fn quantize(req: Request<'_>, mut progress: impl FnMut(&str, usize, usize)) 
     let cases = capture_raw(&bare_q, req.calib, req.selftest_count)?;
     let selftest = encode_self_tests(&cases)?;
     let n = (calib_data.len() / per).min(512);
-    let sub = Array::F32 { shape: vec![n, per], data: calib_data[..n * per].to_vec() };
+    let sub = Array::F32 {
+        shape: vec![n, per],
+        data: calib_data[..n * per].to_vec(),
+    };
     let (outs, _) = run_real(&bare_q, &sub, |_, _| {})?;
     let baseline = encode_baseline(
-        &mut [(BaselineTensor::Input(0), sub_values(&sub)), (BaselineTensor::Output(0), outs)],
+        &mut [
+            (BaselineTensor::Input(0), sub_values(&sub)),
+            (BaselineTensor::Output(0), outs),
+        ],
         16,
     )?;
 
     let total_macs: u64 = g.ops.iter().map(|op| layer_macs(&g, op)).sum();
-    let int8_macs: u64 =
-        g.ops.iter().zip(&precisions).filter(|(_, p)| **p == OpPrecision::Int8).map(|(op, _)| layer_macs(&g, op)).sum();
-    let float_name = if req.precision == Precision::Fp16 || req.precision == Precision::Auto { "fp16" } else { "f32" };
+    let int8_macs: u64 = g
+        .ops
+        .iter()
+        .zip(&precisions)
+        .filter(|(_, p)| **p == OpPrecision::Int8)
+        .map(|(op, _)| layer_macs(&g, op))
+        .sum();
+    let float_name = if req.precision == Precision::Fp16 || req.precision == Precision::Auto {
+        "fp16"
+    } else {
+        "f32"
+    };
     let layers: Vec<LayerRow> = g
         .ops
         .iter()
@@ -366,7 +434,11 @@ pub fn quantize(req: Request<'_>, mut progress: impl FnMut(&str, usize, usize)) 
         .map(|(i, op)| LayerRow {
             index: i,
             op: crate::lower::ir_name(&op.kind),
-            precision: if precisions[i] == OpPrecision::Int8 { "int8".into() } else { float_name.into() },
+            precision: if precisions[i] == OpPrecision::Int8 {
+                "int8".into()
+            } else {
+                float_name.into()
+            },
             macs: layer_macs(&g, op),
             params: op
                 .inputs
@@ -405,10 +477,17 @@ pub fn quantize(req: Request<'_>, mut progress: impl FnMut(&str, usize, usize)) 
         "arena_bytes": lowered.arena_bytes,
     })
     .to_string();
-    let manifest = postcard::to_allocvec(&Manifest { name: &req.name, json: &manifest_json })?;
+    let manifest = postcard::to_allocvec(&Manifest {
+        name: &req.name,
+        json: &manifest_json,
+    })?;
     let artifact = artifact_of(
         &lowered,
-        &[(SectionKind::Manifest, &manifest), (SectionKind::SelfTest, &selftest), (SectionKind::Baseline, &baseline)],
+        &[
+            (SectionKind::Manifest, &manifest),
+            (SectionKind::SelfTest, &selftest),
+            (SectionKind::Baseline, &baseline),
+        ],
     )?;
     Ok(Quantized {
         report: Report {
@@ -418,7 +497,11 @@ pub fn quantize(req: Request<'_>, mut progress: impl FnMut(&str, usize, usize)) 
             arena_bytes: lowered.arena_bytes,
             weights_bytes: lowered.weights.len(),
             artifact_bytes: artifact.len(),
-            int8_mac_fraction: if total_macs == 0 { 0.0 } else { int8_macs as f64 / total_macs as f64 },
+            int8_mac_fraction: if total_macs == 0 {
+                0.0
+            } else {
+                int8_macs as f64 / total_macs as f64
+            },
             layers,
             self_tests: cases.len(),
         },
@@ -435,5 +518,9 @@ fn sub_values(x: &Array) -> Vec<f32> {
 
 /// Default options for the command line.
 pub fn options(estimator: Estimator, bias_correction: bool) -> QuantizeOptions {
-    QuantizeOptions { estimator, bias_correction, float_dtype: DType::F32 }
+    QuantizeOptions {
+        estimator,
+        bias_correction,
+        float_dtype: DType::F32,
+    }
 }

@@ -78,8 +78,16 @@ fn percentile(st: &TensorStats, p: f64) -> (f32, f32) {
             break;
         }
     }
-    let lo = if lo_bin == 0 { st.min } else { (st.min as f64 + lo_bin as f64 * w) as f32 };
-    let hi = if hi_bin == HISTOGRAM_BINS - 1 { st.max } else { (st.min as f64 + (hi_bin + 1) as f64 * w) as f32 };
+    let lo = if lo_bin == 0 {
+        st.min
+    } else {
+        (st.min as f64 + lo_bin as f64 * w) as f32
+    };
+    let hi = if hi_bin == HISTOGRAM_BINS - 1 {
+        st.max
+    } else {
+        (st.min as f64 + (hi_bin + 1) as f64 * w) as f32
+    };
     (lo, hi)
 }
 
@@ -119,7 +127,11 @@ fn entropy(st: &TensorStats) -> (f32, f32) {
     abs[0] = 0.0;
     // Levels available to one side of an asymmetric int8 range that straddles 0, or all 256 when
     // the tensor is one-signed.
-    let levels = if st.min >= 0.0 || st.max <= 0.0 { 256 } else { 128 };
+    let levels = if st.min >= 0.0 || st.max <= 0.0 {
+        256
+    } else {
+        128
+    };
     let mut best = (f64::INFINITY, HISTOGRAM_BINS);
     let start = levels.min(HISTOGRAM_BINS);
     for i in (start..=HISTOGRAM_BINS).step_by(16) {
@@ -180,7 +192,12 @@ mod tests {
             let b = (((v - min) / (max - min)) * HISTOGRAM_BINS as f32) as usize;
             histogram[b.min(HISTOGRAM_BINS - 1)] += 1;
         }
-        TensorStats { min, max, histogram, channel_means: vec![0.0] }
+        TensorStats {
+            min,
+            max,
+            histogram,
+            channel_means: vec![0.0],
+        }
     }
 
     #[test]
@@ -218,7 +235,10 @@ mod tests {
 
     #[test]
     fn estimators_parse() {
-        assert_eq!("percentile:99.9".parse::<Estimator>(), Ok(Estimator::Percentile(99.9)));
+        assert_eq!(
+            "percentile:99.9".parse::<Estimator>(),
+            Ok(Estimator::Percentile(99.9))
+        );
         assert!("percentile:20".parse::<Estimator>().is_err());
         assert_eq!("entropy".parse::<Estimator>(), Ok(Estimator::Entropy));
     }

@@ -1,0 +1,239 @@
+//! `kiln quantize` on the real float models: calibrate on the first half of a set, score on the
+//! second half, float and quantized in the same run (figures printed for BENCHMARKS.md).
+
+mod common;
+
+use kiln::npy::{read_labels, read_real, Array};
+use kiln::quantize::pipeline::{quantize, EvalSet, Metric, Precision, Quantized, Request};
+use kiln::quantize::ranges::Estimator;
+use kiln::quantize::QuantizeOptions;
+use std::path::Path;
+
+fn take(x: &Array, range: std::ops::Range<usize>) -> Array {
+    let Array::F32 { shape, data } = x else {
+        panic!("float samples expected")
+    };
+    let per: usize = shape[1..].iter().product();
+    let mut s = shape.clone();
+    s[0] = range.len();
+    Array::F32 {
+        shape: s,
+        data: data[range.start * per..range.end * per].to_vec(),
+    }
+}
+
+struct Case<'a> {
+    model: &'a Path,
+    calib: Array,
+    eval: Array,
+    labels: Vec<i64>,
+    metric: Metric,
+}
+
+fn run(case: &Case<'_>, precision: Precision, estimator: Estimator) -> Quantized {
+    let (graph, format, source) = kiln::import::import_file(case.model).expect("import");
+    let req = Request {
+        name: "test".into(),
+        graph,
+        source: serde_json::json!({ "format": format, "sha256": kiln::convert::sha256_hex(&source) }),
+        calib: &case.calib,
+        calib_sha256: "calib".into(),
+        precision,
+        options: QuantizeOptions {
+            estimator,
+            ..Default::default()
+        },
+        eval: Some(EvalSet {
+            x: &case.eval,
+            y: &case.labels,
+            metric: case.metric,
+            sha256: "eval".into(),
+        }),
+        max_accuracy_drop: None,
+        selftest_count: 2,
+        extra: serde_json::Value::Null,
+    };
+    quantize(req, |_, _, _| {}).expect("quantize")
+}
+
+fn check(name: &str, case: &Case<'_>, estimator: Estimator) {
+    let q8 = run(case, Precision::Int8, estimator);
+    let q16 = run(case, Precision::Fp16, estimator);
+    let (f, i8m, f16m) = (
+        q8.report.float_metric.unwrap(),
+        q8.report.quantized_metric.unwrap(),
+        q16.report.quantized_metric.unwrap(),
+    );
+    eprintln!(
+        "{name}: float {:.2} %, int8 {:.2} % ({:+.2} pt), fp16 {:.2} % ({:+.2} pt), int8 arena {} B, weights {} B",
+        f * 100.0,
+        i8m * 100.0,
+        (i8m - f) * 100.0,
+        f16m * 100.0,
+        (f16m - f) * 100.0,
+        q8.report.arena_bytes,
+        q8.report.weights_bytes
+    );
+    assert!(
+        i8m >= f - 0.005,
+        "{name}: int8 {i8m} is more than 0.5 pt below float {f}"
+    );
+    assert!(
+        f16m >= f - 0.001,
+        "{name}: fp16 {f16m} is more than 0.1 pt below float {f}"
+    );
+    assert_eq!(q8.report.int8_mac_fraction, 1.0);
+    // The artifacts load, and their self-tests pass on the host runtime.
+    for q in [&q8, &q16] {
+        let bytes = kiln::artifact::AlignedBytes::new(&q.artifact);
+        let model = kiln_runtime::Model::load(bytes.as_slice()).unwrap();
+        let mut arena = kiln::artifact::AlignedBytes::zeroed(model.arena_bytes());
+        let mut interp = kiln_runtime::Interpreter::new(model, arena.as_mut_slice()).unwrap();
+        let r = kiln_runtime::sections::run_self_test(&mut interp).unwrap();
+        assert_eq!((r.passed, r.failed), (2, 0));
+        let mut hist = 0;
+        kiln_runtime::sections::baseline_histograms(&model, |_| hist += 1).unwrap();
+        assert_eq!(hist, 2, "input and output baselines");
+    }
+}
+
+#[test]
+fn resnet8_tflite_int8_and_fp16_keep_accuracy() {
+    let Some(dir) = common::testdata() else {
+        return;
+    };
+    let data = dir.join("data/ic01.npz");
+    let x = read_real(&data, None, None).unwrap();
+    let y = read_labels(&data).unwrap();
+    let case = Case {
+        model: &common::mlperf(&dir, "pretrainedResnet.tflite"),
+        calib: take(&x, 0..100),
+        eval: take(&x, 100..200),
+        labels: y[100..].to_vec(),
+        metric: Metric::Top1,
+    };
+    check("ResNet-8 (tflite)", &case, Estimator::MinMax);
+}
+
+#[test]
+fn vww_tflite_int8_and_fp16_keep_accuracy() {
+    let Some(dir) = common::testdata() else {
+        return;
+    };
+    let data = dir.join("data/vww01.npz");
+    let x = read_real(&data, None, Some(1.0 / 255.0)).unwrap();
+    let y = read_labels(&data).unwrap();
+    let case = Case {
+        model: &common::mlperf(&dir, "vww_96_float.tflite"),
+        calib: take(&x, 0..250),
+        eval: take(&x, 250..500),
+        labels: y[250..].to_vec(),
+        metric: Metric::Top1,
+    };
+    check("VWW (tflite)", &case, Estimator::MinMax);
+}
+
+#[test]
+fn kws_hybrid_int8_and_fp16_keep_accuracy() {
+    let Some(dir) = common::testdata() else {
+        return;
+    };
+    let data = dir.join("data/kws01.npz");
+    // kws01 holds features already quantized with the int8 model's input parameters; the
+    // hybrid (float-input) model takes their real values.
+    let Array::I8 { shape, data: q } = kiln::npy::read_input(&data).unwrap() else {
+        panic!("int8 features")
+    };
+    let real: Vec<f32> = q
+        .iter()
+        .map(|&v| 0.584_702_9 * (v as i32 - 83) as f32)
+        .collect();
+    let x = Array::F32 { shape, data: real };
+    let y = read_labels(&data).unwrap();
+    let case = Case {
+        model: &common::mlperf(&dir, "kws_ref_model_float32.tflite"),
+        calib: take(&x, 0..500),
+        eval: take(&x, 500..1000),
+        labels: y[500..].to_vec(),
+        metric: Metric::Top1,
+    };
+    check("KWS (hybrid tflite)", &case, Estimator::MinMax);
+}
+
+#[test]
+fn anomaly_detection_int8_auc() {
+    let Some(dir) = common::testdata() else {
+        return;
+    };
+    let data = dir.join("data/ad01.npz");
+    let Array::F32 { shape, data: clips } = read_real(&data, Some("spectrograms"), None).unwrap()
+    else {
+        panic!()
+    };
+    let y = read_labels(&data).unwrap();
+    let (frames, mels) = (shape[1], shape[2]);
+    let per_clip = frames * mels;
+    // Calibrate on windows (every 4th position) of the first half of each class's clips; score
+    // the other clips.
+    let (cal_clips, eval_clips): (Vec<usize>, Vec<usize>) = (0..shape[0]).partition(|&c| c % 8 < 4);
+    let mut cal = Vec::new();
+    for &c in &cal_clips {
+        for w in (0..=frames - 5).step_by(4) {
+            cal.extend_from_slice(&clips[c * per_clip + w * mels..c * per_clip + (w + 5) * mels]);
+        }
+    }
+    let n_cal = cal.len() / 640;
+    let mut eval = Vec::new();
+    for &c in &eval_clips {
+        eval.extend_from_slice(&clips[c * per_clip..(c + 1) * per_clip]);
+    }
+    let case = Case {
+        model: &common::mlperf(&dir, "ad01_fp32.tflite"),
+        calib: Array::F32 {
+            shape: vec![n_cal, 640],
+            data: cal,
+        },
+        eval: Array::F32 {
+            shape: vec![eval_clips.len(), frames, mels],
+            data: eval,
+        },
+        labels: eval_clips.iter().map(|&c| y[c]).collect(),
+        metric: Metric::Auc,
+    };
+    let q = run(&case, Precision::Int8, Estimator::MinMax);
+    let (f, qa) = (
+        q.report.float_metric.unwrap(),
+        q.report.quantized_metric.unwrap(),
+    );
+    eprintln!("AD (tflite): float AUC {f:.3}, int8 AUC {qa:.3}");
+    assert!(qa >= 0.84, "int8 AUC {qa} below 0.84 (float {f})");
+}
+
+#[test]
+fn quantizing_twice_gives_identical_bytes_and_the_manifest_names_the_inputs() {
+    let Some(dir) = common::testdata() else {
+        return;
+    };
+    let data = dir.join("data/ic01.npz");
+    let x = read_real(&data, None, None).unwrap();
+    let y = read_labels(&data).unwrap();
+    let case = Case {
+        model: &common::mlperf(&dir, "pretrainedResnet.tflite"),
+        calib: take(&x, 0..20),
+        eval: take(&x, 100..120),
+        labels: y[100..120].to_vec(),
+        metric: Metric::Top1,
+    };
+    let a = run(&case, Precision::Int8, Estimator::Entropy);
+    let b = run(&case, Precision::Int8, Estimator::Entropy);
+    assert_eq!(a.artifact, b.artifact, "quantization is not reproducible");
+    let report = kiln::inspect::inspect(&a.artifact).unwrap();
+    let source = std::fs::read(case.model).unwrap();
+    assert_eq!(
+        report.manifest["source"]["sha256"],
+        kiln::convert::sha256_hex(&source)
+    );
+    assert_eq!(report.manifest["calibration"]["sha256"], "calib");
+    assert_eq!(report.manifest["calibration"]["estimator"], "entropy");
+    assert!(report.manifest["metrics"]["quantized"].as_f64().is_some());
+}
