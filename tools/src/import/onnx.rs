@@ -845,8 +845,8 @@ enum Value {
 struct QParams {
     scales: Vec<f32>,
     zero_points: Vec<i64>,
-    /// Logical axis (per-axis parameters).
-    axis: usize,
+    /// Logical axis of per-axis parameters, as written (may be negative).
+    axis: i64,
     /// The quantized type is uint8 (zero points shifted by -128).
     u8: bool,
 }
@@ -1857,4 +1857,594 @@ impl<'a> Cx<'a> {
             }
         };
         self.bind(n.out_name(0)?, out)
+    }
+
+    // --- quantization helpers --------------------------------------------------------------------
+
+    /// Parameters of a QuantizeLinear / DequantizeLinear node. `x_ty` is the quantized type of
+    /// a DequantizeLinear's input.
+    fn qparams(&self, n: &Node<'_>, x_ty: Option<i32>) -> Result<QParams> {
+        n.check_attrs(&["axis", "saturate", "block_size", "output_dtype", "precision"])?;
+        n.arity(2, 3)?;
+        if n.int("block_size", 0)? != 0 {
+            return n.unsupported("blocked quantization");
+        }
+        let precision = n.int("precision", 0)?;
+        if precision != 0 && precision != i64::from(dt::FLOAT) {
+            return n.unsupported(format!("precision {}", type_name(i32::try_from(precision).unwrap_or(0))));
+        }
+        let scale = self.const_in(n, 1, "scale")?;
+        if !scale.is_float() {
+            return n.malformed("its scale is not a float tensor");
+        }
+        let scales = scale.floats();
+        if scales.is_empty() || scale.shape.len() > 1 {
+            return n.unsupported(format!("scale of shape {:?} (per-tensor or per-axis only)", scale.shape));
+        }
+        if let Some(s) = scales.iter().find(|s| !s.is_finite() || **s <= 0.0) {
+            return n.malformed(format!("scale {s} is not a positive number"));
+        }
+        let zp = self.opt_const_in(n, 2, "zero point")?;
+        let out_dtype = i32::try_from(n.int("output_dtype", 0)?).unwrap_or(-1);
+        let ty = match (&zp, x_ty) {
+            (Some(z), _) => z.ty,
+            (None, Some(t)) => t,
+            (None, None) if out_dtype != 0 => out_dtype,
+            (None, None) => dt::UINT8,
+        };
+        if out_dtype != 0 && out_dtype != ty {
+            return n.malformed(format!("output_dtype {} differs from the zero point's type {}", type_name(out_dtype), type_name(ty)));
+        }
+        if x_ty.is_some_and(|t| t != ty) {
+            return n.malformed(format!("its input and zero point have different types ({} and {})", type_name(x_ty.unwrap_or(0)), type_name(ty)));
+        }
+        if !matches!(ty, dt::INT8 | dt::UINT8 | dt::INT32) {
+            return n.unsupported(format!("{} quantization (Kiln quantizes to int8, and uint8 inside the graph)", type_name(ty)));
+        }
+        let u8 = ty == dt::UINT8;
+        let zero_points: Vec<i64> = match &zp {
+            Some(z) => {
+                let Some(v) = z.ints() else {
+                    return n.malformed("its zero point is not an integer tensor");
+                };
+                if v.len() != scales.len() || z.shape.len() > 1 {
+                    return n.malformed(format!("has {} scales but zero point of shape {:?}", scales.len(), z.shape));
+                }
+                v.iter().map(|&z| if u8 { z - 128 } else { z }).collect()
+            }
+            None => vec![if u8 { -128 } else { 0 }; scales.len()],
+        };
+        Ok(QParams {
+            scales,
+            zero_points,
+            axis: n.int("axis", 1)?,
+            u8,
+        })
+    }
+
+    /// The per-tensor (scale, zero point) a QuantizeLinear applies to value `name`, read ahead:
+    /// `name`'s only use is a QuantizeLinear's data input (or, with `through`, a Relu / Clip
+    /// whose only use is).
+    fn next_quant(&self, name: &str, through: bool) -> Option<(f32, i64)> {
+        let single = |v: &str| -> Option<usize> {
+            if self.outputs.iter().any(|o| o == v) {
+                return None;
+            }
+            match self.consumers.get(v).map(Vec::as_slice) {
+                Some([i]) => Some(*i),
+                _ => None,
+            }
+        };
+        let mut i = single(name)?;
+        let mut node = self.nodes.get(i)?;
+        let mut input = name.to_string();
+        if through && matches!(node.op_type.as_str(), "Relu" | "Clip") && node.input.first() == Some(&input) {
+            input = node.output.first()?.clone();
+            i = single(&input)?;
+            node = self.nodes.get(i)?;
+        }
+        if node.op_type != "QuantizeLinear" || !is_default_domain(&node.domain) || node.input.first() != Some(&input) {
+            return None;
+        }
+        let n = Node { index: i, p: node, opset: self.opset };
+        let q = self.qparams(&n, None).ok()?;
+        if q.scales.len() != 1 || q.zero_points.iter().any(|z| !(-128..=127).contains(z)) {
+            return None;
+        }
+        Some((q.scales[0], q.zero_points[0]))
+    }
+
+    fn q_tensor(&mut self, name: &str, shape: Vec<usize>, q: (f32, i64)) -> TensorId {
+        let quant = QuantInfo {
+            scales: vec![q.0],
+            zero_points: vec![q.1],
+            axis: 0,
+        };
+        self.new_tensor(name, DType::I8, shape, Some(quant))
+    }
+
+    /// An int8 activation requantized to `q` (an IR QUANTIZE when its quantization differs).
+    fn requant(&mut self, a: &Act, q: (f32, i64)) -> Act {
+        if self.quant_of(a.id) == Some(q) {
+            return a.clone();
+        }
+        let (name, shape) = {
+            let t = &self.g.tensors[a.id];
+            (format!("{}/requantized", t.name), t.shape.clone())
+        };
+        let id = self.q_tensor(&name, shape, q);
+        self.push(OpKind::Quantize, vec![Some(a.id)], id);
+        Act { id, ..a.clone() }
+    }
+
+    /// An int8 constant tensor from a dequantized constant's storage.
+    fn int8_tensor(&mut self, name: &str, c: &Const) -> Option<TensorId> {
+        let q = c.quant.as_ref().filter(|q| q.raw_ty == dt::INT8)?;
+        let bytes: Vec<u8> = q.raw.iter().map(|&v| (v.clamp(-128, 127) as i8) as u8).collect();
+        let quant = QuantInfo {
+            scales: q.scales.clone(),
+            zero_points: q.zero_points.clone(),
+            axis: if q.scales.len() > 1 { q.axis } else { 0 },
+        };
+        let shape = if c.shape.is_empty() { vec![1] } else { c.shape.clone() };
+        Some(self.const_tensor(name, DType::I8, shape, bytes, Some(quant)))
+    }
+
+    /// An int32 bias for an int8 op: `round(bias / (input_scale * weight_scale[c]))`.
+    fn int32_bias(&mut self, name: &str, bias: &[f32], s_in: f32, w_scales: &[f32]) -> TensorId {
+        let v: Vec<u8> = bias
+            .iter()
+            .enumerate()
+            .flat_map(|(c, &b)| {
+                let sw = w_scales.get(c).or(w_scales.first()).copied().unwrap_or(1.0);
+                let q = (f64::from(b) / (f64::from(s_in) * f64::from(sw))).round();
+                (q.clamp(f64::from(i32::MIN), f64::from(i32::MAX)) as i32).to_le_bytes()
+            })
+            .collect();
+        self.const_tensor(name, DType::I32, vec![bias.len()], v, None)
+    }
+
+    // --- fusion ----------------------------------------------------------------------------------
+
+    /// Fuses a RELU-like activation into the op writing `a`, when nothing else reads it.
+    fn fuse(&mut self, a: &Act, act: Activation) -> bool {
+        if a.cols.is_some() || !self.private(a.id) || (self.dtype(a.id) == DType::I8 && !a.deq) {
+            return false;
+        }
+        let Some(&op) = self.producer.get(&a.id) else {
+            return false;
+        };
+        match &mut self.g.ops[op].kind {
+            OpKind::Conv2d { activation, .. }
+            | OpKind::DepthwiseConv2d { activation, .. }
+            | OpKind::FullyConnected { activation }
+            | OpKind::Add { activation }
+            | OpKind::Mul { activation }
+            | OpKind::AveragePool2d { activation, .. }
+            | OpKind::MaxPool2d { activation, .. }
+                if *activation == Activation::None =>
+            {
+                *activation = act;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// The float Conv / depthwise conv / FullyConnected writing `a`, when its weights and bias
+    /// may be changed (nothing else reads its output, no fused activation).
+    fn foldable(&self, a: &Act) -> Option<usize> {
+        if a.cols.is_some() || a.deq || self.dtype(a.id) != DType::F32 || !self.private(a.id) {
+            return None;
+        }
+        let &op = self.producer.get(&a.id)?;
+        let o = self.g.ops.get(op)?;
+        let ok = matches!(
+            o.kind,
+            OpKind::Conv2d { activation: Activation::None, .. }
+                | OpKind::DepthwiseConv2d { activation: Activation::None, .. }
+                | OpKind::FullyConnected { activation: Activation::None }
+        );
+        let f = o.inputs.get(1).copied().flatten()?;
+        let t = self.g.tensors.get(f)?;
+        (ok && t.dtype == DType::F32 && t.data.is_some()).then_some(op)
+    }
+
+    /// A constant as one value per channel of `a` (its last physical axis), when it broadcasts
+    /// against `a` that way.
+    fn per_channel(&self, a: &Act, c: &Const) -> Option<Vec<f32>> {
+        let r = a.rank();
+        if c.shape.len() > r || a.cols.is_some() {
+            return None;
+        }
+        let ch = *a.perm.last()?;
+        let n = *a.shape.get(ch)?;
+        for (k, &d) in c.shape.iter().enumerate() {
+            let axis = r - c.shape.len() + k;
+            if d != 1 && !(axis == ch && d == n) {
+                return None;
+            }
+        }
+        let v = c.floats();
+        match v.len() {
+            1 => Some(vec![v[0]; n]),
+            l if l == n => Some(v),
+            _ => None,
+        }
+    }
+
+    /// Folds `y * scale + shift` (per output channel) into op `op`'s weights and bias.
+    fn fold_affine(&mut self, op: usize, scale: Option<&[f32]>, shift: &[f32]) {
+        let channels = shift.len();
+        let (depthwise, inputs) = {
+            let o = &self.g.ops[op];
+            (matches!(o.kind, OpKind::DepthwiseConv2d { .. }), o.inputs.clone())
+        };
+        if let (Some(s), Some(Some(f))) = (scale, inputs.get(1)) {
+            if let Some(data) = self.g.tensors[*f].data.as_deref() {
+                let mut w = f32s(data);
+                let inner = (w.len() / channels.max(1)).max(1);
+                for (i, x) in w.iter_mut().enumerate() {
+                    let c = if depthwise { i % channels.max(1) } else { i / inner };
+                    *x *= s.get(c).copied().unwrap_or(1.0);
+                }
+                self.g.tensors[*f].data = Some(f32_bytes(&w));
+            }
+        }
+        let bias_id = inputs.get(2).copied().flatten();
+        let old = bias_id
+            .and_then(|b| self.g.tensors[b].data.as_deref().map(f32s))
+            .unwrap_or_else(|| vec![0.0; channels]);
+        let new: Vec<f32> = (0..channels)
+            .map(|c| {
+                old.get(c).copied().unwrap_or(0.0) * scale.and_then(|s| s.get(c)).copied().unwrap_or(1.0)
+                    + shift[c]
+            })
+            .collect();
+        match bias_id {
+            Some(b) => self.g.tensors[b].data = Some(f32_bytes(&new)),
+            None => {
+                let name = format!("{}/bias", self.g.tensors[self.g.ops[op].outputs[0]].name);
+                let b = self.f32_tensor(&name, vec![channels], &new, false);
+                let o = &mut self.g.ops[op];
+                o.inputs.resize(2, None);
+                o.inputs.push(Some(b));
+                *self.readers.entry(b).or_default() += 1;
+            }
+        }
+    }
+
+    // --- convolution and pooling -----------------------------------------------------------------
+
+    /// Output size and padding of a sliding window op over 1 or 2 spatial dimensions (1-D is
+    /// mapped to a 2-D window of height 1).
+    fn window(&self, n: &Node<'_>, input: &[usize], kernel: &[usize], ceil_mode: bool) -> Result<Win> {
+        let s = input.len();
+        let strides = n.ints("strides")?.unwrap_or_else(|| vec![1; s]);
+        let dilations = n.ints("dilations")?.unwrap_or_else(|| vec![1; s]);
+        let pads = n.ints("pads")?;
+        let auto = n.string("auto_pad")?.unwrap_or_else(|| "NOTSET".into());
+        if strides.len() != s || dilations.len() != s || kernel.len() != s {
+            return n.malformed(format!("strides {strides:?}, dilations {dilations:?} and kernel {kernel:?} must have {s} values"));
+        }
+        if pads.as_ref().is_some_and(|p| p.len() != 2 * s) {
+            return n.malformed(format!("pads {:?} must have {} values", pads.unwrap_or_default(), 2 * s));
+        }
+        let mut w = Win::unit();
+        for i in 0..s {
+            let d = if s == 1 { 1 } else { i };
+            let (Ok(st), Ok(dl)) = (usize::try_from(strides[i]), usize::try_from(dilations[i])) else {
+                return n.malformed(format!("negative stride or dilation ({strides:?}, {dilations:?})"));
+            };
+            let (k, inp) = (kernel[i], input[i]);
+            if st == 0 || dl == 0 || k == 0 {
+                return n.malformed(format!("strides {strides:?}, dilations {dilations:?} and kernel {kernel:?} must be positive"));
+            }
+            let eff = (k - 1).saturating_mul(dl).saturating_add(1);
+            let (b, e, out) = match auto.as_str() {
+                "NOTSET" | "" => {
+                    let (pb, pe) = pads.as_ref().map_or((0, 0), |p| (p[i], p[i + s]));
+                    let (Ok(b), Ok(e)) = (usize::try_from(pb), usize::try_from(pe)) else {
+                        return n.unsupported(format!("negative pads {:?}", pads.unwrap_or_default()));
+                    };
+                    let padded = inp.saturating_add(b).saturating_add(e);
+                    if padded < eff {
+                        return n.malformed(format!("window {eff} is larger than the padded input {padded}"));
+                    }
+                    let out = (padded - eff) / st + 1;
+                    if ceil_mode {
+                        let mut oc = (padded - eff).div_ceil(st) + 1;
+                        if (oc - 1) * st >= inp + b {
+                            oc -= 1;
+                        }
+                        if oc != out {
+                            return n.unsupported("ceil_mode=1 where it makes the output larger than floor would");
+                        }
+                    }
+                    (b, e, out)
+                }
+                "VALID" => {
+                    if inp < eff {
+                        return n.malformed(format!("window {eff} is larger than the input {inp}"));
+                    }
+                    (0, 0, (inp - eff) / st + 1)
+                }
+                "SAME_UPPER" | "SAME_LOWER" => {
+                    let out = inp.div_ceil(st);
+                    let total = ((out.max(1) - 1) * st + eff).saturating_sub(inp);
+                    let b = if auto == "SAME_UPPER" { total / 2 } else { total - total / 2 };
+                    (b, total - b, out)
+                }
+                other => return n.malformed(format!("auto_pad {other:?}")),
+            };
+            w.input[d] = inp;
+            w.kernel[d] = k;
+            w.stride[d] = st;
+            w.dilation[d] = dl;
+            w.begin[d] = b;
+            w.end[d] = e;
+            w.out[d] = out;
+        }
+        Ok(w)
+    }
+
+    fn op_conv(&mut self, n: &Node<'_>) -> Result<()> {
+        n.check_attrs(&["auto_pad", "dilations", "group", "kernel_shape", "pads", "strides"])?;
+        n.arity(2, 3)?;
+        let x = self.act_in(n, 0)?;
+        let w = self.const_in(n, 1, "weights")?;
+        let b = self.opt_const_in(n, 2, "bias")?;
+        let spatial = x.rank().saturating_sub(2);
+        if !(1..=2).contains(&spatial) {
+            return n.unsupported(format!("a {}-D input (Kiln runs 1-D and 2-D convolutions)", x.rank()));
+        }
+        if w.shape.len() != x.rank() || !w.is_float() {
+            return n.malformed(format!("weights of shape {:?} for an input of shape {:?}", w.shape, x.shape));
+        }
+        let (nb, c, o, ci) = (x.shape[0], x.shape[1], w.shape[0], w.shape[1]);
+        let k = w.shape[2..].to_vec();
+        let group = usize::try_from(n.int("group", 1)?).unwrap_or(0);
+        if group == 0 || c % group != 0 || o % group != 0 || ci != c / group {
+            return n.malformed(format!("group {group} does not fit {c} input channels, weights {:?}", w.shape));
+        }
+        if let Some(ks) = n.ints("kernel_shape")? {
+            if ks.iter().map(|&v| usize::try_from(v).ok()).collect::<Vec<_>>() != k.iter().map(|&v| Some(v)).collect::<Vec<_>>() {
+                return n.malformed(format!("kernel_shape {ks:?} differs from the weights' {k:?}"));
+            }
+        }
+        let win = self.window(n, &x.shape[2..], &k, false)?;
+        let bias = match &b {
+            Some(b) if b.len() != o || !b.is_float() => {
+                return n.malformed(format!("bias of shape {:?} for {o} output channels", b.shape))
+            }
+            Some(b) => Some(b.floats()),
+            None => None,
+        };
+        let out_name = n.out_name(0)?;
+        let depthwise = group > 1 && group == c;
+        let w4 = if spatial == 1 { w.reshaped(vec![o, ci, 1, k[0]]) } else { (*w).clone() };
+        let filter = if depthwise { w4.permuted(&[1, 2, 3, 0]) } else { w4.permuted(&[0, 2, 3, 1]) };
+        let w_axis = if depthwise { 3 } else { 0 };
+        let qo = if self.is_q(&x) { self.next_quant(out_name, true) } else { None };
+        let qx = self.quant_of(x.id);
+        let int8 = match (qo, qx, filter.int8_weights(w_axis)) {
+            (Some(qo), Some(qx), Some(wq)) => Some((qo, qx, wq.scales.clone())),
+            _ => None,
+        };
+        if int8.is_none() {
+            self.note_float(n, &[&x]);
+        }
+        let x = if int8.is_some() { x } else { self.float_act(&x) };
+        let x4 = if spatial == 1 {
+            let l = x.shape[2];
+            self.reshape_act(&x, &[nb, c, 1, l])
+        } else {
+            x
+        };
+        let mut x4 = self.to_layout(&x4, &[0, 2, 3, 1]);
+        let padding = match win.padding() {
+            Some(p) => p,
+            None => {
+                let shape = vec![nb, win.input[0] + win.begin[0] + win.end[0], win.input[1] + win.begin[1] + win.end[1], c];
+                let out = self.derived(x4.id, "padded", shape);
+                let paddings = vec![[0, 0], [win.begin[0], win.end[0]], [win.begin[1], win.end[1]], [0, 0]];
+                self.push(OpKind::Pad { paddings }, vec![Some(x4.id)], out);
+                x4.id = out;
+                Padding::Valid
+            }
+        };
+        let base = if n.p.name.is_empty() { out_name.to_string() } else { n.p.name.clone() };
+        let (filter_id, bias_id) = match &int8 {
+            Some((_, qx, wscales)) => {
+                let f = self.int8_tensor(&format!("{base}/filter"), &filter);
+                let bid = bias.as_ref().map(|bv| self.int32_bias(&format!("{base}/bias"), bv, qx.0, wscales));
+                (f, bid)
+            }
+            None => {
+                let f = self.f32_tensor(&format!("{base}/filter"), filter.shape.clone(), &filter.floats(), w.f16);
+                let bid = bias.as_ref().map(|bv| self.f32_tensor(&format!("{base}/bias"), vec![o], bv, b.as_ref().is_some_and(|b| b.f16)));
+                (Some(f), bid)
+            }
+        };
+        let Some(filter_id) = filter_id else {
+            return n.malformed("int8 weights are missing");
+        };
+        let phys = vec![nb, win.out[0], win.out[1], o];
+        let out = match &int8 {
+            Some((qo, ..)) => self.q_tensor(out_name, phys, *qo),
+            None => self.new_tensor(out_name, DType::F32, phys, None),
+        };
+        let kind = if depthwise {
+            OpKind::DepthwiseConv2d {
+                stride: win.stride,
+                dilation: win.dilation,
+                padding,
+                depth_multiplier: o / c.max(1),
+                activation: Activation::None,
+            }
+        } else {
+            OpKind::Conv2d {
+                stride: win.stride,
+                dilation: win.dilation,
+                padding,
+                activation: Activation::None,
+            }
+        };
+        self.push(kind, vec![Some(x4.id), Some(filter_id), bias_id], out);
+        let y = Act {
+            id: out,
+            shape: vec![nb, o, win.out[0], win.out[1]],
+            perm: vec![0, 2, 3, 1],
+            cols: None,
+            deq: int8.is_some(),
+            u8: false,
+        };
+        let y = if spatial == 1 { self.reshape_act(&y, &[nb, o, win.out[1]]) } else { y };
+        self.bind(out_name, Value::Act(y))
+    }
+
+    fn op_pool(&mut self, n: &Node<'_>) -> Result<()> {
+        let max = n.op() == "MaxPool";
+        if max {
+            n.check_attrs(&["auto_pad", "ceil_mode", "dilations", "kernel_shape", "pads", "storage_order", "strides"])?;
+        } else {
+            n.check_attrs(&["auto_pad", "ceil_mode", "count_include_pad", "dilations", "kernel_shape", "pads", "strides"])?;
+        }
+        n.arity(1, 1)?;
+        let x = self.act_in(n, 0)?;
+        let spatial = x.rank().saturating_sub(2);
+        if !(1..=2).contains(&spatial) {
+            return n.unsupported(format!("a {}-D input (Kiln pools over 1 or 2 dimensions)", x.rank()));
+        }
+        let Some(ks) = n.ints("kernel_shape")? else {
+            return n.malformed("has no kernel_shape");
+        };
+        let mut kernel = Vec::with_capacity(ks.len());
+        for &k in &ks {
+            match usize::try_from(k) {
+                Ok(k) if k > 0 => kernel.push(k),
+                _ => return n.malformed(format!("kernel_shape {ks:?}")),
+            }
+        }
+        if n.ints("dilations")?.is_some_and(|d| d.iter().any(|&v| v != 1)) {
+            return n.unsupported("dilated pooling");
+        }
+        let ceil_mode = n.int("ceil_mode", 0)? != 0;
+        let win = self.window(n, &x.shape[2..], &kernel, ceil_mode)?;
+        let Some(padding) = win.padding() else {
+            return n.unsupported(format!(
+                "pads {:?} / auto_pad that are neither VALID nor SAME as TFLite pads (extra cell at \
+                 the end); pooling cannot take an explicit pad",
+                n.ints("pads")?.unwrap_or_default()
+            ));
+        };
+        // Whether some window reaches past the input.
+        let padded = padding == Padding::Same
+            && (0..2).any(|i| (win.out[i] - 1) * win.stride[i] + win.kernel[i] > win.input[i]);
+        if !max && padded && n.int("count_include_pad", 0)? != 0 {
+            return n.unsupported("count_include_pad=1 with padding (Kiln averages over the real cells only)");
+        }
+        let (nb, c) = (x.shape[0], x.shape[1]);
+        let out_name = n.out_name(0)?;
+        let int8 = self.is_q(&x) && (max || self.next_quant(out_name, true).is_some());
+        if !int8 {
+            self.note_float(n, &[&x]);
+        }
+        let x = if int8 { x } else { self.float_act(&x) };
+        let x4 = if spatial == 1 {
+            let l = x.shape[2];
+            self.reshape_act(&x, &[nb, c, 1, l])
+        } else {
+            x
+        };
+        let x4 = self.to_layout(&x4, &[0, 2, 3, 1]);
+        let out = self.derived(x4.id, "pooled", vec![nb, win.out[0], win.out[1], c]);
+        self.g.tensors[out].name = out_name.to_string();
+        let (filter, stride) = (win.kernel, win.stride);
+        let kind = if max {
+            OpKind::MaxPool2d { filter, stride, padding, activation: Activation::None }
+        } else {
+            OpKind::AveragePool2d { filter, stride, padding, activation: Activation::None }
+        };
+        self.push(kind, vec![Some(x4.id)], out);
+        let y = x4.with(out, vec![nb, c, win.out[0], win.out[1]], vec![0, 2, 3, 1]);
+        let y = if spatial == 1 { self.reshape_act(&y, &[nb, c, win.out[1]]) } else { y };
+        self.bind(out_name, Value::Act(y))
+    }
+
+    fn op_global_pool(&mut self, n: &Node<'_>) -> Result<()> {
+        n.check_attrs(&[])?;
+        n.arity(1, 1)?;
+        let x = self.act_in(n, 0)?;
+        if x.rank() < 3 {
+            return n.malformed(format!("input of shape {:?}", x.shape));
+        }
+        let axes: Vec<usize> = (2..x.rank()).collect();
+        let y = self.mean(n, &x, &axes, true)?;
+        self.bind(n.out_name(0)?, Value::Act(y))
+    }
+
+    fn op_reduce_mean(&mut self, n: &Node<'_>) -> Result<()> {
+        let from_input = n.opset >= 18;
+        if from_input {
+            n.check_attrs(&["keepdims", "noop_with_empty_axes"])?;
+            n.arity(1, 2)?;
+        } else {
+            n.check_attrs(&["axes", "keepdims"])?;
+            n.arity(1, 1)?;
+        }
+        let x = self.act_in(n, 0)?;
+        let list = if from_input { self.ints_in(n, 1, "axes")? } else { n.ints("axes")? };
+        let keep = n.int("keepdims", 1)? != 0;
+        let mut axes = match list {
+            Some(l) if !l.is_empty() => n.axes(&l, x.rank())?,
+            _ => {
+                if n.int("noop_with_empty_axes", 0)? != 0 {
+                    return self.bind(n.out_name(0)?, Value::Act(x));
+                }
+                identity(x.rank())
+            }
+        };
+        axes.sort_unstable();
+        let y = self.mean(n, &x, &axes, keep)?;
+        self.bind(n.out_name(0)?, Value::Act(y))
+    }
+
+    /// MEAN over logical axes, in the activation's current layout.
+    fn mean(&mut self, n: &Node<'_>, x: &Act, axes: &[usize], keep: bool) -> Result<Act> {
+        let out_name = n.out_name(0)?;
+        let qo = if self.is_q(x) { self.next_quant(out_name, false) } else { None };
+        if qo.is_none() {
+            self.note_float(n, &[x]);
+        }
+        let x = if qo.is_some() { self.uncols(x) } else { let f = self.float_act(x); self.uncols(&f) };
+        let mut phys_axes: Vec<usize> = axes.iter().filter_map(|a| x.perm.iter().position(|p| p == a)).collect();
+        phys_axes.sort_unstable();
+        let (shape, perm) = if keep {
+            let shape = x.shape.iter().enumerate().map(|(i, &d)| if axes.contains(&i) { 1 } else { d }).collect();
+            (shape, x.perm.clone())
+        } else {
+            let shape: Vec<usize> = x.shape.iter().enumerate().filter(|(i, _)| !axes.contains(i)).map(|(_, &d)| d).collect();
+            let perm: Vec<usize> = x
+                .perm
+                .iter()
+                .filter(|p| !axes.contains(p))
+                .map(|&p| p - axes.iter().filter(|&&a| a < p).count())
+                .collect();
+            (shape, perm)
+        };
+        let phys = phys_shape(&shape, &perm);
+        let out = match qo {
+            Some(q) => self.q_tensor(out_name, phys, q),
+            None => self.new_tensor(out_name, DType::F32, phys, None),
+        };
+        self.push(OpKind::Mean { axes: phys_axes, keep_dims: keep }, vec![Some(x.id)], out);
+        Ok(Act {
+            id: out,
+            shape,
+            perm,
+            cols: None,
+            deq: qo.is_some(),
+            u8: false,
+        })
     }
