@@ -374,13 +374,13 @@ fn quantize(
     } else {
         let r = &q.report;
         eprintln!(
-            "{:>4}  {:<18} {:<6} {:>12} {:>10}",
-            "#", "op", "type", "MACs", "params"
+            "{:>4}  {:<18} {:<6} {:>12} {:>10} {:>10} {:>9}",
+            "#", "op", "type", "MACs", "params", "output B", "SQNR dB"
         );
         for l in &r.layers {
             eprintln!(
-                "{:>4}  {:<18} {:<6} {:>12} {:>10}",
-                l.index, l.op, l.precision, l.macs, l.params
+                "{:>4}  {:<18} {:<6} {:>12} {:>10} {:>10} {:>9.1}",
+                l.index, l.op, l.precision, l.macs, l.params, l.output_bytes, l.sqnr_db
             );
         }
         if let (Some(f), Some(qm), Some(m)) = (r.float_metric, r.quantized_metric, r.metric) {

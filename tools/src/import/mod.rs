@@ -36,3 +36,5 @@ fn ext_name(ext: &str) -> &'static str {
         _ => "unknown",
     }
 }
+pub mod onnx;
+pub mod onnx_proto;

@@ -360,7 +360,9 @@ fn preferred_perm(rank: usize) -> Vec<usize> {
 }
 
 fn phys_shape(shape: &[usize], perm: &[usize]) -> Vec<usize> {
-    perm.iter().map(|&p| shape.get(p).copied().unwrap_or(1)).collect()
+    perm.iter()
+        .map(|&p| shape.get(p).copied().unwrap_or(1))
+        .collect()
 }
 
 /// Logical axes of the non-unit dimensions, in physical order.
@@ -380,8 +382,16 @@ fn broadcast(a: &[usize], b: &[usize]) -> Option<Vec<usize>> {
     let r = a.len().max(b.len());
     let mut out = Vec::with_capacity(r);
     for i in 0..r {
-        let da = if i + a.len() >= r { a[i + a.len() - r] } else { 1 };
-        let db = if i + b.len() >= r { b[i + b.len() - r] } else { 1 };
+        let da = if i + a.len() >= r {
+            a[i + a.len() - r]
+        } else {
+            1
+        };
+        let db = if i + b.len() >= r {
+            b[i + b.len() - r]
+        } else {
+            1
+        };
         out.push(if da == db || db == 1 {
             da
         } else if da == 1 {
@@ -585,9 +595,9 @@ impl Const {
     /// Whether this constant is int8-quantized symmetric weights (per tensor or per `axis`).
     fn int8_weights(&self, axis: usize) -> Option<&CQuant> {
         let q = self.quant.as_ref()?;
-        let per_axis_ok = q.scales.len() == 1 || (q.axis == axis && self.shape.get(axis) == Some(&q.scales.len()));
-        (q.raw_ty == dt::INT8 && q.zero_points.iter().all(|&z| z == 0) && per_axis_ok)
-            .then_some(q)
+        let per_axis_ok = q.scales.len() == 1
+            || (q.axis == axis && self.shape.get(axis) == Some(&q.scales.len()));
+        (q.raw_ty == dt::INT8 && q.zero_points.iter().all(|&z| z == 0) && per_axis_ok).then_some(q)
     }
 }
 
@@ -682,7 +692,8 @@ fn read_tensor(t: &pb::TensorProto, what: &str) -> Result<Const> {
             _ => CData::I(
                 raw.chunks_exact(8)
                     .map(|c| {
-                        let v = u64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]);
+                        let v =
+                            u64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]);
                         i64::try_from(v).unwrap_or(i64::MAX)
                     })
                     .collect(),
@@ -887,7 +898,10 @@ impl Node<'_> {
     fn check_attrs(&self, allowed: &[&str]) -> Result<()> {
         for a in &self.p.attribute {
             if !a.ref_attr_name.is_empty() {
-                return self.unsupported(format!("attribute '{}' refers to a function attribute", a.name));
+                return self.unsupported(format!(
+                    "attribute '{}' refers to a function attribute",
+                    a.name
+                ));
             }
             if !allowed.contains(&a.name.as_str()) {
                 return self.unsupported(format!("attribute '{}'", a.name));
@@ -900,8 +914,13 @@ impl Node<'_> {
         let Some(a) = self.attr(name) else {
             return Ok(None);
         };
-        if (a.r#type != at::UNDEFINED && a.r#type != want) || (a.r#type == at::UNDEFINED && !present) {
-            return self.malformed(format!("attribute '{name}' has type {}, expected {want}", a.r#type));
+        if (a.r#type != at::UNDEFINED && a.r#type != want)
+            || (a.r#type == at::UNDEFINED && !present)
+        {
+            return self.malformed(format!(
+                "attribute '{name}' has type {}, expected {want}",
+                a.r#type
+            ));
         }
         Ok(Some(a))
     }
@@ -927,7 +946,9 @@ impl Node<'_> {
     }
 
     fn floats(&self, name: &str) -> Result<Option<Vec<f32>>> {
-        Ok(self.typed(name, at::FLOATS, true)?.map(|a| a.floats.clone()))
+        Ok(self
+            .typed(name, at::FLOATS, true)?
+            .map(|a| a.floats.clone()))
     }
 
     fn string(&self, name: &str) -> Result<Option<String>> {
@@ -939,12 +960,18 @@ impl Node<'_> {
 
     fn tensor(&self, name: &str) -> Result<Option<&pb::TensorProto>> {
         let present = self.attr(name).is_some_and(|a| a.t.is_some());
-        Ok(self.typed(name, at::TENSOR, present)?.and_then(|a| a.t.as_ref()))
+        Ok(self
+            .typed(name, at::TENSOR, present)?
+            .and_then(|a| a.t.as_ref()))
     }
 
     /// Name of input `i`, `None` when absent or empty.
     fn in_name(&self, i: usize) -> Option<&str> {
-        self.p.input.get(i).map(String::as_str).filter(|s| !s.is_empty())
+        self.p
+            .input
+            .get(i)
+            .map(String::as_str)
+            .filter(|s| !s.is_empty())
     }
 
     fn out_name(&self, i: usize) -> Result<&str> {
@@ -1057,7 +1084,11 @@ impl<'a> Cx<'a> {
                 return malformed("an initializer has no name");
             }
             let c = read_tensor(t, "initializer")?;
-            if cx.values.insert(t.name.clone(), Value::Const(Rc::new(c))).is_some() {
+            if cx
+                .values
+                .insert(t.name.clone(), Value::Const(Rc::new(c)))
+                .is_some()
+            {
                 return malformed(format!("two initializers are named '{}'", t.name));
             }
         }
@@ -1196,7 +1227,8 @@ impl<'a> Cx<'a> {
 
     /// Number of pending ONNX uses of a value name.
     fn uses(&self, name: &str) -> usize {
-        self.consumers.get(name).map_or(0, Vec::len) + self.outputs.iter().filter(|o| *o == name).count()
+        self.consumers.get(name).map_or(0, Vec::len)
+            + self.outputs.iter().filter(|o| *o == name).count()
     }
 
     fn bind(&mut self, name: &str, v: Value) -> Result<()> {
@@ -1235,7 +1267,9 @@ impl<'a> Cx<'a> {
         };
         for extra in n.p.output.iter().skip(produced).filter(|s| !s.is_empty()) {
             if self.uses(extra) > 0 {
-                return n.unsupported(format!("output '{extra}' is used (Kiln computes only the first output)"));
+                return n.unsupported(format!(
+                    "output '{extra}' is used (Kiln computes only the first output)"
+                ));
             }
         }
         match n.op() {
@@ -1329,7 +1363,10 @@ impl<'a> Cx<'a> {
         let v = c.floats();
         match v.as_slice() {
             [x] => Ok(Some(*x)),
-            _ => n.malformed(format!("its {role} must be a single value, has shape {:?}", c.shape)),
+            _ => n.malformed(format!(
+                "its {role} must be a single value, has shape {:?}",
+                c.shape
+            )),
         }
     }
 
@@ -1353,7 +1390,11 @@ impl<'a> Cx<'a> {
                 type_name(c.ty)
             ));
         }
-        let shape = if c.shape.is_empty() { vec![1] } else { c.shape.clone() };
+        let shape = if c.shape.is_empty() {
+            vec![1]
+        } else {
+            c.shape.clone()
+        };
         let name = format!("{}/const", n.p.name);
         let id = self.f32_tensor(&name, shape.clone(), &c.floats(), c.f16);
         Ok(Act {
@@ -1372,7 +1413,10 @@ impl<'a> Cx<'a> {
 
     fn quant_of(&self, id: TensorId) -> Option<(f32, i64)> {
         let q = self.g.tensors.get(id)?.quant.as_ref()?;
-        Some((*q.scales.first()?, q.zero_points.first().copied().unwrap_or(0)))
+        Some((
+            *q.scales.first()?,
+            q.zero_points.first().copied().unwrap_or(0),
+        ))
     }
 
     /// Whether an activation is an int8 tensor standing for its float dequantization.
@@ -1526,9 +1570,16 @@ impl<'a> Cx<'a> {
             Value::Act(a) => a,
             Value::Const(c) => {
                 if !c.is_float() {
-                    return unsupported(format!("{what} is a constant of type {}", type_name(c.ty)));
+                    return unsupported(format!(
+                        "{what} is a constant of type {}",
+                        type_name(c.ty)
+                    ));
                 }
-                let shape = if c.shape.is_empty() { vec![1] } else { c.shape.clone() };
+                let shape = if c.shape.is_empty() {
+                    vec![1]
+                } else {
+                    c.shape.clone()
+                };
                 let id = self.f32_tensor(&format!("{name}/const"), shape, &c.floats(), false);
                 Act {
                     id,
@@ -1564,7 +1615,9 @@ impl<'a> Cx<'a> {
             a.id = out;
         }
         // Check the declared shape, where there is one.
-        if let Some(pb::type_proto::Value::TensorType(t)) = vi.r#type.as_ref().and_then(|t| t.value.as_ref()) {
+        if let Some(pb::type_proto::Value::TensorType(t)) =
+            vi.r#type.as_ref().and_then(|t| t.value.as_ref())
+        {
             if let Some(s) = &t.shape {
                 let declared: Vec<Option<usize>> = s
                     .dim
@@ -1577,15 +1630,20 @@ impl<'a> Cx<'a> {
                     })
                     .collect();
                 let fits = declared.len() == a.shape.len()
-                    && declared.iter().zip(&a.shape).all(|(d, &s)| d.is_none_or(|d| d == s));
+                    && declared
+                        .iter()
+                        .zip(&a.shape)
+                        .all(|(d, &s)| d.is_none_or(|d| d == s));
                 if !fits && !(declared.is_empty() && a.shape.is_empty()) {
                     return malformed(format!(
                         "{what} is declared with shape {:?} but computes to {:?}",
                         s.dim
                             .iter()
                             .map(|d| match &d.value {
-                                Some(pb::tensor_shape_proto::dimension::Value::DimValue(v)) => v.to_string(),
-                                Some(pb::tensor_shape_proto::dimension::Value::DimParam(p)) => p.clone(),
+                                Some(pb::tensor_shape_proto::dimension::Value::DimValue(v)) =>
+                                    v.to_string(),
+                                Some(pb::tensor_shape_proto::dimension::Value::DimParam(p)) =>
+                                    p.clone(),
                                 None => "?".into(),
                             })
                             .collect::<Vec<_>>(),
@@ -1617,7 +1675,12 @@ impl<'a> Cx<'a> {
 
         // float16 constants: the IR keeps them as f16 with a constant DEQUANTIZE (which lowering
         // folds), as TFLite stores float16 weights, when the values still fit exactly.
-        let mut ids: Vec<TensorId> = self.f16_consts.iter().copied().filter(|id| live.contains(id)).collect();
+        let mut ids: Vec<TensorId> = self
+            .f16_consts
+            .iter()
+            .copied()
+            .filter(|id| live.contains(id))
+            .collect();
         ids.sort_unstable();
         let mut deqs = Vec::new();
         for id in ids {
@@ -1628,7 +1691,10 @@ impl<'a> Cx<'a> {
             if !v.iter().all(|&x| f16_exact(x)) {
                 continue;
             }
-            let bytes: Vec<u8> = v.iter().flat_map(|&x| half::f16::from_f32(x).to_le_bytes()).collect();
+            let bytes: Vec<u8> = v
+                .iter()
+                .flat_map(|&x| half::f16::from_f32(x).to_le_bytes())
+                .collect();
             let t = &self.g.tensors[id];
             let half_t = Tensor {
                 name: format!("{}/f16", t.name),
@@ -1655,7 +1721,16 @@ impl<'a> Cx<'a> {
     // --- constant-producing and shape ops --------------------------------------------------------
 
     fn op_constant(&mut self, n: &Node<'_>) -> Result<()> {
-        n.check_attrs(&["value", "value_float", "value_floats", "value_int", "value_ints", "sparse_value", "value_string", "value_strings"])?;
+        n.check_attrs(&[
+            "value",
+            "value_float",
+            "value_floats",
+            "value_int",
+            "value_ints",
+            "sparse_value",
+            "value_string",
+            "value_strings",
+        ])?;
         n.arity(0, 0)?;
         let set: Vec<&str> = n.p.attribute.iter().map(|a| a.name.as_str()).collect();
         if set.len() != 1 {
@@ -1788,19 +1863,33 @@ impl<'a> Cx<'a> {
                 let mut out = Vec::with_capacity(outer * norm.len() * inner);
                 for o in 0..outer {
                     for &k in &norm {
-                        out.extend_from_slice(v.get(pick(o, k)..pick(o, k) + inner).unwrap_or_default());
+                        out.extend_from_slice(
+                            v.get(pick(o, k)..pick(o, k) + inner).unwrap_or_default(),
+                        );
                     }
                 }
-                Const { shape, data: CData::F(out), quant: None, ..(*data).clone() }
+                Const {
+                    shape,
+                    data: CData::F(out),
+                    quant: None,
+                    ..(*data).clone()
+                }
             }
             CData::I(v) => {
                 let mut out = Vec::with_capacity(outer * norm.len() * inner);
                 for o in 0..outer {
                     for &k in &norm {
-                        out.extend_from_slice(v.get(pick(o, k)..pick(o, k) + inner).unwrap_or_default());
+                        out.extend_from_slice(
+                            v.get(pick(o, k)..pick(o, k) + inner).unwrap_or_default(),
+                        );
                     }
                 }
-                Const { shape, data: CData::I(out), quant: None, ..(*data).clone() }
+                Const {
+                    shape,
+                    data: CData::I(out),
+                    quant: None,
+                    ..(*data).clone()
+                }
             }
         };
         self.bind(n.out_name(0)?, Value::Const(Rc::new(c)))
@@ -1837,7 +1926,10 @@ impl<'a> Cx<'a> {
                     dt::INT64 | dt::INT32 | dt::INT16 | dt::INT8 | dt::UINT8 | dt::UINT16 => {
                         let v: Vec<i64> = match &c.data {
                             // Float → int truncates toward zero; out-of-range is undefined in ONNX.
-                            CData::F(v) => v.iter().map(|&x| (x.trunc() as i64).clamp(lo, hi)).collect(),
+                            CData::F(v) => v
+                                .iter()
+                                .map(|&x| (x.trunc() as i64).clamp(lo, hi))
+                                .collect(),
                             CData::I(v) => v.iter().map(|&x| x.clamp(lo, hi)).collect(),
                         };
                         Const::int(to, c.shape.clone(), v)
@@ -1864,14 +1956,23 @@ impl<'a> Cx<'a> {
     /// Parameters of a QuantizeLinear / DequantizeLinear node. `x_ty` is the quantized type of
     /// a DequantizeLinear's input.
     fn qparams(&self, n: &Node<'_>, x_ty: Option<i32>) -> Result<QParams> {
-        n.check_attrs(&["axis", "saturate", "block_size", "output_dtype", "precision"])?;
+        n.check_attrs(&[
+            "axis",
+            "saturate",
+            "block_size",
+            "output_dtype",
+            "precision",
+        ])?;
         n.arity(2, 3)?;
         if n.int("block_size", 0)? != 0 {
             return n.unsupported("blocked quantization");
         }
         let precision = n.int("precision", 0)?;
         if precision != 0 && precision != i64::from(dt::FLOAT) {
-            return n.unsupported(format!("precision {}", type_name(i32::try_from(precision).unwrap_or(0))));
+            return n.unsupported(format!(
+                "precision {}",
+                type_name(i32::try_from(precision).unwrap_or(0))
+            ));
         }
         let scale = self.const_in(n, 1, "scale")?;
         if !scale.is_float() {
@@ -1879,7 +1980,10 @@ impl<'a> Cx<'a> {
         }
         let scales = scale.floats();
         if scales.is_empty() || scale.shape.len() > 1 {
-            return n.unsupported(format!("scale of shape {:?} (per-tensor or per-axis only)", scale.shape));
+            return n.unsupported(format!(
+                "scale of shape {:?} (per-tensor or per-axis only)",
+                scale.shape
+            ));
         }
         if let Some(s) = scales.iter().find(|s| !s.is_finite() || **s <= 0.0) {
             return n.malformed(format!("scale {s} is not a positive number"));
@@ -1893,13 +1997,24 @@ impl<'a> Cx<'a> {
             (None, None) => dt::UINT8,
         };
         if out_dtype != 0 && out_dtype != ty {
-            return n.malformed(format!("output_dtype {} differs from the zero point's type {}", type_name(out_dtype), type_name(ty)));
+            return n.malformed(format!(
+                "output_dtype {} differs from the zero point's type {}",
+                type_name(out_dtype),
+                type_name(ty)
+            ));
         }
         if x_ty.is_some_and(|t| t != ty) {
-            return n.malformed(format!("its input and zero point have different types ({} and {})", type_name(x_ty.unwrap_or(0)), type_name(ty)));
+            return n.malformed(format!(
+                "its input and zero point have different types ({} and {})",
+                type_name(x_ty.unwrap_or(0)),
+                type_name(ty)
+            ));
         }
         if !matches!(ty, dt::INT8 | dt::UINT8 | dt::INT32) {
-            return n.unsupported(format!("{} quantization (Kiln quantizes to int8, and uint8 inside the graph)", type_name(ty)));
+            return n.unsupported(format!(
+                "{} quantization (Kiln quantizes to int8, and uint8 inside the graph)",
+                type_name(ty)
+            ));
         }
         let u8 = ty == dt::UINT8;
         let zero_points: Vec<i64> = match &zp {
@@ -1908,7 +2023,11 @@ impl<'a> Cx<'a> {
                     return n.malformed("its zero point is not an integer tensor");
                 };
                 if v.len() != scales.len() || z.shape.len() > 1 {
-                    return n.malformed(format!("has {} scales but zero point of shape {:?}", scales.len(), z.shape));
+                    return n.malformed(format!(
+                        "has {} scales but zero point of shape {:?}",
+                        scales.len(),
+                        z.shape
+                    ));
                 }
                 v.iter().map(|&z| if u8 { z - 128 } else { z }).collect()
             }
@@ -1938,15 +2057,25 @@ impl<'a> Cx<'a> {
         let mut i = single(name)?;
         let mut node = self.nodes.get(i)?;
         let mut input = name.to_string();
-        if through && matches!(node.op_type.as_str(), "Relu" | "Clip") && node.input.first() == Some(&input) {
+        if through
+            && matches!(node.op_type.as_str(), "Relu" | "Clip")
+            && node.input.first() == Some(&input)
+        {
             input = node.output.first()?.clone();
             i = single(&input)?;
             node = self.nodes.get(i)?;
         }
-        if node.op_type != "QuantizeLinear" || !is_default_domain(&node.domain) || node.input.first() != Some(&input) {
+        if node.op_type != "QuantizeLinear"
+            || !is_default_domain(&node.domain)
+            || node.input.first() != Some(&input)
+        {
             return None;
         }
-        let n = Node { index: i, p: node, opset: self.opset };
+        let n = Node {
+            index: i,
+            p: node,
+            opset: self.opset,
+        };
         let q = self.qparams(&n, None).ok()?;
         if q.scales.len() != 1 || q.zero_points.iter().any(|z| !(-128..=127).contains(z)) {
             return None;
@@ -1980,13 +2109,21 @@ impl<'a> Cx<'a> {
     /// An int8 constant tensor from a dequantized constant's storage.
     fn int8_tensor(&mut self, name: &str, c: &Const) -> Option<TensorId> {
         let q = c.quant.as_ref().filter(|q| q.raw_ty == dt::INT8)?;
-        let bytes: Vec<u8> = q.raw.iter().map(|&v| (v.clamp(-128, 127) as i8) as u8).collect();
+        let bytes: Vec<u8> = q
+            .raw
+            .iter()
+            .map(|&v| (v.clamp(-128, 127) as i8) as u8)
+            .collect();
         let quant = QuantInfo {
             scales: q.scales.clone(),
             zero_points: q.zero_points.clone(),
             axis: if q.scales.len() > 1 { q.axis } else { 0 },
         };
-        let shape = if c.shape.is_empty() { vec![1] } else { c.shape.clone() };
+        let shape = if c.shape.is_empty() {
+            vec![1]
+        } else {
+            c.shape.clone()
+        };
         Some(self.const_tensor(name, DType::I8, shape, bytes, Some(quant)))
     }
 
@@ -2041,9 +2178,15 @@ impl<'a> Cx<'a> {
         let o = self.g.ops.get(op)?;
         let ok = matches!(
             o.kind,
-            OpKind::Conv2d { activation: Activation::None, .. }
-                | OpKind::DepthwiseConv2d { activation: Activation::None, .. }
-                | OpKind::FullyConnected { activation: Activation::None }
+            OpKind::Conv2d {
+                activation: Activation::None,
+                ..
+            } | OpKind::DepthwiseConv2d {
+                activation: Activation::None,
+                ..
+            } | OpKind::FullyConnected {
+                activation: Activation::None
+            }
         );
         let f = o.inputs.get(1).copied().flatten()?;
         let t = self.g.tensors.get(f)?;
@@ -2078,14 +2221,21 @@ impl<'a> Cx<'a> {
         let channels = shift.len();
         let (depthwise, inputs) = {
             let o = &self.g.ops[op];
-            (matches!(o.kind, OpKind::DepthwiseConv2d { .. }), o.inputs.clone())
+            (
+                matches!(o.kind, OpKind::DepthwiseConv2d { .. }),
+                o.inputs.clone(),
+            )
         };
         if let (Some(s), Some(Some(f))) = (scale, inputs.get(1)) {
             if let Some(data) = self.g.tensors[*f].data.as_deref() {
                 let mut w = f32s(data);
                 let inner = (w.len() / channels.max(1)).max(1);
                 for (i, x) in w.iter_mut().enumerate() {
-                    let c = if depthwise { i % channels.max(1) } else { i / inner };
+                    let c = if depthwise {
+                        i % channels.max(1)
+                    } else {
+                        i / inner
+                    };
                     *x *= s.get(c).copied().unwrap_or(1.0);
                 }
                 self.g.tensors[*f].data = Some(f32_bytes(&w));
@@ -2097,7 +2247,8 @@ impl<'a> Cx<'a> {
             .unwrap_or_else(|| vec![0.0; channels]);
         let new: Vec<f32> = (0..channels)
             .map(|c| {
-                old.get(c).copied().unwrap_or(0.0) * scale.and_then(|s| s.get(c)).copied().unwrap_or(1.0)
+                old.get(c).copied().unwrap_or(0.0)
+                    * scale.and_then(|s| s.get(c)).copied().unwrap_or(1.0)
                     + shift[c]
             })
             .collect();
@@ -2118,7 +2269,13 @@ impl<'a> Cx<'a> {
 
     /// Output size and padding of a sliding window op over 1 or 2 spatial dimensions (1-D is
     /// mapped to a 2-D window of height 1).
-    fn window(&self, n: &Node<'_>, input: &[usize], kernel: &[usize], ceil_mode: bool) -> Result<Win> {
+    fn window(
+        &self,
+        n: &Node<'_>,
+        input: &[usize],
+        kernel: &[usize],
+        ceil_mode: bool,
+    ) -> Result<Win> {
         let s = input.len();
         let strides = n.ints("strides")?.unwrap_or_else(|| vec![1; s]);
         let dilations = n.ints("dilations")?.unwrap_or_else(|| vec![1; s]);
@@ -2128,13 +2285,20 @@ impl<'a> Cx<'a> {
             return n.malformed(format!("strides {strides:?}, dilations {dilations:?} and kernel {kernel:?} must have {s} values"));
         }
         if pads.as_ref().is_some_and(|p| p.len() != 2 * s) {
-            return n.malformed(format!("pads {:?} must have {} values", pads.unwrap_or_default(), 2 * s));
+            return n.malformed(format!(
+                "pads {:?} must have {} values",
+                pads.unwrap_or_default(),
+                2 * s
+            ));
         }
         let mut w = Win::unit();
         for i in 0..s {
             let d = if s == 1 { 1 } else { i };
-            let (Ok(st), Ok(dl)) = (usize::try_from(strides[i]), usize::try_from(dilations[i])) else {
-                return n.malformed(format!("negative stride or dilation ({strides:?}, {dilations:?})"));
+            let (Ok(st), Ok(dl)) = (usize::try_from(strides[i]), usize::try_from(dilations[i]))
+            else {
+                return n.malformed(format!(
+                    "negative stride or dilation ({strides:?}, {dilations:?})"
+                ));
             };
             let (k, inp) = (kernel[i], input[i]);
             if st == 0 || dl == 0 || k == 0 {
@@ -2145,11 +2309,14 @@ impl<'a> Cx<'a> {
                 "NOTSET" | "" => {
                     let (pb, pe) = pads.as_ref().map_or((0, 0), |p| (p[i], p[i + s]));
                     let (Ok(b), Ok(e)) = (usize::try_from(pb), usize::try_from(pe)) else {
-                        return n.unsupported(format!("negative pads {:?}", pads.unwrap_or_default()));
+                        return n
+                            .unsupported(format!("negative pads {:?}", pads.unwrap_or_default()));
                     };
                     let padded = inp.saturating_add(b).saturating_add(e);
                     if padded < eff {
-                        return n.malformed(format!("window {eff} is larger than the padded input {padded}"));
+                        return n.malformed(format!(
+                            "window {eff} is larger than the padded input {padded}"
+                        ));
                     }
                     let out = (padded - eff) / st + 1;
                     if ceil_mode {
@@ -2158,7 +2325,9 @@ impl<'a> Cx<'a> {
                             oc -= 1;
                         }
                         if oc != out {
-                            return n.unsupported("ceil_mode=1 where it makes the output larger than floor would");
+                            return n.unsupported(
+                                "ceil_mode=1 where it makes the output larger than floor would",
+                            );
                         }
                     }
                     (b, e, out)
@@ -2172,7 +2341,11 @@ impl<'a> Cx<'a> {
                 "SAME_UPPER" | "SAME_LOWER" => {
                     let out = inp.div_ceil(st);
                     let total = ((out.max(1) - 1) * st + eff).saturating_sub(inp);
-                    let b = if auto == "SAME_UPPER" { total / 2 } else { total - total / 2 };
+                    let b = if auto == "SAME_UPPER" {
+                        total / 2
+                    } else {
+                        total - total / 2
+                    };
                     (b, total - b, out)
                 }
                 other => return n.malformed(format!("auto_pad {other:?}")),
@@ -2189,43 +2362,81 @@ impl<'a> Cx<'a> {
     }
 
     fn op_conv(&mut self, n: &Node<'_>) -> Result<()> {
-        n.check_attrs(&["auto_pad", "dilations", "group", "kernel_shape", "pads", "strides"])?;
+        n.check_attrs(&[
+            "auto_pad",
+            "dilations",
+            "group",
+            "kernel_shape",
+            "pads",
+            "strides",
+        ])?;
         n.arity(2, 3)?;
         let x = self.act_in(n, 0)?;
         let w = self.const_in(n, 1, "weights")?;
         let b = self.opt_const_in(n, 2, "bias")?;
         let spatial = x.rank().saturating_sub(2);
         if !(1..=2).contains(&spatial) {
-            return n.unsupported(format!("a {}-D input (Kiln runs 1-D and 2-D convolutions)", x.rank()));
+            return n.unsupported(format!(
+                "a {}-D input (Kiln runs 1-D and 2-D convolutions)",
+                x.rank()
+            ));
         }
         if w.shape.len() != x.rank() || !w.is_float() {
-            return n.malformed(format!("weights of shape {:?} for an input of shape {:?}", w.shape, x.shape));
+            return n.malformed(format!(
+                "weights of shape {:?} for an input of shape {:?}",
+                w.shape, x.shape
+            ));
         }
         let (nb, c, o, ci) = (x.shape[0], x.shape[1], w.shape[0], w.shape[1]);
         let k = w.shape[2..].to_vec();
         let group = usize::try_from(n.int("group", 1)?).unwrap_or(0);
         if group == 0 || c % group != 0 || o % group != 0 || ci != c / group {
-            return n.malformed(format!("group {group} does not fit {c} input channels, weights {:?}", w.shape));
+            return n.malformed(format!(
+                "group {group} does not fit {c} input channels, weights {:?}",
+                w.shape
+            ));
         }
         if let Some(ks) = n.ints("kernel_shape")? {
-            if ks.iter().map(|&v| usize::try_from(v).ok()).collect::<Vec<_>>() != k.iter().map(|&v| Some(v)).collect::<Vec<_>>() {
-                return n.malformed(format!("kernel_shape {ks:?} differs from the weights' {k:?}"));
+            if ks
+                .iter()
+                .map(|&v| usize::try_from(v).ok())
+                .collect::<Vec<_>>()
+                != k.iter().map(|&v| Some(v)).collect::<Vec<_>>()
+            {
+                return n.malformed(format!(
+                    "kernel_shape {ks:?} differs from the weights' {k:?}"
+                ));
             }
         }
         let win = self.window(n, &x.shape[2..], &k, false)?;
         let bias = match &b {
             Some(b) if b.len() != o || !b.is_float() => {
-                return n.malformed(format!("bias of shape {:?} for {o} output channels", b.shape))
+                return n.malformed(format!(
+                    "bias of shape {:?} for {o} output channels",
+                    b.shape
+                ))
             }
             Some(b) => Some(b.floats()),
             None => None,
         };
         let out_name = n.out_name(0)?;
         let depthwise = group > 1 && group == c;
-        let w4 = if spatial == 1 { w.reshaped(vec![o, ci, 1, k[0]]) } else { (*w).clone() };
-        let filter = if depthwise { w4.permuted(&[1, 2, 3, 0]) } else { w4.permuted(&[0, 2, 3, 1]) };
+        let w4 = if spatial == 1 {
+            w.reshaped(vec![o, ci, 1, k[0]])
+        } else {
+            (*w).clone()
+        };
+        let filter = if depthwise {
+            w4.permuted(&[1, 2, 3, 0])
+        } else {
+            w4.permuted(&[0, 2, 3, 1])
+        };
         let w_axis = if depthwise { 3 } else { 0 };
-        let qo = if self.is_q(&x) { self.next_quant(out_name, true) } else { None };
+        let qo = if self.is_q(&x) {
+            self.next_quant(out_name, true)
+        } else {
+            None
+        };
         let qx = self.quant_of(x.id);
         let int8 = match (qo, qx, filter.int8_weights(w_axis)) {
             (Some(qo), Some(qx), Some(wq)) => Some((qo, qx, wq.scales.clone())),
@@ -2234,7 +2445,11 @@ impl<'a> Cx<'a> {
         if int8.is_none() {
             self.note_float(n, &[&x]);
         }
-        let x = if int8.is_some() { x } else { self.float_act(&x) };
+        let x = if int8.is_some() {
+            x
+        } else {
+            self.float_act(&x)
+        };
         let x4 = if spatial == 1 {
             let l = x.shape[2];
             self.reshape_act(&x, &[nb, c, 1, l])
@@ -2245,24 +2460,52 @@ impl<'a> Cx<'a> {
         let padding = match win.padding() {
             Some(p) => p,
             None => {
-                let shape = vec![nb, win.input[0] + win.begin[0] + win.end[0], win.input[1] + win.begin[1] + win.end[1], c];
+                let shape = vec![
+                    nb,
+                    win.input[0] + win.begin[0] + win.end[0],
+                    win.input[1] + win.begin[1] + win.end[1],
+                    c,
+                ];
                 let out = self.derived(x4.id, "padded", shape);
-                let paddings = vec![[0, 0], [win.begin[0], win.end[0]], [win.begin[1], win.end[1]], [0, 0]];
+                let paddings = vec![
+                    [0, 0],
+                    [win.begin[0], win.end[0]],
+                    [win.begin[1], win.end[1]],
+                    [0, 0],
+                ];
                 self.push(OpKind::Pad { paddings }, vec![Some(x4.id)], out);
                 x4.id = out;
                 Padding::Valid
             }
         };
-        let base = if n.p.name.is_empty() { out_name.to_string() } else { n.p.name.clone() };
+        let base = if n.p.name.is_empty() {
+            out_name.to_string()
+        } else {
+            n.p.name.clone()
+        };
         let (filter_id, bias_id) = match &int8 {
             Some((_, qx, wscales)) => {
                 let f = self.int8_tensor(&format!("{base}/filter"), &filter);
-                let bid = bias.as_ref().map(|bv| self.int32_bias(&format!("{base}/bias"), bv, qx.0, wscales));
+                let bid = bias
+                    .as_ref()
+                    .map(|bv| self.int32_bias(&format!("{base}/bias"), bv, qx.0, wscales));
                 (f, bid)
             }
             None => {
-                let f = self.f32_tensor(&format!("{base}/filter"), filter.shape.clone(), &filter.floats(), w.f16);
-                let bid = bias.as_ref().map(|bv| self.f32_tensor(&format!("{base}/bias"), vec![o], bv, b.as_ref().is_some_and(|b| b.f16)));
+                let f = self.f32_tensor(
+                    &format!("{base}/filter"),
+                    filter.shape.clone(),
+                    &filter.floats(),
+                    w.f16,
+                );
+                let bid = bias.as_ref().map(|bv| {
+                    self.f32_tensor(
+                        &format!("{base}/bias"),
+                        vec![o],
+                        bv,
+                        b.as_ref().is_some_and(|b| b.f16),
+                    )
+                });
                 (Some(f), bid)
             }
         };
@@ -2299,22 +2542,45 @@ impl<'a> Cx<'a> {
             deq: int8.is_some(),
             u8: false,
         };
-        let y = if spatial == 1 { self.reshape_act(&y, &[nb, o, win.out[1]]) } else { y };
+        let y = if spatial == 1 {
+            self.reshape_act(&y, &[nb, o, win.out[1]])
+        } else {
+            y
+        };
         self.bind(out_name, Value::Act(y))
     }
 
     fn op_pool(&mut self, n: &Node<'_>) -> Result<()> {
         let max = n.op() == "MaxPool";
         if max {
-            n.check_attrs(&["auto_pad", "ceil_mode", "dilations", "kernel_shape", "pads", "storage_order", "strides"])?;
+            n.check_attrs(&[
+                "auto_pad",
+                "ceil_mode",
+                "dilations",
+                "kernel_shape",
+                "pads",
+                "storage_order",
+                "strides",
+            ])?;
         } else {
-            n.check_attrs(&["auto_pad", "ceil_mode", "count_include_pad", "dilations", "kernel_shape", "pads", "strides"])?;
+            n.check_attrs(&[
+                "auto_pad",
+                "ceil_mode",
+                "count_include_pad",
+                "dilations",
+                "kernel_shape",
+                "pads",
+                "strides",
+            ])?;
         }
         n.arity(1, 1)?;
         let x = self.act_in(n, 0)?;
         let spatial = x.rank().saturating_sub(2);
         if !(1..=2).contains(&spatial) {
-            return n.unsupported(format!("a {}-D input (Kiln pools over 1 or 2 dimensions)", x.rank()));
+            return n.unsupported(format!(
+                "a {}-D input (Kiln pools over 1 or 2 dimensions)",
+                x.rank()
+            ));
         }
         let Some(ks) = n.ints("kernel_shape")? else {
             return n.malformed("has no kernel_shape");
@@ -2326,7 +2592,9 @@ impl<'a> Cx<'a> {
                 _ => return n.malformed(format!("kernel_shape {ks:?}")),
             }
         }
-        if n.ints("dilations")?.is_some_and(|d| d.iter().any(|&v| v != 1)) {
+        if n.ints("dilations")?
+            .is_some_and(|d| d.iter().any(|&v| v != 1))
+        {
             return n.unsupported("dilated pooling");
         }
         let ceil_mode = n.int("ceil_mode", 0)? != 0;
@@ -2342,7 +2610,9 @@ impl<'a> Cx<'a> {
         let padded = padding == Padding::Same
             && (0..2).any(|i| (win.out[i] - 1) * win.stride[i] + win.kernel[i] > win.input[i]);
         if !max && padded && n.int("count_include_pad", 0)? != 0 {
-            return n.unsupported("count_include_pad=1 with padding (Kiln averages over the real cells only)");
+            return n.unsupported(
+                "count_include_pad=1 with padding (Kiln averages over the real cells only)",
+            );
         }
         let (nb, c) = (x.shape[0], x.shape[1]);
         let out_name = n.out_name(0)?;
@@ -2362,13 +2632,27 @@ impl<'a> Cx<'a> {
         self.g.tensors[out].name = out_name.to_string();
         let (filter, stride) = (win.kernel, win.stride);
         let kind = if max {
-            OpKind::MaxPool2d { filter, stride, padding, activation: Activation::None }
+            OpKind::MaxPool2d {
+                filter,
+                stride,
+                padding,
+                activation: Activation::None,
+            }
         } else {
-            OpKind::AveragePool2d { filter, stride, padding, activation: Activation::None }
+            OpKind::AveragePool2d {
+                filter,
+                stride,
+                padding,
+                activation: Activation::None,
+            }
         };
         self.push(kind, vec![Some(x4.id)], out);
         let y = x4.with(out, vec![nb, c, win.out[0], win.out[1]], vec![0, 2, 3, 1]);
-        let y = if spatial == 1 { self.reshape_act(&y, &[nb, c, win.out[1]]) } else { y };
+        let y = if spatial == 1 {
+            self.reshape_act(&y, &[nb, c, win.out[1]])
+        } else {
+            y
+        };
         self.bind(out_name, Value::Act(y))
     }
 
@@ -2394,7 +2678,11 @@ impl<'a> Cx<'a> {
             n.arity(1, 1)?;
         }
         let x = self.act_in(n, 0)?;
-        let list = if from_input { self.ints_in(n, 1, "axes")? } else { n.ints("axes")? };
+        let list = if from_input {
+            self.ints_in(n, 1, "axes")?
+        } else {
+            n.ints("axes")?
+        };
         let keep = n.int("keepdims", 1)? != 0;
         let mut axes = match list {
             Some(l) if !l.is_empty() => n.axes(&l, x.rank())?,
@@ -2413,18 +2701,41 @@ impl<'a> Cx<'a> {
     /// MEAN over logical axes, in the activation's current layout.
     fn mean(&mut self, n: &Node<'_>, x: &Act, axes: &[usize], keep: bool) -> Result<Act> {
         let out_name = n.out_name(0)?;
-        let qo = if self.is_q(x) { self.next_quant(out_name, false) } else { None };
+        let qo = if self.is_q(x) {
+            self.next_quant(out_name, false)
+        } else {
+            None
+        };
         if qo.is_none() {
             self.note_float(n, &[x]);
         }
-        let x = if qo.is_some() { self.uncols(x) } else { let f = self.float_act(x); self.uncols(&f) };
-        let mut phys_axes: Vec<usize> = axes.iter().filter_map(|a| x.perm.iter().position(|p| p == a)).collect();
+        let x = if qo.is_some() {
+            self.uncols(x)
+        } else {
+            let f = self.float_act(x);
+            self.uncols(&f)
+        };
+        let mut phys_axes: Vec<usize> = axes
+            .iter()
+            .filter_map(|a| x.perm.iter().position(|p| p == a))
+            .collect();
         phys_axes.sort_unstable();
         let (shape, perm) = if keep {
-            let shape = x.shape.iter().enumerate().map(|(i, &d)| if axes.contains(&i) { 1 } else { d }).collect();
+            let shape = x
+                .shape
+                .iter()
+                .enumerate()
+                .map(|(i, &d)| if axes.contains(&i) { 1 } else { d })
+                .collect();
             (shape, x.perm.clone())
         } else {
-            let shape: Vec<usize> = x.shape.iter().enumerate().filter(|(i, _)| !axes.contains(i)).map(|(_, &d)| d).collect();
+            let shape: Vec<usize> = x
+                .shape
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| !axes.contains(i))
+                .map(|(_, &d)| d)
+                .collect();
             let perm: Vec<usize> = x
                 .perm
                 .iter()
@@ -2438,7 +2749,14 @@ impl<'a> Cx<'a> {
             Some(q) => self.q_tensor(out_name, phys, q),
             None => self.new_tensor(out_name, DType::F32, phys, None),
         };
-        self.push(OpKind::Mean { axes: phys_axes, keep_dims: keep }, vec![Some(x.id)], out);
+        self.push(
+            OpKind::Mean {
+                axes: phys_axes,
+                keep_dims: keep,
+            },
+            vec![Some(x.id)],
+            out,
+        );
         Ok(Act {
             id: out,
             shape,
@@ -2448,3 +2766,1470 @@ impl<'a> Cx<'a> {
             u8: false,
         })
     }
+
+    // --- matrix products -------------------------------------------------------------------------
+
+    fn op_gemm(&mut self, n: &Node<'_>) -> Result<()> {
+        let gemm = n.op() == "Gemm";
+        if gemm {
+            n.check_attrs(&["alpha", "beta", "transA", "transB"])?;
+            n.arity(2, 3)?;
+        } else {
+            n.check_attrs(&[])?;
+            n.arity(2, 2)?;
+        }
+        let alpha = n.float("alpha", 1.0)?;
+        let beta = n.float("beta", 1.0)?;
+        let (ta, tb) = (n.int("transA", 0)? != 0, n.int("transB", 0)? != 0);
+        let mut a = match self.value(n, 0)? {
+            Value::Act(a) => a,
+            Value::Const(_) if matches!(self.value(n, 1)?, Value::Act(_)) => {
+                return n.unsupported("a constant first input times a run-time second input")
+            }
+            Value::Const(c) => self.const_act(n, &c)?,
+        };
+        let b = self.const_in(n, 1, "second input (the weights)")?;
+        if b.shape.len() != 2 || !b.is_float() {
+            return n.unsupported(format!(
+                "a second input of shape {:?} (Kiln needs 2-D float weights)",
+                b.shape
+            ));
+        }
+        if (gemm && a.rank() != 2) || a.rank() < 2 {
+            return n.unsupported(format!("a first input of shape {:?}", a.shape));
+        }
+        if ta {
+            a = self.transposed(&a, &[1, 0]);
+        }
+        let (k, nout) = if tb {
+            (b.shape[1], b.shape[0])
+        } else {
+            (b.shape[0], b.shape[1])
+        };
+        if a.shape.last() != Some(&k) {
+            return n.malformed(format!(
+                "inner dimensions differ: {:?} times {:?}",
+                a.shape, b.shape
+            ));
+        }
+        let mut wt = if tb {
+            (*b).clone()
+        } else {
+            b.permuted(&[1, 0])
+        };
+        // C: a bias per output column, or a general addend.
+        let mut bias: Option<Vec<f32>> = None;
+        let mut addend: Option<Const> = None;
+        let mut bias_f16 = false;
+        if gemm {
+            if let Some(c) = self.opt_value(n, 2)? {
+                let Value::Const(c) = c else {
+                    return n.unsupported("a run-time C input");
+                };
+                let m = a.shape[0];
+                let v: Vec<f32> = c.floats().iter().map(|x| x * beta).collect();
+                if broadcast(&c.shape, &[m, nout]).as_deref() != Some(&[m, nout][..]) {
+                    return n.malformed(format!(
+                        "C of shape {:?} does not broadcast to [{m}, {nout}]",
+                        c.shape
+                    ));
+                }
+                let per_col = c.shape.len() < 2 || c.shape[0] == 1;
+                if per_col {
+                    let last = c.shape.last().copied().unwrap_or(1);
+                    bias = Some(if last == 1 {
+                        vec![v.first().copied().unwrap_or(0.0); nout]
+                    } else {
+                        v
+                    });
+                    bias_f16 = c.f16;
+                } else {
+                    addend = Some(Const::float(c.shape.clone(), v));
+                }
+            }
+        }
+        let out_name = n.out_name(0)?;
+        let qo = if self.is_q(&a) && addend.is_none() {
+            self.next_quant(out_name, true)
+        } else {
+            None
+        };
+        let qa = self.quant_of(a.id);
+        let int8 = match (qo, qa, wt.int8_weights(0)) {
+            (Some(qo), Some(qa), Some(wq)) => Some((
+                qo,
+                qa,
+                wq.scales
+                    .iter()
+                    .map(|s| s * alpha.abs())
+                    .collect::<Vec<f32>>(),
+            )),
+            _ => None,
+        };
+        if int8.is_none() {
+            self.note_float(n, &[&a]);
+            a = self.float_act(&a);
+        }
+        if alpha < 0.0 && int8.is_some() {
+            if let Some(q) = wt.quant.as_mut() {
+                q.raw.iter_mut().for_each(|r| *r = (-*r).clamp(-127, 127));
+            }
+        }
+        // Input columns stored out of order: permute the weights' columns instead of the data.
+        match a.cols.clone() {
+            Some(cols) => {
+                let map = cols.logical_columns();
+                let permute_cols = |v: &[f32]| -> Vec<f32> {
+                    (0..nout)
+                        .flat_map(|r| map.iter().map(move |&j| (r, j)))
+                        .map(|(r, j)| v.get(r * k + j).copied().unwrap_or(0.0))
+                        .collect()
+                };
+                let permute_raw = |v: &[i64]| -> Vec<i64> {
+                    (0..nout)
+                        .flat_map(|r| map.iter().map(move |&j| (r, j)))
+                        .map(|(r, j)| v.get(r * k + j).copied().unwrap_or(0))
+                        .collect()
+                };
+                wt.data = CData::F(permute_cols(&wt.floats()));
+                if let Some(q) = wt.quant.as_mut() {
+                    q.raw = permute_raw(&q.raw);
+                }
+            }
+            None => {
+                let id = identity(a.rank());
+                a = self.to_layout(&a, &id);
+            }
+        }
+        let base = if n.p.name.is_empty() {
+            out_name.to_string()
+        } else {
+            n.p.name.clone()
+        };
+        let (w_id, b_id) = match &int8 {
+            Some((_, qa, ws)) => {
+                let w = self.int8_tensor(&format!("{base}/weights"), &wt);
+                if let (Some(w), Some(q)) = (
+                    w,
+                    self.g
+                        .tensors
+                        .get_mut(w.unwrap_or(0))
+                        .and_then(|t| t.quant.as_mut()),
+                ) {
+                    let _ = w;
+                    q.scales.clone_from(ws);
+                }
+                let b = bias
+                    .as_ref()
+                    .map(|bv| self.int32_bias(&format!("{base}/bias"), bv, qa.0, ws));
+                (w, b)
+            }
+            None => {
+                let v: Vec<f32> = wt.floats().iter().map(|x| x * alpha).collect();
+                let w = self.f32_tensor(
+                    &format!("{base}/weights"),
+                    vec![nout, k],
+                    &v,
+                    wt.f16 && alpha == 1.0,
+                );
+                let b = bias.as_ref().map(|bv| {
+                    self.f32_tensor(
+                        &format!("{base}/bias"),
+                        vec![nout],
+                        bv,
+                        bias_f16 && beta == 1.0,
+                    )
+                });
+                (Some(w), b)
+            }
+        };
+        let Some(w_id) = w_id else {
+            return n.malformed("int8 weights are missing");
+        };
+        let mut shape = a.shape.clone();
+        if let Some(l) = shape.last_mut() {
+            *l = nout;
+        }
+        let out = match &int8 {
+            Some((qo, ..)) => self.q_tensor(out_name, shape.clone(), *qo),
+            None => self.new_tensor(out_name, DType::F32, shape.clone(), None),
+        };
+        self.push(
+            OpKind::FullyConnected {
+                activation: Activation::None,
+            },
+            vec![Some(a.id), Some(w_id), b_id],
+            out,
+        );
+        let y = Act {
+            id: out,
+            perm: identity(shape.len()),
+            shape,
+            cols: None,
+            deq: int8.is_some(),
+            u8: false,
+        };
+        let y = match addend {
+            Some(c) => self.binary_const(
+                n,
+                OpKind::Add {
+                    activation: Activation::None,
+                },
+                &y,
+                &c,
+                false,
+                None,
+            )?,
+            None => y,
+        };
+        self.bind(out_name, Value::Act(y))
+    }
+
+    /// An activation with its logical axes permuted (output axis `i` is input axis `t[i]`):
+    /// only the layout changes.
+    fn transposed(&mut self, a: &Act, t: &[usize]) -> Act {
+        let a = self.uncols(a);
+        let tinv = inverse(t);
+        let shape = phys_shape(&a.shape, t);
+        let perm = a.perm.iter().map(|&p| tinv[p]).collect();
+        a.with(a.id, shape, perm)
+    }
+
+    // --- element-wise ops ------------------------------------------------------------------------
+
+    fn op_binary(&mut self, n: &Node<'_>) -> Result<()> {
+        n.check_attrs(&[])?;
+        n.arity(2, 2)?;
+        let act = Activation::None;
+        let kind = match n.op() {
+            "Add" => OpKind::Add { activation: act },
+            "Sub" => OpKind::Sub { activation: act },
+            "Mul" => OpKind::Mul { activation: act },
+            _ => OpKind::Div { activation: act },
+        };
+        let out_name = n.out_name(0)?;
+        let y = match (self.value(n, 0)?, self.value(n, 1)?) {
+            (Value::Const(a), Value::Const(b)) => {
+                let c = fold_binary(n, &kind, &a, &b)?;
+                return self.bind(out_name, Value::Const(Rc::new(c)));
+            }
+            (Value::Act(a), Value::Const(c)) => {
+                if let Some(y) = self.fold_into_producer(&kind, &a, &c, false) {
+                    y
+                } else {
+                    self.binary_const(n, kind, &a, &c, false, Some(out_name))?
+                }
+            }
+            (Value::Const(c), Value::Act(a)) => {
+                if let Some(y) = self.fold_into_producer(&kind, &a, &c, true) {
+                    y
+                } else {
+                    self.binary_const(n, kind, &a, &c, true, Some(out_name))?
+                }
+            }
+            (Value::Act(a), Value::Act(b)) => self.binary_acts(n, kind, &a, &b, out_name)?,
+        };
+        self.bind(out_name, Value::Act(y))
+    }
+
+    /// Folds `a op c` into the Conv / FC writing `a` when `c` is per output channel.
+    fn fold_into_producer(
+        &mut self,
+        kind: &OpKind,
+        a: &Act,
+        c: &Const,
+        const_first: bool,
+    ) -> Option<Act> {
+        let op = self.foldable(a)?;
+        if broadcast(&a.shape, &c.shape).as_deref() != Some(&a.shape[..]) {
+            return None;
+        }
+        let v = self.per_channel(a, c)?;
+        let zeros = vec![0.0; v.len()];
+        match (kind, const_first) {
+            (OpKind::Add { .. }, _) => self.fold_affine(op, None, &v),
+            (OpKind::Sub { .. }, false) => {
+                self.fold_affine(op, None, &v.iter().map(|x| -x).collect::<Vec<_>>())
+            }
+            (OpKind::Mul { .. }, _) => self.fold_affine(op, Some(&v), &zeros),
+            (OpKind::Div { .. }, false) if v.iter().all(|&x| x != 0.0) => self.fold_affine(
+                op,
+                Some(&v.iter().map(|x| 1.0 / x).collect::<Vec<_>>()),
+                &zeros,
+            ),
+            _ => return None,
+        }
+        Some(a.clone())
+    }
+
+    /// A constant laid out to broadcast against an activation stored in layout `perm` of rank
+    /// `r` (leading unit dimensions dropped).
+    fn const_layout(&self, c: &Const, r: usize, perm: &[usize]) -> Const {
+        let mut shape = vec![1; r.saturating_sub(c.shape.len())];
+        shape.extend(&c.shape);
+        let full = c.reshaped(shape).permuted(perm);
+        let lead = full
+            .shape
+            .iter()
+            .take_while(|&&d| d == 1)
+            .count()
+            .min(full.shape.len().saturating_sub(1));
+        let s = full.shape[lead..].to_vec();
+        let s = if s.is_empty() { vec![1] } else { s };
+        full.reshaped(s)
+    }
+
+    fn binary_const(
+        &mut self,
+        n: &Node<'_>,
+        kind: OpKind,
+        a: &Act,
+        c: &Const,
+        const_first: bool,
+        out_name: Option<&str>,
+    ) -> Result<Act> {
+        let Some(shape) = broadcast(&a.shape, &c.shape) else {
+            return n.malformed(format!(
+                "shapes {:?} and {:?} do not broadcast",
+                a.shape, c.shape
+            ));
+        };
+        if !c.is_float() {
+            return n.unsupported(format!("a constant of type {}", type_name(c.ty)));
+        }
+        let int8_kind = matches!(
+            kind,
+            OpKind::Add { .. } | OpKind::Mul { .. } | OpKind::Sub { .. }
+        );
+        let qo = match out_name {
+            Some(o) if int8_kind && self.is_q(a) => self.next_quant(o, true),
+            _ => None,
+        };
+        let cq = c
+            .quant
+            .as_ref()
+            .is_some_and(|q| q.scales.len() == 1 && q.raw_ty == dt::INT8);
+        let int8 = qo.filter(|_| cq);
+        if int8.is_none() {
+            self.note_float(n, &[a]);
+        }
+        let a = if int8.is_some() {
+            self.uncols(a)
+        } else {
+            let f = self.float_act(a);
+            self.uncols(&f)
+        };
+        let r = shape.len();
+        let (a, perm) = if a.rank() == r {
+            let p = a.perm.clone();
+            (a, p)
+        } else {
+            let mut s = vec![1; r - a.rank()];
+            s.extend(&a.shape);
+            let u = self.reshape_act(&a, &s);
+            let p = preferred_perm(r);
+            (self.to_layout(&u, &p), p)
+        };
+        let cl = self.const_layout(c, r, &perm);
+        let name = format!("{}/operand", out_name.unwrap_or(&n.p.name));
+        let c_id = match int8 {
+            Some(_) => self.int8_tensor(&name, &cl),
+            None => Some(self.f32_tensor(&name, cl.shape.clone(), &cl.floats(), cl.f16)),
+        };
+        let Some(c_id) = c_id else {
+            return n.malformed("int8 operand is missing");
+        };
+        let phys = phys_shape(&shape, &perm);
+        let oname = out_name.map_or_else(|| format!("{}/sum", n.p.name), str::to_string);
+        let out = match int8 {
+            Some(q) => self.q_tensor(&oname, phys, q),
+            None => self.new_tensor(&oname, DType::F32, phys, None),
+        };
+        let inputs = if const_first {
+            vec![Some(c_id), Some(a.id)]
+        } else {
+            vec![Some(a.id), Some(c_id)]
+        };
+        self.push(kind, inputs, out);
+        Ok(Act {
+            id: out,
+            shape,
+            perm,
+            cols: None,
+            deq: int8.is_some(),
+            u8: false,
+        })
+    }
+
+    fn binary_acts(
+        &mut self,
+        n: &Node<'_>,
+        kind: OpKind,
+        a: &Act,
+        b: &Act,
+        out_name: &str,
+    ) -> Result<Act> {
+        let Some(shape) = broadcast(&a.shape, &b.shape) else {
+            return n.malformed(format!(
+                "shapes {:?} and {:?} do not broadcast",
+                a.shape, b.shape
+            ));
+        };
+        let int8_kind = matches!(
+            kind,
+            OpKind::Add { .. } | OpKind::Mul { .. } | OpKind::Sub { .. }
+        );
+        let qo = if int8_kind && self.is_q(a) && self.is_q(b) {
+            self.next_quant(out_name, true)
+        } else {
+            None
+        };
+        if qo.is_none() {
+            self.note_float(n, &[a, b]);
+        }
+        let (a, b) = if qo.is_some() {
+            (self.uncols(a), self.uncols(b))
+        } else {
+            let (fa, fb) = (self.float_act(a), self.float_act(b));
+            (self.uncols(&fa), self.uncols(&fb))
+        };
+        let r = shape.len();
+        let perm = if a.rank() == r {
+            a.perm.clone()
+        } else if b.rank() == r {
+            b.perm.clone()
+        } else {
+            preferred_perm(r)
+        };
+        let mut ids = Vec::with_capacity(2);
+        for x in [&a, &b] {
+            let x = if x.rank() < r {
+                let mut s = vec![1; r - x.rank()];
+                s.extend(&x.shape);
+                self.reshape_act(x, &s)
+            } else {
+                x.clone()
+            };
+            ids.push(Some(self.to_layout(&x, &perm).id));
+        }
+        let phys = phys_shape(&shape, &perm);
+        let out = match qo {
+            Some(q) => self.q_tensor(out_name, phys, q),
+            None => self.new_tensor(out_name, DType::F32, phys, None),
+        };
+        self.push(kind, ids, out);
+        Ok(Act {
+            id: out,
+            shape,
+            perm,
+            cols: None,
+            deq: qo.is_some(),
+            u8: false,
+        })
+    }
+
+    fn op_prelu(&mut self, n: &Node<'_>) -> Result<()> {
+        n.check_attrs(&[])?;
+        n.arity(2, 2)?;
+        let x = self.act_in(n, 0)?;
+        let slope = self.const_in(n, 1, "slope")?;
+        if broadcast(&x.shape, &slope.shape).as_deref() != Some(&x.shape[..]) || !slope.is_float() {
+            return n.malformed(format!(
+                "slope of shape {:?} does not broadcast to the input's {:?}",
+                slope.shape, x.shape
+            ));
+        }
+        self.note_float(n, &[&x]);
+        let x = self.float_act(&x);
+        let x = self.uncols(&x);
+        let cl = self.const_layout(&slope, x.rank(), &x.perm);
+        let out_name = n.out_name(0)?;
+        let s_id = self.f32_tensor(
+            &format!("{out_name}/slope"),
+            cl.shape.clone(),
+            &cl.floats(),
+            cl.f16,
+        );
+        let phys = self.g.tensors[x.id].shape.clone();
+        let out = self.new_tensor(out_name, DType::F32, phys, None);
+        self.push(OpKind::PRelu, vec![Some(x.id), Some(s_id)], out);
+        self.bind(out_name, Value::Act(Act { id: out, ..x }))
+    }
+
+    fn op_unary(&mut self, n: &Node<'_>) -> Result<()> {
+        let op = n.op().to_string();
+        match op.as_str() {
+            "LeakyRelu" => n.check_attrs(&["alpha"])?,
+            "HardSigmoid" => n.check_attrs(&["alpha", "beta"])?,
+            "Clip" if n.opset < 11 => n.check_attrs(&["min", "max"])?,
+            _ => n.check_attrs(&[])?,
+        }
+        if op == "Clip" && n.opset >= 11 {
+            n.arity(1, 3)?;
+        } else {
+            n.arity(1, 1)?;
+        }
+        let (kind, fused) = match op.as_str() {
+            "Relu" => (OpKind::Relu, Some(Activation::Relu)),
+            "Sigmoid" => (OpKind::Logistic, None),
+            "Tanh" => (OpKind::Tanh, None),
+            "HardSwish" => (OpKind::HardSwish, None),
+            "LeakyRelu" => (
+                OpKind::LeakyRelu {
+                    alpha: n.float("alpha", 0.01)?,
+                },
+                None,
+            ),
+            "HardSigmoid" => (
+                OpKind::HardSigmoid {
+                    alpha: n.float("alpha", 0.2)?,
+                    beta: n.float("beta", 0.5)?,
+                },
+                None,
+            ),
+            _ => {
+                let (min, max) = if n.opset < 11 {
+                    (
+                        n.float("min", f32::NEG_INFINITY)?,
+                        n.float("max", f32::INFINITY)?,
+                    )
+                } else {
+                    (
+                        self.scalar_in(n, 1, "min")?.unwrap_or(f32::NEG_INFINITY),
+                        self.scalar_in(n, 2, "max")?.unwrap_or(f32::INFINITY),
+                    )
+                };
+                if min.is_nan() || max.is_nan() {
+                    return n.malformed("min or max is NaN");
+                }
+                match (min, max) {
+                    (0.0, f32::INFINITY) => (OpKind::Relu, Some(Activation::Relu)),
+                    (0.0, 6.0) => (OpKind::Relu6, Some(Activation::Relu6)),
+                    (-1.0, 1.0) => (OpKind::Clamp { min, max }, Some(Activation::ReluN1To1)),
+                    _ => (OpKind::Clamp { min, max }, None),
+                }
+            }
+        };
+        let out_name = n.out_name(0)?;
+        let x = match self.value(n, 0)? {
+            Value::Const(c) if c.is_float() => {
+                let v: Vec<f32> = c.floats().iter().map(|&v| unary_fn(&kind, v)).collect();
+                let folded = Const {
+                    data: CData::F(v),
+                    quant: None,
+                    f16: false,
+                    ..(*c).clone()
+                };
+                return self.bind(out_name, Value::Const(Rc::new(folded)));
+            }
+            _ => self.act_in(n, 0)?,
+        };
+        if let Some(act) = fused {
+            if self.fuse(&x, act) {
+                return self.bind(out_name, Value::Act(x));
+            }
+        }
+        let qo = if self.is_q(&x) {
+            self.next_quant(out_name, false)
+        } else {
+            None
+        };
+        if qo.is_none() {
+            self.note_float(n, &[&x]);
+        }
+        let x = if qo.is_some() { x } else { self.float_act(&x) };
+        let phys = self.g.tensors[x.id].shape.clone();
+        // int8 LOGISTIC and TANH have fixed output quantization (then requantized).
+        let fixed = match kind {
+            OpKind::Logistic => Some((1.0 / 256.0, -128)),
+            OpKind::Tanh => Some((1.0 / 128.0, 0)),
+            _ => None,
+        };
+        let out = match qo {
+            Some(q) => self.q_tensor(out_name, phys, fixed.unwrap_or(q)),
+            None => self.new_tensor(out_name, DType::F32, phys, None),
+        };
+        self.push(kind, vec![Some(x.id)], out);
+        let mut y = Act { id: out, ..x };
+        if let Some(q) = qo {
+            y = self.requant(&y, q);
+        }
+        self.bind(out_name, Value::Act(y))
+    }
+
+    // --- shape ops -------------------------------------------------------------------------------
+
+    fn op_reshape(&mut self, n: &Node<'_>) -> Result<()> {
+        let op = n.op().to_string();
+        let axes_from_input = n.opset >= 13;
+        match op.as_str() {
+            "Reshape" => {
+                n.check_attrs(&["allowzero"])?;
+                n.arity(2, 2)?;
+            }
+            "Flatten" => {
+                n.check_attrs(&["axis"])?;
+                n.arity(1, 1)?;
+            }
+            _ if axes_from_input => {
+                n.check_attrs(&[])?;
+                n.arity(1, 2)?;
+            }
+            _ => {
+                n.check_attrs(&["axes"])?;
+                n.arity(1, 1)?;
+            }
+        }
+        let v = self.value(n, 0)?;
+        let shape = match &v {
+            Value::Const(c) => c.shape.clone(),
+            Value::Act(a) => a.shape.clone(),
+        };
+        let r = shape.len();
+        let count = elements(&shape).unwrap_or(0);
+        let out: Vec<usize> = match op.as_str() {
+            "Reshape" => {
+                let Some(spec) = self.ints_in(n, 1, "shape")? else {
+                    return n.malformed("has no shape input");
+                };
+                let allowzero = n.int("allowzero", 0)? != 0;
+                let mut out = Vec::with_capacity(spec.len());
+                let mut infer = None;
+                for (i, &s) in spec.iter().enumerate() {
+                    match s {
+                        -1 if infer.is_none() => {
+                            infer = Some(i);
+                            out.push(1);
+                        }
+                        0 if !allowzero => match shape.get(i) {
+                            Some(&d) => out.push(d),
+                            None => {
+                                return n.malformed(format!(
+                                    "shape {spec:?} copies dimension {i} of a rank-{r} input"
+                                ))
+                            }
+                        },
+                        s => match usize::try_from(s) {
+                            Ok(d) => out.push(d),
+                            Err(_) => return n.malformed(format!("shape {spec:?}")),
+                        },
+                    }
+                }
+                if let Some(i) = infer {
+                    let known = elements(&out).unwrap_or(0);
+                    if known == 0 || count % known != 0 {
+                        return n.malformed(format!(
+                            "cannot infer -1 in shape {spec:?} for {count} elements"
+                        ));
+                    }
+                    out[i] = count / known;
+                }
+                out
+            }
+            "Flatten" => {
+                let a = n.int("axis", 1)?;
+                let ri = i64::try_from(r).unwrap_or(i64::MAX);
+                let axis = if a < 0 { a + ri } else { a };
+                let Some(axis) = usize::try_from(axis).ok().filter(|&x| x <= r) else {
+                    return n.malformed(format!("axis {a} is outside rank {r}"));
+                };
+                vec![
+                    shape[..axis].iter().product(),
+                    shape[axis..].iter().product(),
+                ]
+            }
+            "Squeeze" => {
+                let list = if axes_from_input {
+                    self.ints_in(n, 1, "axes")?
+                } else {
+                    n.ints("axes")?
+                };
+                let axes = match list {
+                    Some(l) => n.axes(&l, r)?,
+                    None => (0..r).filter(|&i| shape[i] == 1).collect(),
+                };
+                if let Some(&a) = axes.iter().find(|&&a| shape[a] != 1) {
+                    return n.malformed(format!("squeezes axis {a} of size {}", shape[a]));
+                }
+                (0..r)
+                    .filter(|i| !axes.contains(i))
+                    .map(|i| shape[i])
+                    .collect()
+            }
+            _ => {
+                let list = if axes_from_input {
+                    self.ints_in(n, 1, "axes")?
+                } else {
+                    n.ints("axes")?
+                };
+                let Some(l) = list else {
+                    return n.malformed("has no axes");
+                };
+                let axes = n.axes(&l, r + l.len())?;
+                let mut rest = shape.iter();
+                (0..r + l.len())
+                    .map(|i| {
+                        if axes.contains(&i) {
+                            1
+                        } else {
+                            rest.next().copied().unwrap_or(1)
+                        }
+                    })
+                    .collect()
+            }
+        };
+        if elements(&out) != Some(count) {
+            return n.malformed(format!("reshapes {shape:?} to {out:?}"));
+        }
+        let out_name = n.out_name(0)?;
+        let y = match v {
+            Value::Const(c) => Value::Const(Rc::new(c.reshaped(out))),
+            Value::Act(a) => Value::Act(match self.cols_flatten(&a, &out, out_name) {
+                Some(y) => y,
+                None => self.reshape_act(&a, &out),
+            }),
+        };
+        self.bind(out_name, y)
+    }
+
+    /// A flatten to `[M, K]` of a tensor stored out of order that only feeds MatMul / Gemm
+    /// with constant weights: a plain reshape, the weights' columns permuted later.
+    fn cols_flatten(&mut self, a: &Act, out: &[usize], out_name: &str) -> Option<Act> {
+        if a.cols.is_some()
+            || a.rank() < 3
+            || out.len() != 2
+            || a.perm.first() != Some(&0)
+            || out[0] != a.shape[0]
+        {
+            return None;
+        }
+        let inner_perm: Vec<usize> = a.perm[1..].iter().map(|p| p - 1).collect();
+        let inner = a.shape[1..].to_vec();
+        if is_sorted(&nonunit_order(&inner, &inner_perm))
+            || self.outputs.iter().any(|o| o == out_name)
+        {
+            return None;
+        }
+        let users = self.consumers.get(out_name)?;
+        for &u in users {
+            let p = self.nodes.get(u)?;
+            let node = Node {
+                index: u,
+                p,
+                opset: self.opset,
+            };
+            let ok = match p.op_type.as_str() {
+                "MatMul" => true,
+                "Gemm" => node.int("transA", 0).ok() == Some(0),
+                _ => false,
+            };
+            let b_const = p
+                .input
+                .get(1)
+                .is_some_and(|b| matches!(self.values.get(b), Some(Value::Const(_))));
+            if !ok
+                || !b_const
+                || p.input.first().map(String::as_str) != Some(out_name)
+                || p.input.get(1).map(String::as_str) == Some(out_name)
+            {
+                return None;
+            }
+        }
+        let id = self.phys_reshape(a.id, out.to_vec());
+        Some(Act {
+            id,
+            shape: out.to_vec(),
+            perm: vec![0, 1],
+            cols: Some(Cols {
+                inner,
+                perm: inner_perm,
+            }),
+            deq: a.deq,
+            u8: a.u8,
+        })
+    }
+
+    fn op_transpose(&mut self, n: &Node<'_>) -> Result<()> {
+        n.check_attrs(&["perm"])?;
+        n.arity(1, 1)?;
+        let v = self.value(n, 0)?;
+        let r = match &v {
+            Value::Const(c) => c.shape.len(),
+            Value::Act(a) => a.rank(),
+        };
+        let t: Vec<usize> = match n.ints("perm")? {
+            Some(p) => p
+                .iter()
+                .map(|&x| usize::try_from(x).unwrap_or(usize::MAX))
+                .collect(),
+            None => (0..r).rev().collect(),
+        };
+        if !is_perm(&t, r) {
+            return n.malformed(format!("perm {t:?} is not a permutation of rank {r}"));
+        }
+        let y = match v {
+            Value::Const(c) => Value::Const(Rc::new(c.permuted(&t))),
+            Value::Act(a) => Value::Act(self.transposed(&a, &t)),
+        };
+        self.bind(n.out_name(0)?, y)
+    }
+
+    fn op_concat(&mut self, n: &Node<'_>) -> Result<()> {
+        n.check_attrs(&["axis"])?;
+        if n.p.input.is_empty() {
+            return n.malformed("has no inputs");
+        }
+        n.arity(1, usize::MAX)?;
+        let vals: Vec<Value> = (0..n.p.input.len())
+            .map(|i| self.value(n, i))
+            .collect::<Result<_>>()?;
+        let shapes: Vec<Vec<usize>> = vals
+            .iter()
+            .map(|v| match v {
+                Value::Const(c) => c.shape.clone(),
+                Value::Act(a) => a.shape.clone(),
+            })
+            .collect();
+        let r = shapes[0].len();
+        let Some(axis_attr) = n.attr("axis").map(|_| n.int("axis", 0)).transpose()? else {
+            return n.malformed("has no axis");
+        };
+        let axis = n.axis(axis_attr, r)?;
+        let mut out = shapes[0].clone();
+        out[axis] = 0;
+        for s in &shapes {
+            if s.len() != r || (0..r).any(|d| d != axis && s[d] != shapes[0][d]) {
+                return n.malformed(format!(
+                    "inputs of shapes {shapes:?} do not fit along axis {axis}"
+                ));
+            }
+            out[axis] += s[axis];
+        }
+        let out_name = n.out_name(0)?;
+        if vals.iter().all(|v| matches!(v, Value::Const(_))) {
+            let consts: Vec<Rc<Const>> = vals
+                .iter()
+                .filter_map(|v| {
+                    if let Value::Const(c) = v {
+                        Some(c.clone())
+                    } else {
+                        None
+                    }
+                })
+                .collect();
+            let c = fold_concat(n, &consts, axis, out)?;
+            return self.bind(out_name, Value::Const(Rc::new(c)));
+        }
+        let acts: Vec<&Act> = vals
+            .iter()
+            .filter_map(|v| if let Value::Act(a) = v { Some(a) } else { None })
+            .collect();
+        let all_q = vals
+            .iter()
+            .all(|v| matches!(v, Value::Act(a) if self.is_q(a)));
+        let target_q = if all_q {
+            self.next_quant(out_name, false)
+                .or_else(|| acts.first().and_then(|a| self.quant_of(a.id)))
+        } else {
+            None
+        };
+        if target_q.is_none() {
+            self.note_float(n, &acts);
+        }
+        let first = acts.first().map(|a| (*a).clone());
+        let perm = match first {
+            Some(a) => self.uncols(&a).perm,
+            None => identity(r),
+        };
+        let mut ids = Vec::with_capacity(vals.len());
+        for v in &vals {
+            let id = match v {
+                Value::Const(c) => {
+                    if !c.is_float() {
+                        return n
+                            .unsupported(format!("a constant input of type {}", type_name(c.ty)));
+                    }
+                    let p = c.permuted(&perm);
+                    self.f32_tensor(
+                        &format!("{out_name}/const"),
+                        p.shape.clone(),
+                        &p.floats(),
+                        p.f16,
+                    )
+                }
+                Value::Act(a) => {
+                    let a = match target_q {
+                        Some(q) => self.requant(a, q),
+                        None => self.float_act(a),
+                    };
+                    self.to_layout(&a, &perm).id
+                }
+            };
+            ids.push(Some(id));
+        }
+        let phys = phys_shape(&out, &perm);
+        let out_id = match target_q {
+            Some(q) => self.q_tensor(out_name, phys, q),
+            None => self.new_tensor(out_name, DType::F32, phys, None),
+        };
+        let phys_axis = perm.iter().position(|&p| p == axis).unwrap_or(axis);
+        self.push(
+            OpKind::Concatenation {
+                axis: i64::try_from(phys_axis).unwrap_or(0),
+                activation: Activation::None,
+            },
+            ids,
+            out_id,
+        );
+        let y = Act {
+            id: out_id,
+            shape: out,
+            perm,
+            cols: None,
+            deq: target_q.is_some(),
+            u8: false,
+        };
+        self.bind(out_name, Value::Act(y))
+    }
+
+    fn op_pad(&mut self, n: &Node<'_>) -> Result<()> {
+        let from_inputs = n.opset >= 11;
+        if from_inputs {
+            n.check_attrs(&["mode"])?;
+            n.arity(2, 4)?;
+        } else {
+            n.check_attrs(&["mode", "pads", "value"])?;
+            n.arity(1, 1)?;
+        }
+        let mode = n.string("mode")?.unwrap_or_else(|| "constant".into());
+        if mode != "constant" {
+            return n.unsupported(format!("mode {mode:?} (Kiln pads with zeros only)"));
+        }
+        let x = self.act_in(n, 0)?;
+        let r = x.rank();
+        let (pads, value) = if from_inputs {
+            let value = self.scalar_in(n, 2, "constant_value").or_else(|e| {
+                // An integer pad value for float data is a type error; report it as such.
+                Err(e)
+            })?;
+            (
+                self.ints_in(n, 1, "pads")?.unwrap_or_default(),
+                value.unwrap_or(0.0),
+            )
+        } else {
+            (n.ints("pads")?.unwrap_or_default(), n.float("value", 0.0)?)
+        };
+        if value != 0.0 {
+            return n.unsupported(format!(
+                "constant value {value} (Kiln pads with zeros only)"
+            ));
+        }
+        let axes: Vec<usize> = match self.ints_in(n, 3, "axes")? {
+            Some(l) if from_inputs => n.axes(&l, r)?,
+            _ => identity(r),
+        };
+        if pads.len() != 2 * axes.len() {
+            return n.malformed(format!("pads {pads:?} for {} axes", axes.len()));
+        }
+        let mut full = vec![[0usize; 2]; r];
+        for (k, &a) in axes.iter().enumerate() {
+            let (Ok(b), Ok(e)) = (
+                usize::try_from(pads[k]),
+                usize::try_from(pads[k + axes.len()]),
+            ) else {
+                return n.unsupported(format!("negative pads {pads:?} (cropping)"));
+            };
+            full[a] = [b, e];
+        }
+        let out_name = n.out_name(0)?;
+        let x = self.uncols(&x);
+        if full.iter().all(|p| *p == [0, 0]) {
+            return self.bind(out_name, Value::Act(x));
+        }
+        let shape: Vec<usize> = x
+            .shape
+            .iter()
+            .zip(&full)
+            .map(|(&d, p)| d + p[0] + p[1])
+            .collect();
+        let paddings: Vec<[usize; 2]> = x.perm.iter().map(|&p| full[p]).collect();
+        let out = self.derived(x.id, "padded", phys_shape(&shape, &x.perm));
+        self.g.tensors[out].name = out_name.to_string();
+        self.push(OpKind::Pad { paddings }, vec![Some(x.id)], out);
+        let y = x.with(out, shape, x.perm.clone());
+        self.bind(out_name, Value::Act(y))
+    }
+
+    fn op_softmax(&mut self, n: &Node<'_>) -> Result<()> {
+        n.check_attrs(&["axis"])?;
+        n.arity(1, 1)?;
+        let x = self.act_in(n, 0)?;
+        let x = self.uncols(&x);
+        let r = x.rank();
+        if r == 0 {
+            return n.malformed("input is a scalar");
+        }
+        let legacy = n.opset < 13;
+        let axis = n.axis(n.int("axis", if legacy { 1 } else { -1 })?, r)?;
+        let group: Vec<usize> = if legacy {
+            (axis..r).collect()
+        } else {
+            vec![axis]
+        };
+        let out_name = n.out_name(0)?;
+        let qo = if self.is_q(&x) {
+            self.next_quant(out_name, false)
+        } else {
+            None
+        };
+        if qo.is_none() {
+            self.note_float(n, &[&x]);
+        }
+        let x = if qo.is_some() { x } else { self.float_act(&x) };
+        // Softmax runs over the last physical axes: move the group there (in its current order).
+        let mut target: Vec<usize> = x
+            .perm
+            .iter()
+            .copied()
+            .filter(|p| !group.contains(p))
+            .collect();
+        target.extend(x.perm.iter().copied().filter(|p| group.contains(p)));
+        let x = self.to_layout(&x, &target);
+        let inner: usize = group.iter().map(|&g| x.shape[g]).product();
+        let total = elements(&x.shape).unwrap_or(0);
+        let phys = self.g.tensors[x.id].shape.clone();
+        let flat = if group.len() > 1 {
+            self.phys_reshape(x.id, vec![total / inner.max(1), inner])
+        } else {
+            x.id
+        };
+        let flat_shape = self.g.tensors[flat].shape.clone();
+        let out = match qo {
+            Some(_) => self.q_tensor(out_name, flat_shape, (1.0 / 256.0, -128)),
+            None => self.new_tensor(out_name, DType::F32, flat_shape, None),
+        };
+        self.push(OpKind::Softmax { beta: 1.0 }, vec![Some(flat)], out);
+        let out = self.phys_reshape(out, phys);
+        let mut y = Act { id: out, ..x };
+        if let Some(q) = qo {
+            y = self.requant(&y, q);
+        }
+        self.bind(out_name, Value::Act(y))
+    }
+
+    fn op_batchnorm(&mut self, n: &Node<'_>) -> Result<()> {
+        n.check_attrs(&["epsilon", "momentum", "spatial", "training_mode", "is_test"])?;
+        n.arity(5, 5)?;
+        if n.int("training_mode", 0)? != 0 {
+            return n.unsupported("training mode");
+        }
+        if n.int("spatial", 1)? != 1 {
+            return n.unsupported("spatial=0");
+        }
+        let eps = n.float("epsilon", 1e-5)?;
+        let x = self.act_in(n, 0)?;
+        if x.rank() < 2 {
+            return n.malformed(format!("input of shape {:?}", x.shape));
+        }
+        let c = x.shape[1];
+        let mut p = Vec::with_capacity(4);
+        for (i, role) in [(1, "scale"), (2, "bias"), (3, "mean"), (4, "variance")] {
+            let v = self.const_in(n, i, role)?;
+            if v.len() != c || !v.is_float() {
+                return n.malformed(format!("{role} of shape {:?} for {c} channels", v.shape));
+            }
+            p.push(v.floats());
+        }
+        let a: Vec<f32> = (0..c).map(|i| p[0][i] / (p[3][i] + eps).sqrt()).collect();
+        let b: Vec<f32> = (0..c).map(|i| p[1][i] - p[2][i] * a[i]).collect();
+        let out_name = n.out_name(0)?;
+        if x.perm.last() == Some(&1) {
+            if let Some(op) = self.foldable(&x) {
+                self.fold_affine(op, Some(&a), &b);
+                return self.bind(out_name, Value::Act(x));
+            }
+        }
+        let mut shape = vec![c];
+        shape.extend(vec![1; x.rank() - 2]);
+        let mul = self.binary_const(
+            n,
+            OpKind::Mul {
+                activation: Activation::None,
+            },
+            &x,
+            &Const::float(shape.clone(), a),
+            false,
+            None,
+        )?;
+        let y = self.binary_const(
+            n,
+            OpKind::Add {
+                activation: Activation::None,
+            },
+            &mul,
+            &Const::float(shape, b),
+            false,
+            None,
+        )?;
+        self.g.tensors[y.id].name = out_name.to_string();
+        self.bind(out_name, Value::Act(y))
+    }
+
+    // --- quantization ----------------------------------------------------------------------------
+
+    fn op_quantize(&mut self, n: &Node<'_>) -> Result<()> {
+        let q = self.qparams(n, None)?;
+        if q.u8 && q.zero_points.iter().any(|z| !(-128..=127).contains(z))
+            || (!q.u8 && q.zero_points.iter().any(|z| !(-128..=127).contains(z)))
+        {
+            return n.malformed(format!(
+                "zero points {:?} are outside the quantized type",
+                q.zero_points
+            ));
+        }
+        let out_name = n.out_name(0)?;
+        let (lo, hi, shift) = if q.u8 { (0, 255, 128) } else { (-128, 127, 0) };
+        match self.value(n, 0)? {
+            Value::Const(c) => {
+                let v = c.floats();
+                let axis = if q.scales.len() > 1 {
+                    n.axis(q.axis, c.shape.len())?
+                } else {
+                    0
+                };
+                if q.scales.len() > 1 && c.shape.get(axis) != Some(&q.scales.len()) {
+                    return n.malformed(format!(
+                        "{} scales along axis {axis} of shape {:?}",
+                        q.scales.len(),
+                        c.shape
+                    ));
+                }
+                let inner: usize = c.shape.get(axis + 1..).unwrap_or_default().iter().product();
+                let vals: Vec<i64> = v
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &x)| {
+                        let ch = if q.scales.len() > 1 {
+                            (i / inner.max(1)) % q.scales.len()
+                        } else {
+                            0
+                        };
+                        let qv =
+                            (x / q.scales[ch]).round_ties_even() as i64 + q.zero_points[ch] + shift;
+                        qv.clamp(lo, hi)
+                    })
+                    .collect();
+                let ty = if q.u8 { dt::UINT8 } else { dt::INT8 };
+                self.bind(
+                    out_name,
+                    Value::Const(Rc::new(Const::int(ty, c.shape.clone(), vals))),
+                )
+            }
+            Value::Act(x) => {
+                if q.scales.len() != 1 {
+                    return n.unsupported("per-axis quantization of an activation");
+                }
+                let qp = (q.scales[0], q.zero_points[0]);
+                let y = if self.is_q(&x) {
+                    self.requant(&x, qp)
+                } else if self.dtype(x.id) == DType::F32 {
+                    let phys = self.g.tensors[x.id].shape.clone();
+                    let id = self.q_tensor(out_name, phys, qp);
+                    self.push(OpKind::Quantize, vec![Some(x.id)], id);
+                    Act { id, ..x }
+                } else {
+                    return n.malformed("quantizes an integer tensor");
+                };
+                self.bind(
+                    out_name,
+                    Value::Act(Act {
+                        deq: false,
+                        u8: q.u8,
+                        ..y
+                    }),
+                )
+            }
+        }
+    }
+
+    fn op_dequantize(&mut self, n: &Node<'_>) -> Result<()> {
+        let out_name = n.out_name(0)?;
+        match self.value(n, 0)? {
+            Value::Const(c) => {
+                let q = self.qparams(n, Some(c.ty))?;
+                let Some(raw) = c.ints() else {
+                    return n.malformed("dequantizes a float tensor");
+                };
+                let axis = if q.scales.len() > 1 {
+                    n.axis(q.axis, c.shape.len())?
+                } else {
+                    0
+                };
+                if q.scales.len() > 1 && c.shape.get(axis) != Some(&q.scales.len()) {
+                    return n.malformed(format!(
+                        "{} scales along axis {axis} of shape {:?}",
+                        q.scales.len(),
+                        c.shape
+                    ));
+                }
+                let shift = if q.u8 { 128 } else { 0 };
+                let raw: Vec<i64> = raw.iter().map(|&r| r - shift).collect();
+                let inner: usize = c.shape.get(axis + 1..).unwrap_or_default().iter().product();
+                let f: Vec<f32> = raw
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &r)| {
+                        let ch = if q.scales.len() > 1 {
+                            (i / inner.max(1)) % q.scales.len()
+                        } else {
+                            0
+                        };
+                        q.scales[ch] * (r - q.zero_points[ch]) as f32
+                    })
+                    .collect();
+                let raw_ty = if c.ty == dt::INT32 {
+                    dt::INT32
+                } else {
+                    dt::INT8
+                };
+                let out = Const {
+                    ty: dt::FLOAT,
+                    shape: c.shape.clone(),
+                    data: CData::F(f),
+                    f16: false,
+                    quant: Some(CQuant {
+                        raw,
+                        raw_ty,
+                        scales: q.scales.clone(),
+                        zero_points: q.zero_points.clone(),
+                        axis,
+                    }),
+                };
+                self.bind(out_name, Value::Const(Rc::new(out)))
+            }
+            Value::Act(x) => {
+                if self.dtype(x.id) != DType::I8 || x.deq {
+                    return n.malformed("dequantizes a float tensor");
+                }
+                let q = self.qparams(n, Some(if x.u8 { dt::UINT8 } else { dt::INT8 }))?;
+                if q.scales.len() != 1 {
+                    return n.unsupported("per-axis dequantization of an activation");
+                }
+                let qp = (q.scales[0], q.zero_points[0]);
+                match self.quant_of(x.id) {
+                    Some(have) if have == qp => {}
+                    Some(have) => {
+                        return n.unsupported(format!(
+                            "dequantizes with scale {} and zero point {} a tensor quantized with scale {} and zero point {}",
+                            qp.0, qp.1, have.0, have.1
+                        ))
+                    }
+                    None => {
+                        self.g.tensors[x.id].quant = Some(QuantInfo {
+                            scales: vec![qp.0],
+                            zero_points: vec![qp.1],
+                            axis: 0,
+                        });
+                    }
+                }
+                self.bind(out_name, Value::Act(Act { deq: true, ..x }))
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Free helpers.
+// ---------------------------------------------------------------------------------------------
+
+/// A 2-D sliding window (1-D windows have height 1).
+#[derive(Clone, Copy, Debug)]
+struct Win {
+    input: [usize; 2],
+    kernel: [usize; 2],
+    stride: [usize; 2],
+    dilation: [usize; 2],
+    begin: [usize; 2],
+    end: [usize; 2],
+    out: [usize; 2],
+}
+
+impl Win {
+    fn unit() -> Win {
+        Win {
+            input: [1; 2],
+            kernel: [1; 2],
+            stride: [1; 2],
+            dilation: [1; 2],
+            begin: [0; 2],
+            end: [0; 2],
+            out: [1; 2],
+        }
+    }
+
+    fn eff(&self, i: usize) -> usize {
+        (self.kernel[i] - 1) * self.dilation[i] + 1
+    }
+
+    /// The IR padding that computes exactly this window, if any: VALID when no window reads
+    /// padding, SAME when the output size and the top/left padding are TFLite's.
+    fn padding(&self) -> Option<Padding> {
+        let valid = (0..2).all(|i| {
+            self.begin[i] == 0
+                && self.input[i] >= self.eff(i)
+                && self.out[i] == (self.input[i] - self.eff(i)) / self.stride[i] + 1
+        });
+        if valid {
+            return Some(Padding::Valid);
+        }
+        let same = (0..2).all(|i| {
+            self.out[i] == self.input[i].div_ceil(self.stride[i])
+                && self.begin[i]
+                    == same_padding(
+                        Padding::Same,
+                        self.stride[i],
+                        self.dilation[i],
+                        self.input[i],
+                        self.kernel[i],
+                        self.out[i],
+                    )
+        });
+        same.then_some(Padding::Same)
+    }
+}
+
+/// Type and static shape of a graph input (a dynamic batch dimension becomes 1).
+fn input_type(vi: &pb::ValueInfoProto) -> Result<(i32, Vec<usize>)> {
+    let name = &vi.name;
+    let Some(pb::type_proto::Value::TensorType(t)) =
+        vi.r#type.as_ref().and_then(|t| t.value.as_ref())
+    else {
+        return unsupported(format!("graph input '{name}' is not a tensor"));
+    };
+    let Some(shape) = &t.shape else {
+        return unsupported(format!("graph input '{name}' has no shape"));
+    };
+    let mut dims = Vec::with_capacity(shape.dim.len());
+    for (i, d) in shape.dim.iter().enumerate() {
+        use pb::tensor_shape_proto::dimension::Value as D;
+        match &d.value {
+            Some(D::DimValue(v)) if *v > 0 => dims.push(usize::try_from(*v).unwrap_or(usize::MAX)),
+            Some(D::DimValue(v)) if *v < 0 => {
+                return malformed(format!("graph input '{name}' has dimension {v}"));
+            }
+            _ if i == 0 => dims.push(1),
+            other => {
+                let what = match other {
+                    Some(D::DimParam(p)) => format!("'{p}'"),
+                    _ => "unknown".into(),
+                };
+                return unsupported(format!(
+                    "graph input '{name}' has a dynamic dimension {i} ({what}); only the batch \
+                     dimension may be dynamic (give the model static input shapes)"
+                ));
+            }
+        }
+    }
+    if elements(&dims).is_none_or(|e| e > 1 << 30) {
+        return unsupported(format!(
+            "graph input '{name}' of shape {dims:?} is too large"
+        ));
+    }
+    Ok((t.elem_type, dims))
+}
+
+/// A float element-wise function, for folding constants.
+fn unary_fn(kind: &OpKind, x: f32) -> f32 {
+    match *kind {
+        OpKind::Relu => x.max(0.0),
+        OpKind::Relu6 => x.clamp(0.0, 6.0),
+        OpKind::Logistic => 1.0 / (1.0 + (-x).exp()),
+        OpKind::Tanh => x.tanh(),
+        OpKind::HardSwish => x * (x + 3.0).clamp(0.0, 6.0) / 6.0,
+        OpKind::LeakyRelu { alpha } => {
+            if x >= 0.0 {
+                x
+            } else {
+                alpha * x
+            }
+        }
+        OpKind::HardSigmoid { alpha, beta } => (alpha * x + beta).clamp(0.0, 1.0),
+        OpKind::Clamp { min, max } => x.max(min).min(max),
+        _ => x,
+    }
+}
+
+fn fold_binary(n: &Node<'_>, kind: &OpKind, a: &Const, b: &Const) -> Result<Const> {
+    let Some(shape) = broadcast(&a.shape, &b.shape) else {
+        return n.malformed(format!(
+            "shapes {:?} and {:?} do not broadcast",
+            a.shape, b.shape
+        ));
+    };
+    match (&a.data, &b.data) {
+        (CData::I(x), CData::I(y)) => {
+            if matches!(kind, OpKind::Div { .. }) && y.contains(&0) {
+                return n.malformed("divides by zero");
+            }
+            let f = |p: i64, q: i64| match kind {
+                OpKind::Add { .. } => p.wrapping_add(q),
+                OpKind::Sub { .. } => p.wrapping_sub(q),
+                OpKind::Mul { .. } => p.wrapping_mul(q),
+                _ => p.checked_div(q).unwrap_or(0),
+            };
+            let v = broadcast_apply(x, &a.shape, y, &b.shape, &shape, f);
+            Ok(Const::int(a.ty, shape, v))
+        }
+        (CData::F(x), CData::F(y)) => {
+            let f = |p: f32, q: f32| match kind {
+                OpKind::Add { .. } => p + q,
+                OpKind::Sub { .. } => p - q,
+                OpKind::Mul { .. } => p * q,
+                _ => p / q,
+            };
+            let v = broadcast_apply(x, &a.shape, y, &b.shape, &shape, f);
+            Ok(Const {
+                f16: a.f16 && b.f16,
+                ..Const::float(shape, v)
+            })
+        }
+        _ => n.malformed(format!(
+            "operands have different types ({} and {})",
+            type_name(a.ty),
+            type_name(b.ty)
+        )),
+    }
+}
+
+fn fold_concat(n: &Node<'_>, cs: &[Rc<Const>], axis: usize, shape: Vec<usize>) -> Result<Const> {
+    let outer: usize = shape[..axis].iter().product();
+    let float = cs.iter().all(|c| c.is_float());
+    if !float && !cs.iter().all(|c| !c.is_float()) {
+        return n.malformed("concatenates constants of different types");
+    }
+    let chunk = |c: &Const| -> usize { c.shape[axis..].iter().product() };
+    if float {
+        let mut v = Vec::new();
+        for o in 0..outer {
+            for c in cs {
+                let k = chunk(c);
+                v.extend_from_slice(c.floats().get(o * k..(o + 1) * k).unwrap_or_default());
+            }
+        }
+        Ok(Const::float(shape, v))
+    } else {
+        let mut v = Vec::new();
+        for o in 0..outer {
+            for c in cs {
+                let k = chunk(c);
+                v.extend_from_slice(
+                    c.ints()
+                        .unwrap_or_default()
+                        .get(o * k..(o + 1) * k)
+                        .unwrap_or_default(),
+                );
+            }
+        }
+        Ok(Const::int(cs[0].ty, shape, v))
+    }
+}

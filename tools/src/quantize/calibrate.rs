@@ -41,16 +41,28 @@ pub struct Calibration {
     pub samples: usize,
 }
 
-/// A float graph ready to run with all its intermediates readable.
-pub struct FloatRunner {
+#[derive(Clone, Copy, Debug)]
+struct Activation {
+    id: TensorId,
+    offset: usize,
+    count: usize,
+    dtype: DType,
+    scale: f32,
+    zero_point: i32,
+}
+
+/// A graph ready to run with all its intermediates readable as real values (int8 dequantized,
+/// f16 widened).
+pub struct ActivationRunner {
     artifact: AlignedBytes,
     arena: AlignedBytes,
-    /// (IR tensor id, arena offset, element count) of every activation.
-    activations: Vec<(TensorId, usize, usize)>,
+    /// Every activation: IR tensor id, arena offset, element count, type and int8 quantization.
+    activations: Vec<Activation>,
+    scratch: Vec<f32>,
     input_elements: usize,
 }
 
-impl FloatRunner {
+impl ActivationRunner {
     /// Lowers a float graph for calibration.
     ///
     /// # Errors
@@ -87,23 +99,30 @@ impl FloatRunner {
             let Some(idx) = idx else { continue };
             let t = model.tensor(*idx)?;
             if let Location::Arena { offset, .. } = t.location {
-                if t.dtype != DType::F32 {
+                if t.dtype == DType::I32 {
                     bail!(
-                        "calibration needs a float graph, but tensor `{}` is {}",
-                        g.tensors[id].name,
-                        t.dtype.name()
+                        "tensor `{}` is int32, which has no real value",
+                        g.tensors[id].name
                     );
                 }
-                activations.push((id, offset as usize, element_count(&t)));
+                activations.push(Activation {
+                    id,
+                    offset: offset as usize,
+                    count: element_count(&t),
+                    dtype: t.dtype,
+                    scale: t.quant.map_or(1.0, |q| q.scale),
+                    zero_point: t.quant.map_or(0, |q| q.zero_point),
+                });
             }
         }
         let input_elements = g.tensors[g.inputs[0]].elements();
         let arena = AlignedBytes::zeroed(model.arena_bytes());
-        Ok(FloatRunner {
+        Ok(ActivationRunner {
             artifact,
             arena,
             activations,
             input_elements,
+            scratch: Vec::new(),
         })
     }
 
@@ -127,9 +146,30 @@ impl FloatRunner {
             interp.invoke()?;
         }
         let arena = self.arena.as_slice();
-        for &(id, offset, n) in &self.activations {
-            let values: &[f32] = bytemuck::cast_slice(&arena[offset..offset + 4 * n]);
-            visit(id, values);
+        for a in &self.activations {
+            let bytes = &arena[a.offset..a.offset + a.count * a.dtype.size()];
+            match a.dtype {
+                DType::F32 => visit(a.id, bytemuck::cast_slice(bytes)),
+                DType::F16 => {
+                    self.scratch.clear();
+                    self.scratch.extend(
+                        bytes
+                            .chunks_exact(2)
+                            .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()),
+                    );
+                    visit(a.id, &self.scratch);
+                }
+                DType::I8 => {
+                    self.scratch.clear();
+                    self.scratch.extend(
+                        bytes
+                            .iter()
+                            .map(|&b| a.scale * ((b as i8) as i32 - a.zero_point) as f32),
+                    );
+                    visit(a.id, &self.scratch);
+                }
+                DType::I32 => {}
+            }
         }
         Ok(())
     }
@@ -160,7 +200,7 @@ pub fn calibrate(
     mut progress: impl FnMut(usize, usize),
 ) -> Result<Calibration> {
     let data = samples_f32(x)?;
-    let mut runner = FloatRunner::new(g)?;
+    let mut runner = ActivationRunner::new(g)?;
     let per = runner.input_elements();
     if data.is_empty() {
         bail!("the calibration set is empty\nhint: pass at least one sample (a few hundred are typical)");

@@ -115,6 +115,43 @@ pub struct LayerRow {
     pub macs: u64,
     /// Parameters (weights and biases).
     pub params: usize,
+    /// Bytes of the op's output activation in the result.
+    pub output_bytes: usize,
+    /// SQNR of the op's output against the float model, over the first calibration samples
+    /// (dB; infinite when identical).
+    pub sqnr_db: f64,
+}
+
+/// Per-op output SQNR of `q` against the float graph `g` (same activation ids) over `samples`.
+fn layer_sqnr(g: &Graph, q: &Graph, x: &[f32], per: usize, samples: usize) -> Result<Vec<f64>> {
+    let mut fr = super::calibrate::ActivationRunner::new(g)?;
+    let mut qr = super::calibrate::ActivationRunner::new(q)?;
+    let mut signal = vec![0f64; g.tensors.len()];
+    let mut noise = vec![0f64; g.tensors.len()];
+    let mut reference: Vec<Vec<f32>> = vec![Vec::new(); g.tensors.len()];
+    for s in 0..samples {
+        let sample = &x[s * per..(s + 1) * per];
+        fr.run(sample, |id, v| reference[id] = v.to_vec())?;
+        qr.run(sample, |id, v| {
+            if let Some(r) = reference.get(id).filter(|r| r.len() == v.len()) {
+                for (&a, &b) in r.iter().zip(v) {
+                    signal[id] += (a as f64).powi(2);
+                    noise[id] += (a as f64 - b as f64).powi(2);
+                }
+            }
+        })?;
+    }
+    Ok(g.ops
+        .iter()
+        .map(|op| {
+            let id = op.outputs[0];
+            if noise[id] == 0.0 {
+                f64::INFINITY
+            } else {
+                10.0 * (signal[id] / noise[id]).log10()
+            }
+        })
+        .collect())
 }
 
 /// What `kiln quantize` reports.
@@ -422,6 +459,13 @@ pub fn quantize(
         .filter(|(_, p)| **p == OpPrecision::Int8)
         .map(|(op, _)| layer_macs(&g, op))
         .sum();
+    let sqnr = layer_sqnr(
+        &g,
+        &qgraph,
+        calib_data,
+        per,
+        (calib_data.len() / per).min(8),
+    )?;
     let float_name = if req.precision == Precision::Fp16 || req.precision == Precision::Auto {
         "fp16"
     } else {
@@ -447,6 +491,9 @@ pub fn quantize(
                 .filter(|&&t| g.tensors[t].data.is_some())
                 .map(|&t| g.tensors[t].elements())
                 .sum(),
+            output_bytes: qgraph.tensors[op.outputs[0]].elements()
+                * qgraph.tensors[op.outputs[0]].dtype.size(),
+            sqnr_db: sqnr[i],
         })
         .collect();
     let metric = req.eval.as_ref().map(|e| e.metric);
