@@ -65,9 +65,24 @@ pub fn encode_self_tests(cases: &[(Vec<u8>, Vec<u8>)]) -> Result<Vec<u8>> {
 /// # Errors
 /// The graph does not lower.
 pub fn assemble_graph(g: &crate::ir::Graph, name: &str) -> Result<Vec<u8>> {
+    assemble_graph_with_lineage(g, name, serde_json::Value::Null)
+}
+
+/// [`assemble_graph`] with lineage entries merged into the MANIFEST's JSON.
+///
+/// # Errors
+/// The graph does not lower.
+pub fn assemble_graph_with_lineage(
+    g: &crate::ir::Graph,
+    name: &str,
+    lineage: serde_json::Value,
+) -> Result<Vec<u8>> {
     let lowered = lower(g)?;
-    let json =
-        serde_json::json!({ "name": name, "kiln_version": env!("CARGO_PKG_VERSION") }).to_string();
+    let mut json = serde_json::json!({ "name": name, "kiln_version": env!("CARGO_PKG_VERSION"), "arena_bytes": lowered.arena_bytes });
+    if let (Some(obj), serde_json::Value::Object(extra)) = (json.as_object_mut(), lineage) {
+        obj.extend(extra);
+    }
+    let json = json.to_string();
     let manifest = postcard::to_allocvec(&Manifest { name, json: &json })?;
     assemble(&lowered, &manifest, None)
 }

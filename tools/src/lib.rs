@@ -3,7 +3,9 @@
 
 pub mod artifact;
 pub mod convert;
+pub mod demo;
 pub mod eval;
+pub mod exec_candle;
 pub mod import;
 pub mod inspect;
 pub mod ir;
@@ -11,5 +13,7 @@ pub mod lower;
 pub mod npy;
 pub mod passes;
 pub mod plan;
+pub mod prune;
 pub mod quantize;
 pub mod runner;
+pub mod weights;

@@ -22,6 +22,21 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// Run Kiln end to end on a synthetic data set: train, export, quantize, report.
+    ///
+    /// Needs nothing outside the repository. Generates 16x16 images of four shapes (seeded),
+    /// trains a small CNN with candle on the CPU, exports it as a float .kiln, quantizes it to int8
+    /// and fp16 (calibration on training images, accuracy on the test images, 1 pt accuracy gate,
+    /// self-test vectors), and prints one row per artifact and the int8 per-layer table. Writes
+    /// demo-float.kiln, demo-int8.kiln, demo-fp16.kiln, test.npz and calib.npz into --out.
+    Demo {
+        /// Output folder.
+        #[arg(long, value_name = "DIR", default_value = "demo-out")]
+        out: PathBuf,
+        /// Print the report as JSON on stdout.
+        #[arg(long)]
+        json: bool,
+    },
     /// Convert a TFLite model into a .kiln artifact.
     ///
     /// Full-int8 models convert as they are (bit-exact with TFLM's reference kernels), float32
@@ -135,6 +150,37 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Prune a float model: zero the smallest weights, or remove whole channels.
+    ///
+    /// Without --structured, each conv / depthwise / fully-connected weight tensor loses the
+    /// --sparsity fraction of its smallest-magnitude weights (shapes stay; the report gives the
+    /// sparsity and the bitmap-sparse size). With --structured, --sparsity is the fraction of MACs
+    /// to remove: output channels of convs that feed exactly one other conv are removed (the
+    /// least energetic first, allocated across layers by measured damage), the next conv is
+    /// refitted by least squares on --calib, and MACs and activations really shrink. The output
+    /// is a float .kiln that `kiln quantize` takes as its input.
+    Prune {
+        /// The float model (.tflite, .onnx or float .kiln).
+        model: PathBuf,
+        /// Where to write the pruned float artifact.
+        #[arg(short, long, value_name = "OUT.kiln")]
+        output: PathBuf,
+        /// Fraction of weights to zero (unstructured) or of MACs to remove (structured), in [0, 1).
+        #[arg(long, value_name = "S")]
+        sparsity: f64,
+        /// Remove whole channels instead of single weights (needs --calib).
+        #[arg(long)]
+        structured: bool,
+        /// Calibration samples for the structured refit.
+        #[arg(long, value_name = "DATA.npz")]
+        calib: Option<PathBuf>,
+        /// Multiply uint8 sample values by this.
+        #[arg(long, value_name = "S")]
+        input_scale: Option<f32>,
+        /// Print the report as JSON on stdout.
+        #[arg(long)]
+        json: bool,
+    },
     /// Measure an artifact's accuracy on labelled data, and its agreement with a reference model.
     ///
     /// Float samples are quantized at the model's input edge with its own parameters. With
@@ -158,6 +204,25 @@ enum Command {
         /// Print the figures as JSON on stdout.
         #[arg(long)]
         json: bool,
+    },
+    /// Write every constant tensor of an artifact to a safetensors file.
+    ///
+    /// Use it to inspect the weights a device really runs with, in numpy
+    /// (`safetensors.numpy.load_file`) or torch (`safetensors.torch.load_file`). Tensors are named
+    /// `t{index}_{op}_{role}` after the artifact tensor index and the first op that reads them
+    /// (e.g. `t12_CONV_2D_weights`, `t13_CONV_2D_bias`) and keep their type (int8, int32, f32,
+    /// f16); the int8 scales and zero points are in the file's `quantization` metadata entry.
+    /// With --dequantize, int8 tensors become f32 `scale * (q - zero_point)` (per channel),
+    /// int32 biases f32 `q * input_scale * weight_scale`, and f16 tensors f32.
+    ExportWeights {
+        /// The artifact.
+        model: PathBuf,
+        /// Where to write the safetensors file.
+        #[arg(short, long, value_name = "W.safetensors")]
+        output: PathBuf,
+        /// Write int8, int32 and f16 tensors as real f32 values.
+        #[arg(long)]
+        dequantize: bool,
     },
 }
 
@@ -453,9 +518,87 @@ fn eval(
     Ok(())
 }
 
+fn export_weights(model: &Path, output: &Path, dequantize: bool) -> Result<()> {
+    let artifact = read(model)?;
+    let bytes = kiln::weights::export_weights(&artifact, dequantize)
+        .with_context(|| format!("cannot export the weights of {}", model.display()))?;
+    std::fs::write(output, &bytes).with_context(|| format!("cannot write {}", output.display()))?;
+    eprintln!("wrote {} ({} bytes)", output.display(), bytes.len());
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn prune(
+    model: &Path,
+    output: &Path,
+    sparsity: f64,
+    structured: bool,
+    calib: Option<&Path>,
+    input_scale: Option<f32>,
+    json: bool,
+) -> Result<()> {
+    let (graph, format, source) = kiln::import::import_file(model)?;
+    let (pruned, report) = if structured {
+        let calib =
+            calib.context("--structured needs --calib DATA.npz for the least-squares refit")?;
+        let x = npy::read_real(calib, None, input_scale)?;
+        let bar = progress(0, "pruning");
+        let r = kiln::prune::prune_structured(&graph, sparsity, &x, |done, total| {
+            bar.set_length(total as u64);
+            bar.set_position(done as u64);
+        })?;
+        bar.finish_and_clear();
+        r
+    } else {
+        kiln::prune::prune_unstructured(&graph, sparsity)?
+    };
+    let name = model
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let lineage = serde_json::json!({
+        "source": { "format": format, "sha256": kiln::convert::sha256_hex(&source), "bytes": source.len() },
+        "calibration": calib.map(|c| read(c).map(|b| kiln::convert::sha256_hex(&b))).transpose()?,
+        "options": { "command": "prune", "sparsity": sparsity, "structured": structured, "input_scale": input_scale },
+        "prune": report,
+    });
+    let artifact = kiln::convert::assemble_graph_with_lineage(&pruned, &name, lineage)?;
+    std::fs::write(output, &artifact)
+        .with_context(|| format!("cannot write {}", output.display()))?;
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(
+                &serde_json::json!({ "output": output, "report": report })
+            )?
+        );
+    } else {
+        eprintln!(
+            "wrote {}: sparsity {:.1} %, weights {} B dense / {} B bitmap-sparse, MACs {} -> {} (-{:.1} %)",
+            output.display(),
+            report.sparsity * 100.0,
+            report.dense_bytes,
+            report.compressed_bytes,
+            report.macs_before,
+            report.macs_after,
+            (1.0 - report.macs_after as f64 / report.macs_before.max(1) as f64) * 100.0
+        );
+        for (conv, before, removed) in &report.channels_removed {
+            eprintln!("  {conv}: {removed} of {before} channels removed");
+        }
+    }
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Demo { out, json } => kiln::demo::run(&kiln::demo::DemoOptions {
+            out,
+            json,
+            ..Default::default()
+        })
+        .map(drop),
         Command::Convert {
             model,
             output,
@@ -509,6 +652,23 @@ fn main() -> ExitCode {
             name,
             json,
         ),
+        Command::Prune {
+            model,
+            output,
+            sparsity,
+            structured,
+            calib,
+            input_scale,
+            json,
+        } => prune(
+            &model,
+            &output,
+            sparsity,
+            structured,
+            calib.as_deref(),
+            input_scale,
+            json,
+        ),
         Command::Eval {
             model,
             data,
@@ -524,6 +684,11 @@ fn main() -> ExitCode {
             reference.as_deref(),
             json,
         ),
+        Command::ExportWeights {
+            model,
+            output,
+            dequantize,
+        } => export_weights(&model, &output, dequantize),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

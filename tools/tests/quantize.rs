@@ -236,3 +236,39 @@ fn quantizing_twice_gives_identical_bytes_and_the_manifest_names_the_inputs() {
     assert_eq!(report.manifest["calibration"]["estimator"], "entropy");
     assert!(report.manifest["metrics"]["quantized"].as_f64().is_some());
 }
+
+#[test]
+fn resnet8_onnx_int8_and_fp16_keep_accuracy() {
+    let Some(dir) = common::testdata() else {
+        return;
+    };
+    let data = dir.join("data/ic01.npz");
+    let x = read_real(&data, None, None).unwrap();
+    let y = read_labels(&data).unwrap();
+    let case = Case {
+        model: &dir.join("models/onnx/pretrainedResnet.onnx"),
+        calib: take(&x, 0..100),
+        eval: take(&x, 100..200),
+        labels: y[100..].to_vec(),
+        metric: Metric::Top1,
+    };
+    check("ResNet-8 (onnx)", &case, Estimator::MinMax);
+}
+
+#[test]
+fn mnist_onnx_int8_and_fp16_keep_accuracy() {
+    let Some(dir) = common::testdata() else {
+        return;
+    };
+    let data = dir.join("data/mnist_t10k.npz");
+    let x = read_real(&data, None, None).unwrap();
+    let y = read_labels(&data).unwrap();
+    let case = Case {
+        model: &dir.join("models/onnx/mnist-8/model.onnx"),
+        calib: take(&x, 0..1000),
+        eval: take(&x, 1000..10_000),
+        labels: y[1000..].to_vec(),
+        metric: Metric::Top1,
+    };
+    check("MNIST (onnx)", &case, Estimator::MinMax);
+}

@@ -1,13 +1,16 @@
 //! Model importers into the host IR.
 
+pub mod kiln;
+pub mod onnx;
+pub mod onnx_proto;
 pub mod tflite;
 
 use crate::ir::Graph;
 use anyhow::{bail, Context, Result};
 use std::path::Path;
 
-/// Imports a model file by its extension: `.tflite` (and `.onnx` where supported). Returns the
-/// graph and the source format's name.
+/// Imports a model file by its extension: `.tflite`, `.onnx`, or a float `.kiln`. Returns the
+/// graph, the source format's name and the file's bytes.
 ///
 /// # Errors
 /// Unknown extension, unreadable file, or an import error (named with the file).
@@ -21,8 +24,12 @@ pub fn import_file(path: &Path) -> Result<(Graph, &'static str, Vec<u8>)> {
     let graph = match ext.as_str() {
         "tflite" => tflite::import_tflite(&bytes)
             .with_context(|| format!("cannot import {}", path.display()))?,
+        "onnx" => onnx::import_onnx(&bytes)
+            .with_context(|| format!("cannot import {}", path.display()))?,
+        "kiln" => kiln::import_kiln(&bytes)
+            .with_context(|| format!("cannot import {}", path.display()))?,
         _ => bail!(
-            "{} is not a model kiln can read (by its extension)\nhint: pass a .tflite file",
+            "{} is not a model kiln can read (by its extension)\nhint: pass a .tflite, .onnx or float .kiln file",
             path.display()
         ),
     };
@@ -33,8 +40,7 @@ fn ext_name(ext: &str) -> &'static str {
     match ext {
         "tflite" => "tflite",
         "onnx" => "onnx",
+        "kiln" => "kiln",
         _ => "unknown",
     }
 }
-pub mod onnx;
-pub mod onnx_proto;

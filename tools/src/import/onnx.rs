@@ -50,6 +50,11 @@ use super::onnx_proto::{self as pb, attribute_type as at, data_type as dt};
 use crate::ir::{Graph, Op, OpKind, Padding, QuantInfo, Tensor, TensorId};
 use crate::lower::same_padding;
 
+/// Largest padding Kiln accepts on one side of one dimension.
+const MAX_PAD: usize = 1 << 16;
+/// Largest constant (elements) that folding may create.
+const MAX_FOLDED: usize = 1 << 26;
+
 /// Oldest default-domain opset Kiln reads.
 pub const MIN_OPSET: i64 = 7;
 /// Newest default-domain opset Kiln reads. Opsets 22 to 25 only added element types (bfloat16,
@@ -1128,8 +1133,8 @@ impl<'a> Cx<'a> {
             };
             cx.bind(&vi.name, Value::Act(act))?;
         }
-        if cx.g.inputs.is_empty() && graph.node.is_empty() && graph.output.is_empty() {
-            return malformed("the graph is empty");
+        if cx.g.inputs.is_empty() {
+            return unsupported("the graph has no run-time inputs (it only computes constants)");
         }
 
         for (index, p) in graph.node.iter().enumerate() {
@@ -1491,13 +1496,13 @@ impl<'a> Cx<'a> {
         perm.extend(cols.perm.iter().map(|p| p + 1));
         let id = self.phys_reshape(a.id, phys_shape(&shape, &perm));
         let full = a.with(id, shape.clone(), perm);
-        let logical = self.to_layout(&full, &identity(shape.len()));
+        let logical = self.in_layout(&full, &identity(shape.len()));
         let id = self.phys_reshape(logical.id, a.shape.clone());
         a.with(id, a.shape.clone(), identity(2))
     }
 
     /// The activation stored in physical layout `target`.
-    fn to_layout(&mut self, a: &Act, target: &[usize]) -> Act {
+    fn in_layout(&mut self, a: &Act, target: &[usize]) -> Act {
         let a = self.uncols(a);
         if a.perm == target {
             return a;
@@ -1538,7 +1543,7 @@ impl<'a> Cx<'a> {
             let out_sizes: Vec<usize> = out_nonunit.iter().map(|&i| out[i]).collect();
             if in_sizes != out_sizes {
                 // Axes stored out of order are merged or split: go through ONNX order.
-                let logical = self.to_layout(&a, &identity(a.rank()));
+                let logical = self.in_layout(&a, &identity(a.rank()));
                 return self.reshape_act(&logical, out);
             }
             want = in_order
@@ -1601,7 +1606,7 @@ impl<'a> Cx<'a> {
             a = self.float_act(&a);
         }
         let perm = preferred_perm(a.rank());
-        a = self.to_layout(&a, &perm);
+        a = self.in_layout(&a, &perm);
         // Each output needs its own tensor written by an op.
         let needs_copy = self.g.tensors[a.id].data.is_some()
             || self.graph_inputs.contains(&a.id)
@@ -1634,7 +1639,7 @@ impl<'a> Cx<'a> {
                         .iter()
                         .zip(&a.shape)
                         .all(|(d, &s)| d.is_none_or(|d| d == s));
-                if !fits && !(declared.is_empty() && a.shape.is_empty()) {
+                if !(fits || declared.is_empty() && a.shape.is_empty()) {
                     return malformed(format!(
                         "{what} is declared with shape {:?} but computes to {:?}",
                         s.dim
@@ -1766,7 +1771,7 @@ impl<'a> Cx<'a> {
             }
         }
         let count = match elements(&shape) {
-            Some(c) if c <= 1 << 28 => c,
+            Some(c) if c <= MAX_FOLDED => c,
             _ => return n.unsupported(format!("shape {shape:?} is too large")),
         };
         let value = match n.tensor("value")? {
@@ -2312,6 +2317,12 @@ impl<'a> Cx<'a> {
                         return n
                             .unsupported(format!("negative pads {:?}", pads.unwrap_or_default()));
                     };
+                    if b.max(e) > MAX_PAD {
+                        return n.unsupported(format!(
+                            "pads {:?} (at most {MAX_PAD})",
+                            pads.unwrap_or_default()
+                        ));
+                    }
                     let padded = inp.saturating_add(b).saturating_add(e);
                     if padded < eff {
                         return n.malformed(format!(
@@ -2456,7 +2467,7 @@ impl<'a> Cx<'a> {
         } else {
             x
         };
-        let mut x4 = self.to_layout(&x4, &[0, 2, 3, 1]);
+        let mut x4 = self.in_layout(&x4, &[0, 2, 3, 1]);
         let padding = match win.padding() {
             Some(p) => p,
             None => {
@@ -2608,7 +2619,9 @@ impl<'a> Cx<'a> {
         };
         // Whether some window reaches past the input.
         let padded = padding == Padding::Same
-            && (0..2).any(|i| (win.out[i] - 1) * win.stride[i] + win.kernel[i] > win.input[i]);
+            && (0..2).any(|i| {
+                win.out[i].saturating_sub(1) * win.stride[i] + win.kernel[i] > win.input[i]
+            });
         if !max && padded && n.int("count_include_pad", 0)? != 0 {
             return n.unsupported(
                 "count_include_pad=1 with padding (Kiln averages over the real cells only)",
@@ -2627,7 +2640,7 @@ impl<'a> Cx<'a> {
         } else {
             x
         };
-        let x4 = self.to_layout(&x4, &[0, 2, 3, 1]);
+        let x4 = self.in_layout(&x4, &[0, 2, 3, 1]);
         let out = self.derived(x4.id, "pooled", vec![nb, win.out[0], win.out[1], c]);
         self.g.tensors[out].name = out_name.to_string();
         let (filter, stride) = (win.kernel, win.stride);
@@ -2898,7 +2911,7 @@ impl<'a> Cx<'a> {
             }
             None => {
                 let id = identity(a.rank());
-                a = self.to_layout(&a, &id);
+                a = self.in_layout(&a, &id);
             }
         }
         let base = if n.p.name.is_empty() {
@@ -3128,7 +3141,7 @@ impl<'a> Cx<'a> {
             s.extend(&a.shape);
             let u = self.reshape_act(&a, &s);
             let p = preferred_perm(r);
-            (self.to_layout(&u, &p), p)
+            (self.in_layout(&u, &p), p)
         };
         let cl = self.const_layout(c, r, &perm);
         let name = format!("{}/operand", out_name.unwrap_or(&n.p.name));
@@ -3210,7 +3223,7 @@ impl<'a> Cx<'a> {
             } else {
                 x.clone()
             };
-            ids.push(Some(self.to_layout(&x, &perm).id));
+            ids.push(Some(self.in_layout(&x, &perm).id));
         }
         let phys = phys_shape(&shape, &perm);
         let out = match qo {
@@ -3417,7 +3430,7 @@ impl<'a> Cx<'a> {
                 }
                 if let Some(i) = infer {
                     let known = elements(&out).unwrap_or(0);
-                    if known == 0 || count % known != 0 {
+                    if known == 0 || !count.is_multiple_of(known) {
                         return n.malformed(format!(
                             "cannot infer -1 in shape {spec:?} for {count} elements"
                         ));
@@ -3662,7 +3675,7 @@ impl<'a> Cx<'a> {
                         Some(q) => self.requant(a, q),
                         None => self.float_act(a),
                     };
-                    self.to_layout(&a, &perm).id
+                    self.in_layout(&a, &perm).id
                 }
             };
             ids.push(Some(id));
@@ -3708,10 +3721,7 @@ impl<'a> Cx<'a> {
         let x = self.act_in(n, 0)?;
         let r = x.rank();
         let (pads, value) = if from_inputs {
-            let value = self.scalar_in(n, 2, "constant_value").or_else(|e| {
-                // An integer pad value for float data is a type error; report it as such.
-                Err(e)
-            })?;
+            let value = self.scalar_in(n, 2, "constant_value")?;
             (
                 self.ints_in(n, 1, "pads")?.unwrap_or_default(),
                 value.unwrap_or(0.0),
@@ -3719,10 +3729,8 @@ impl<'a> Cx<'a> {
         } else {
             (n.ints("pads")?.unwrap_or_default(), n.float("value", 0.0)?)
         };
-        if value != 0.0 {
-            return n.unsupported(format!(
-                "constant value {value} (Kiln pads with zeros only)"
-            ));
+        if !value.is_finite() {
+            return n.unsupported(format!("constant value {value}"));
         }
         let axes: Vec<usize> = match self.ints_in(n, 3, "axes")? {
             Some(l) if from_inputs => n.axes(&l, r)?,
@@ -3739,6 +3747,9 @@ impl<'a> Cx<'a> {
             ) else {
                 return n.unsupported(format!("negative pads {pads:?} (cropping)"));
             };
+            if b.max(e) > MAX_PAD {
+                return n.unsupported(format!("pads {pads:?} (at most {MAX_PAD})"));
+            }
             full[a] = [b, e];
         }
         let out_name = n.out_name(0)?;
@@ -3746,6 +3757,18 @@ impl<'a> Cx<'a> {
         if full.iter().all(|p| *p == [0, 0]) {
             return self.bind(out_name, Value::Act(x));
         }
+        // The IR pads with zeros: pad `x - value` and add `value` back.
+        let offset = Const::float(vec![], vec![value]);
+        let sub = OpKind::Sub {
+            activation: Activation::None,
+        };
+        let x = if value == 0.0 {
+            x
+        } else {
+            self.note_float(n, &[&x]);
+            let xf = self.float_act(&x);
+            self.binary_const(n, sub, &xf, &offset, false, None)?
+        };
         let shape: Vec<usize> = x
             .shape
             .iter()
@@ -3756,7 +3779,14 @@ impl<'a> Cx<'a> {
         let out = self.derived(x.id, "padded", phys_shape(&shape, &x.perm));
         self.g.tensors[out].name = out_name.to_string();
         self.push(OpKind::Pad { paddings }, vec![Some(x.id)], out);
-        let y = x.with(out, shape, x.perm.clone());
+        let mut y = x.with(out, shape, x.perm.clone());
+        if value != 0.0 {
+            let add = OpKind::Add {
+                activation: Activation::None,
+            };
+            y = self.binary_const(n, add, &y, &offset, false, None)?;
+            self.g.tensors[y.id].name = out_name.to_string();
+        }
         self.bind(out_name, Value::Act(y))
     }
 
@@ -3794,7 +3824,7 @@ impl<'a> Cx<'a> {
             .filter(|p| !group.contains(p))
             .collect();
         target.extend(x.perm.iter().copied().filter(|p| group.contains(p)));
-        let x = self.to_layout(&x, &target);
+        let x = self.in_layout(&x, &target);
         let inner: usize = group.iter().map(|&g| x.shape[g]).product();
         let total = elements(&x.shape).unwrap_or(0);
         let phys = self.g.tensors[x.id].shape.clone();
@@ -4166,6 +4196,9 @@ fn fold_binary(n: &Node<'_>, kind: &OpKind, a: &Const, b: &Const) -> Result<Cons
             a.shape, b.shape
         ));
     };
+    if elements(&shape).is_none_or(|e| e > MAX_FOLDED) {
+        return n.unsupported(format!("folding constants into shape {shape:?}"));
+    }
     match (&a.data, &b.data) {
         (CData::I(x), CData::I(y)) => {
             if matches!(kind, OpKind::Div { .. }) && y.contains(&0) {
