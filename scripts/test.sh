@@ -33,6 +33,12 @@ done
 rustup show active-toolchain >/dev/null
 rustup target add thumbv7em-none-eabihf thumbv6m-none-eabi aarch64-unknown-linux-gnu >/dev/null 2>&1 || true
 
+# The ONNX backend node tests ship in the onnx wheel (1.22.0 is the last that has them).
+if ! python3 -c "import onnx, sys; sys.exit(0 if onnx.__version__ == '1.22.0' else 1)" 2>/dev/null; then
+  step "installing onnx==1.22.0 (pip) for the ONNX backend node tests"
+  python3 -m pip install -q --disable-pip-version-check onnx==1.22.0 || echo "warning: pip could not install onnx==1.22.0; the ONNX node tests will say skipped"
+fi
+
 if [ -d "$KILN_TESTDATA/models" ]; then
   echo "test data: $KILN_TESTDATA"
 else
