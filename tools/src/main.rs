@@ -118,6 +118,11 @@ enum Command {
         /// within --max-accuracy-drop; needs --eval).
         #[arg(long, default_value = "int8")]
         precision: kiln::quantize::pipeline::Precision,
+        /// Replace the model's float weights by name from this safetensors file first (a
+        /// retrained model becomes a new version of the same graph; its SHA-256 goes into the
+        /// lineage).
+        #[arg(long, value_name = "W.safetensors")]
+        weights: Option<PathBuf>,
         /// Calibration samples (.npy, or .npz with `x`), real values as the float model takes
         /// them, batch first. uint8 images are read as values 0..255 (see --input-scale).
         #[arg(long, value_name = "DATA.npz")]
@@ -372,6 +377,7 @@ fn quantize(
     output: &Path,
     precision: kiln::quantize::pipeline::Precision,
     calib: &Path,
+    weights: Option<&Path>,
     input_scale: Option<f32>,
     estimator: kiln::quantize::ranges::Estimator,
     bias_correction: bool,
@@ -384,7 +390,14 @@ fn quantize(
 ) -> Result<()> {
     use kiln::convert::sha256_hex;
     use kiln::quantize::pipeline::{self, EvalSet, Request};
-    let (graph, format, source) = kiln::import::import_file(model)?;
+    let (mut graph, format, source) = kiln::import::import_file(model)?;
+    let weights_report = match weights {
+        Some(w) => Some(
+            kiln::weights::apply_weights(&mut graph, &read(w)?, false)
+                .with_context(|| format!("cannot apply the weights of {}", w.display()))?,
+        ),
+        None => None,
+    };
     let x = npy::read_real(calib, None, input_scale)?;
     let calib_sha256 = sha256_hex(&read(calib)?);
     let eval_data = match eval {
@@ -418,7 +431,7 @@ fn quantize(
         }),
         max_accuracy_drop,
         selftest_count,
-        extra: serde_json::json!({ "input_scale": input_scale }),
+        extra: serde_json::json!({ "input_scale": input_scale, "weights": weights_report }),
     };
     let q = pipeline::quantize(req, |what, done, total| {
         bar.set_message(what.to_string());
@@ -628,6 +641,7 @@ fn main() -> ExitCode {
             output,
             precision,
             calib,
+            weights,
             input_scale,
             estimator,
             no_bias_correction,
@@ -642,6 +656,7 @@ fn main() -> ExitCode {
             &output,
             precision,
             &calib,
+            weights.as_deref(),
             input_scale,
             estimator,
             !no_bias_correction,

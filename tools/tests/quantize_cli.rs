@@ -168,3 +168,72 @@ fn bad_calibration_data_gets_one_clear_line() {
     assert!(String::from_utf8_lossy(&o.stderr).contains("use int8, fp16 or auto"));
     assert!(!std::path::Path::new(&out).exists());
 }
+
+#[test]
+fn weights_file_replaces_constants_and_enters_the_lineage() {
+    let Some(dir) = common::testdata() else {
+        return;
+    };
+    let model = common::mlperf(&dir, "pretrainedResnet.tflite");
+    let data = dir.join("data/ic01.npz");
+    let g = kiln::import::tflite::import_tflite(&std::fs::read(&model).unwrap()).unwrap();
+    // One float constant, halved, under the graph's own name.
+    let t = g
+        .tensors
+        .iter()
+        .find(|t| {
+            t.data.is_some() && t.dtype == kiln_runtime::graph::DType::F32 && t.shape.len() == 4
+        })
+        .unwrap();
+    let values: Vec<u8> = t
+        .data
+        .as_ref()
+        .unwrap()
+        .chunks_exact(4)
+        .flat_map(|c| (0.5 * f32::from_le_bytes([c[0], c[1], c[2], c[3]])).to_le_bytes())
+        .collect();
+    let view =
+        safetensors::tensor::TensorView::new(safetensors::Dtype::F32, t.shape.clone(), &values)
+            .unwrap();
+    let bytes = safetensors::serialize([(t.name.as_str(), view)], None).unwrap();
+    let w = tmp("w.safetensors");
+    std::fs::write(&w, &bytes).unwrap();
+    let out = tmp("rw.kiln");
+    let o = kiln(&[
+        "quantize",
+        model.to_str().unwrap(),
+        "-o",
+        &out,
+        "--calib",
+        data.to_str().unwrap(),
+        "--weights",
+        &w,
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let report = kiln::inspect::inspect(&std::fs::read(&out).unwrap()).unwrap();
+    let lineage = &report.manifest["extra"]["weights"];
+    assert_eq!(lineage["sha256"], kiln::convert::sha256_hex(&bytes));
+    assert_eq!(lineage["replaced"][0], t.name.as_str());
+    // A weights file naming a tensor the model lacks: one clear line, nothing written.
+    let view =
+        safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![1], &[0, 0, 0, 0])
+            .unwrap();
+    std::fs::write(
+        &w,
+        safetensors::serialize([("no_such_tensor", view)], None).unwrap(),
+    )
+    .unwrap();
+    let out2 = tmp("rw2.kiln");
+    let o = kiln(&[
+        "quantize",
+        model.to_str().unwrap(),
+        "-o",
+        &out2,
+        "--calib",
+        data.to_str().unwrap(),
+        "--weights",
+        &w,
+    ]);
+    one_line_error(&o, "no_such_tensor");
+    assert!(!std::path::Path::new(&out2).exists());
+}
