@@ -25,7 +25,7 @@
 use crate::ir::{Graph, OpKind, Padding, TensorId};
 use crate::lower::{dequantized, ir_name, normalize, same_padding};
 use crate::npy::Array;
-use crate::quantize::calibrate::{samples_f32, Calibration, TensorStats, HISTOGRAM_BINS};
+use crate::quantize::calibrate::Calibration;
 use anyhow::{anyhow, bail, Context, Result};
 use candle_core::{DType as CDType, Device, Tensor};
 use kiln_runtime::graph::{Activation, DType};
@@ -842,102 +842,13 @@ pub fn calibrate_on(
     progress: impl FnMut(usize, usize),
 ) -> Result<Calibration> {
     let exec = CandleGraph::new(g, device)?;
-    calibrate_from(
+    crate::quantize::calibrate::calibrate_with(
         g,
         x,
         exec.input_elements(),
         |sample, visit| exec.visit(sample, visit),
         progress,
     )
-}
-
-/// The calibration algorithm of `quantize::calibrate::calibrate` over any activation source:
-/// `run(sample, visit)` must call `visit(tensor id, values)` for every activation of one sample.
-///
-/// This mirrors `calibrate` line for line (two passes: min/max, then histogram over
-/// [`HISTOGRAM_BINS`] bins and per-channel means in f64), so both sources give bit-identical
-/// statistics when they give identical activations.
-///
-/// # Errors
-/// The data does not fit the model, is empty, or holds NaN / infinity; or `run` fails.
-pub fn calibrate_from(
-    g: &Graph,
-    x: &Array,
-    per: usize,
-    mut run: impl FnMut(&[f32], &mut dyn FnMut(TensorId, &[f32])) -> Result<()>,
-    mut progress: impl FnMut(usize, usize),
-) -> Result<Calibration> {
-    let data = samples_f32(x)?;
-    if data.is_empty() {
-        bail!("the calibration set is empty\nhint: pass at least one sample (a few hundred are typical)");
-    }
-    if per == 0 || !data.len().is_multiple_of(per) {
-        bail!(
-            "calibration data has shape {:?}, which is not a whole number of samples of {} values (the model's input)\nhint: pass the samples batch first, shaped like the model's input",
-            x.shape(),
-            per
-        );
-    }
-    let n = data.len() / per;
-    let total = 2 * n;
-    // Pass 1: ranges.
-    let mut ranges: Vec<Option<(f32, f32)>> = vec![None; g.tensors.len()];
-    for s in 0..n {
-        run(&data[s * per..(s + 1) * per], &mut |id, v| {
-            let (lo, hi) = v
-                .iter()
-                .fold((f32::INFINITY, f32::NEG_INFINITY), |(lo, hi), &x| {
-                    (lo.min(x), hi.max(x))
-                });
-            let r = ranges[id].get_or_insert((lo, hi));
-            r.0 = r.0.min(lo);
-            r.1 = r.1.max(hi);
-        })?;
-        progress(s + 1, total);
-    }
-    // Pass 2: histograms and channel means.
-    let mut stats: Vec<Option<TensorStats>> = ranges
-        .iter()
-        .enumerate()
-        .map(|(id, r)| {
-            r.map(|(min, max)| TensorStats {
-                min,
-                max,
-                histogram: vec![0; HISTOGRAM_BINS],
-                channel_means: vec![0.0; g.tensors[id].shape.last().copied().unwrap_or(1).max(1)],
-            })
-        })
-        .collect();
-    for s in 0..n {
-        run(&data[s * per..(s + 1) * per], &mut |id, v| {
-            let Some(st) = stats[id].as_mut() else { return };
-            let width = (st.max - st.min) as f64;
-            for &x in v {
-                let bin = if width > 0.0 {
-                    (((x - st.min) as f64 / width) * HISTOGRAM_BINS as f64) as usize
-                } else {
-                    0
-                };
-                st.histogram[bin.min(HISTOGRAM_BINS - 1)] += 1;
-            }
-            let c = st.channel_means.len();
-            for (i, &x) in v.iter().enumerate() {
-                st.channel_means[i % c] += x as f64;
-            }
-        })?;
-        progress(n + s + 1, total);
-    }
-    for st in stats.iter_mut().flatten() {
-        let count: u64 = st.histogram.iter().sum();
-        let per_channel = count as f64 / st.channel_means.len() as f64;
-        if per_channel > 0.0 {
-            st.channel_means.iter_mut().for_each(|m| *m /= per_channel);
-        }
-    }
-    Ok(Calibration {
-        tensors: stats,
-        samples: n,
-    })
 }
 
 #[cfg(test)]

@@ -190,22 +190,44 @@ pub fn samples_f32(x: &Array) -> Result<&[f32]> {
     }
 }
 
-/// Runs the calibration samples through the float graph and collects [`Calibration`].
+/// Runs the calibration samples through the float graph (kiln-runtime's f32 kernels) and
+/// collects [`Calibration`].
 ///
 /// # Errors
 /// The data does not fit the model, is empty, or holds NaN / infinity.
-pub fn calibrate(
+pub fn calibrate(g: &Graph, x: &Array, progress: impl FnMut(usize, usize)) -> Result<Calibration> {
+    let mut runner = ActivationRunner::new(g)?;
+    let per = runner.input_elements();
+    calibrate_with(
+        g,
+        x,
+        per,
+        |sample, visit| runner.run(sample, |id, v| visit(id, v)),
+        progress,
+    )
+}
+
+/// The calibration algorithm of `quantize::calibrate::calibrate` over any activation source:
+/// `run(sample, visit)` must call `visit(tensor id, values)` for every activation of one sample.
+///
+/// This mirrors `calibrate` line for line (two passes: min/max, then histogram over
+/// [`HISTOGRAM_BINS`] bins and per-channel means in f64), so both sources give bit-identical
+/// statistics when they give identical activations.
+///
+/// # Errors
+/// The data does not fit the model, is empty, or holds NaN / infinity; or `run` fails.
+pub fn calibrate_with(
     g: &Graph,
     x: &Array,
+    per: usize,
+    mut run: impl FnMut(&[f32], &mut dyn FnMut(TensorId, &[f32])) -> Result<()>,
     mut progress: impl FnMut(usize, usize),
 ) -> Result<Calibration> {
     let data = samples_f32(x)?;
-    let mut runner = ActivationRunner::new(g)?;
-    let per = runner.input_elements();
     if data.is_empty() {
         bail!("the calibration set is empty\nhint: pass at least one sample (a few hundred are typical)");
     }
-    if !data.len().is_multiple_of(per) {
+    if per == 0 || !data.len().is_multiple_of(per) {
         bail!(
             "calibration data has shape {:?}, which is not a whole number of samples of {} values (the model's input)\nhint: pass the samples batch first, shaped like the model's input",
             x.shape(),
@@ -217,7 +239,7 @@ pub fn calibrate(
     // Pass 1: ranges.
     let mut ranges: Vec<Option<(f32, f32)>> = vec![None; g.tensors.len()];
     for s in 0..n {
-        runner.run(&data[s * per..(s + 1) * per], |id, v| {
+        run(&data[s * per..(s + 1) * per], &mut |id, v| {
             let (lo, hi) = v
                 .iter()
                 .fold((f32::INFINITY, f32::NEG_INFINITY), |(lo, hi), &x| {
@@ -243,7 +265,7 @@ pub fn calibrate(
         })
         .collect();
     for s in 0..n {
-        runner.run(&data[s * per..(s + 1) * per], |id, v| {
+        run(&data[s * per..(s + 1) * per], &mut |id, v| {
             let Some(st) = stats[id].as_mut() else { return };
             let width = (st.max - st.min) as f64;
             for &x in v {
