@@ -272,3 +272,106 @@ fn mnist_onnx_int8_and_fp16_keep_accuracy() {
     };
     check("MNIST (onnx)", &case, Estimator::MinMax);
 }
+
+#[test]
+fn auto_precision_builds_mixed_int8_fp16_graphs() {
+    let Some(dir) = common::testdata() else {
+        return;
+    };
+    let data = dir.join("data/ic01.npz");
+    let x = read_real(&data, None, None).unwrap();
+    let y = read_labels(&data).unwrap();
+    let case = Case {
+        model: &common::mlperf(&dir, "pretrainedResnet.tflite"),
+        calib: take(&x, 0..20),
+        eval: take(&x, 100..140),
+        labels: y[100..140].to_vec(),
+        metric: Metric::Top1,
+    };
+    let (graph, _, _) = kiln::import::import_file(case.model).unwrap();
+    let run_auto = |budget: f64| {
+        let req = Request {
+            name: "auto".into(),
+            graph: graph.clone(),
+            source: serde_json::Value::Null,
+            calib: &case.calib,
+            calib_sha256: String::new(),
+            precision: Precision::Auto,
+            options: QuantizeOptions::default(),
+            eval: Some(EvalSet {
+                x: &case.eval,
+                y: &case.labels,
+                metric: Metric::Top1,
+                sha256: String::new(),
+            }),
+            max_accuracy_drop: Some(budget),
+            selftest_count: 2,
+            extra: serde_json::Value::Null,
+        };
+        quantize(req, |_, _, _| {}).unwrap()
+    };
+    // A generous budget: everything stays int8.
+    let easy = run_auto(5.0);
+    assert_eq!(easy.report.int8_mac_fraction, 1.0);
+    // An impossible budget (beat the float model by 10 pt): every mix is tried, the fp16
+    // fallback is measured, and the gate refuses it.
+    let req = Request {
+        name: "auto".into(),
+        graph: graph.clone(),
+        source: serde_json::Value::Null,
+        calib: &case.calib,
+        calib_sha256: String::new(),
+        precision: Precision::Auto,
+        options: QuantizeOptions::default(),
+        eval: Some(EvalSet {
+            x: &case.eval,
+            y: &case.labels,
+            metric: Metric::Top1,
+            sha256: String::new(),
+        }),
+        max_accuracy_drop: Some(-10.0),
+        selftest_count: 2,
+        extra: serde_json::Value::Null,
+    };
+    let err = quantize(req, |_, _, _| {})
+        .err()
+        .expect("an impossible budget is refused")
+        .to_string();
+    assert!(err.contains("accuracy gate"), "{err}");
+
+    // A mixed graph: int8 everywhere except two layers kept in fp16, with QUANTIZE / DEQUANTIZE
+    // at the boundaries; it lowers, runs and stays close to the float model.
+    let mut g = kiln::lower::normalize(&graph).unwrap();
+    kiln::passes::fuse_activations(&mut g);
+    let calib = kiln::quantize::calibrate::calibrate(&g, &case.calib, |_, _| {}).unwrap();
+    let mut precisions = vec![kiln::quantize::OpPrecision::Int8; g.ops.len()];
+    precisions[1] = kiln::quantize::OpPrecision::Float;
+    precisions[g.ops.len() - 2] = kiln::quantize::OpPrecision::Float;
+    let opts = QuantizeOptions {
+        float_dtype: kiln_runtime::graph::DType::F16,
+        ..Default::default()
+    };
+    let mixed = kiln::quantize::quantize_graph(&g, &calib, &precisions, &opts).unwrap();
+    let kinds: Vec<&str> = mixed
+        .ops
+        .iter()
+        .map(|op| kiln::lower::ir_name(&op.kind))
+        .collect();
+    assert!(
+        kinds.contains(&"QUANTIZE") && kinds.contains(&"DEQUANTIZE"),
+        "{kinds:?}"
+    );
+    let art = kiln::convert::assemble_graph(&mixed, "mixed").unwrap();
+    let eval = EvalSet {
+        x: &case.eval,
+        y: &case.labels,
+        metric: Metric::Top1,
+        sha256: String::new(),
+    };
+    let m = kiln::quantize::pipeline::measure(&art, &eval).unwrap();
+    let f =
+        kiln::quantize::pipeline::measure(&kiln::convert::assemble_graph(&g, "f").unwrap(), &eval)
+            .unwrap();
+    eprintln!("mixed int8/fp16: top-1 {m:.3}, float {f:.3}");
+    assert!(m >= f - 0.05, "mixed {m} vs float {f}");
+}

@@ -224,6 +224,17 @@ pub fn quantize_graph(
         }
     }
 
+    // Float tensors read by int8 ops get a QUANTIZE: they need parameters too.
+    for (i, op) in g.ops.iter().enumerate() {
+        if precisions[i] == OpPrecision::Int8 {
+            for t in op.inputs.iter().flatten() {
+                if g.tensors[*t].data.is_none() {
+                    q_of(*t, &mut act_q)?;
+                }
+            }
+        }
+    }
+
     // Representation of each activation: the precision of its producer; graph inputs follow
     // their first consumer.
     let mut is_int8: Vec<bool> = vec![false; g.tensors.len()];
