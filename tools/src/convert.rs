@@ -116,7 +116,22 @@ pub fn convert_tflite_with(
     samples: Option<(&Array, usize)>,
     precision: Precision,
 ) -> Result<Converted> {
-    let mut graph = import_tflite(source).context("cannot import the TFLite model")?;
+    let graph = import_tflite(source).context("cannot import the TFLite model")?;
+    convert_graph_with(graph, "tflite", source, name, samples, precision)
+}
+
+/// Converts an imported graph (`format` and `source` name and digest the original file).
+///
+/// # Errors
+/// As [`convert_tflite_with`].
+pub fn convert_graph_with(
+    mut graph: crate::ir::Graph,
+    format: &str,
+    source: &[u8],
+    name: &str,
+    samples: Option<(&Array, usize)>,
+    precision: Precision,
+) -> Result<Converted> {
     if precision == Precision::Fp16 {
         graph = to_fp16(&graph).context("cannot store the model as f16")?;
     }
@@ -124,7 +139,7 @@ pub fn convert_tflite_with(
     let json = serde_json::json!({
         "name": name,
         "kiln_version": env!("CARGO_PKG_VERSION"),
-        "source": { "format": "tflite", "sha256": sha256_hex(source), "bytes": source.len() },
+        "source": { "format": format, "sha256": sha256_hex(source), "bytes": source.len() },
         "conversion": { "command": "convert", "precision": precision.name() },
         "arena_bytes": lowered.arena_bytes,
         "liveness_lower_bound_bytes": lowered.liveness_lower_bound,

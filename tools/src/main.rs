@@ -37,7 +37,7 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Convert a TFLite model into a .kiln artifact.
+    /// Convert a TFLite or ONNX model into a .kiln artifact, as it is (no calibration).
     ///
     /// Full-int8 models convert as they are (bit-exact with TFLM's reference kernels), float32
     /// models become f32 artifacts, and hybrid models (int8 weights, float activations) become f32
@@ -45,7 +45,7 @@ enum Command {
     /// states the exact arena a device must provide. An unsupported op is reported with its name
     /// and its index in the model.
     Convert {
-        /// The source model (.tflite).
+        /// The source model (.tflite, or .onnx: 4-D inputs become NHWC).
         model: PathBuf,
         /// Where to write the artifact.
         #[arg(short, long, value_name = "OUT.kiln")]
@@ -271,7 +271,7 @@ fn convert(a: ConvertArgs<'_>) -> Result<()> {
     } else {
         kiln::convert::Precision::AsSource
     };
-    let source = read(model)?;
+    let (graph, format, source) = kiln::import::import_file(model)?;
     let name = name.unwrap_or_else(|| {
         model
             .file_stem()
@@ -279,7 +279,9 @@ fn convert(a: ConvertArgs<'_>) -> Result<()> {
             .unwrap_or_default()
     });
     let samples = selftest.map(npy::read_input).transpose()?;
-    let converted = kiln::convert::convert_tflite_with(
+    let converted = kiln::convert::convert_graph_with(
+        graph,
+        format,
         &source,
         &name,
         samples.as_ref().map(|x| (x, selftest_count)),
