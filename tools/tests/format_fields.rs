@@ -10,6 +10,9 @@
 //! `GraphHeader` / `TensorDef` / `OpDef` values, change a field, re-encode with postcard and
 //! rebuild the artifact with `write_artifact`, so they reach the deep checks.
 
+mod common;
+
+use common::{f32_data, i32_data, noise, per_tensor, t, u32_at};
 use kiln::artifact::{write_artifact, AlignedBytes, HeaderFields};
 use kiln::ir;
 use kiln::lower::lower;
@@ -23,10 +26,6 @@ use sha2::{Digest, Sha256};
 
 // ---------------------------------------------------------------------------------------------
 // Byte helpers.
-
-fn u32_at(b: &[u8], at: usize) -> u32 {
-    u32::from_le_bytes(b[at..at + 4].try_into().unwrap())
-}
 
 fn put_u32(b: &mut [u8], at: usize, v: u32) {
     b[at..at + 4].copy_from_slice(&v.to_le_bytes());
@@ -118,57 +117,6 @@ fn assert_op(err: ModelError, keyword: &str) {
 
 // ---------------------------------------------------------------------------------------------
 // Synthetic models.
-
-/// Deterministic pseudo-random bytes (xorshift), so the models are the same on every run.
-fn noise(n: usize, seed: u64) -> Vec<u8> {
-    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            (s >> 24) as u8
-        })
-        .collect()
-}
-
-fn f32_data(n: usize, seed: u64) -> Vec<u8> {
-    noise(n, seed)
-        .into_iter()
-        .flat_map(|b| ((b as f32 - 127.5) / 128.0).to_le_bytes())
-        .collect()
-}
-
-fn i32_data(n: usize, seed: u64) -> Vec<u8> {
-    noise(n, seed)
-        .into_iter()
-        .flat_map(|b| ((b as i32 - 128) * 16).to_le_bytes())
-        .collect()
-}
-
-fn per_tensor(scale: f32, zero_point: i64) -> Option<ir::QuantInfo> {
-    Some(ir::QuantInfo {
-        scales: vec![scale],
-        zero_points: vec![zero_point],
-        axis: 0,
-    })
-}
-
-fn t(
-    name: &str,
-    dtype: DType,
-    shape: &[usize],
-    data: Option<Vec<u8>>,
-    quant: Option<ir::QuantInfo>,
-) -> ir::Tensor {
-    ir::Tensor {
-        name: name.into(),
-        dtype,
-        shape: shape.to_vec(),
-        data,
-        quant,
-    }
-}
 
 // Tensor indices in the lowered artifact (graph inputs first, then in op order).
 const T_INPUT: u16 = 0;

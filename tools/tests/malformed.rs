@@ -19,6 +19,8 @@
 
 mod common;
 
+use common::{f32_data, i32_data, noise, per_tensor, t, u32_at};
+
 use kiln::artifact::{write_artifact, AlignedBytes, HeaderFields};
 use kiln::ir;
 use kiln::lower::lower;
@@ -47,10 +49,6 @@ fn config() -> ProptestConfig {
 
 // ---------------------------------------------------------------------------------------------
 // Bytes.
-
-fn u32_at(b: &[u8], at: usize) -> u32 {
-    u32::from_le_bytes(b[at..at + 4].try_into().unwrap())
-}
 
 /// Recomputes the trailer's SHA-256 after the body was edited, when the header still says where
 /// the trailer is; otherwise leaves the bytes alone.
@@ -104,56 +102,6 @@ fn load_and_run(bytes: &[u8], input_seed: u64) -> Result<(), ModelError> {
 
 // ---------------------------------------------------------------------------------------------
 // Starting points.
-
-fn noise(n: usize, seed: u64) -> Vec<u8> {
-    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            (s >> 24) as u8
-        })
-        .collect()
-}
-
-fn f32_data(n: usize, seed: u64) -> Vec<u8> {
-    noise(n, seed)
-        .into_iter()
-        .flat_map(|b| ((b as f32 - 127.5) / 128.0).to_le_bytes())
-        .collect()
-}
-
-fn i32_data(n: usize, seed: u64) -> Vec<u8> {
-    noise(n, seed)
-        .into_iter()
-        .flat_map(|b| ((b as i32 - 128) * 16).to_le_bytes())
-        .collect()
-}
-
-fn per_tensor(scale: f32, zero_point: i64) -> Option<ir::QuantInfo> {
-    Some(ir::QuantInfo {
-        scales: vec![scale],
-        zero_points: vec![zero_point],
-        axis: 0,
-    })
-}
-
-fn t(
-    name: &str,
-    dtype: DType,
-    shape: &[usize],
-    data: Option<Vec<u8>>,
-    quant: Option<ir::QuantInfo>,
-) -> ir::Tensor {
-    ir::Tensor {
-        name: name.into(),
-        dtype,
-        shape: shape.to_vec(),
-        data,
-        quant,
-    }
-}
 
 /// CONV_2D (3x3, 2 → 4 channels) → RELU → FULLY_CONNECTED (144 → 5) → SOFTMAX, int8 with a
 /// per-channel filter or f32; weights from `seed`.

@@ -308,32 +308,14 @@ fn auto_precision_builds_mixed_int8_fp16_graphs() {
             selftest_count: 2,
             extra: serde_json::Value::Null,
         };
-        quantize(req, |_, _, _| {}).unwrap()
+        quantize(req, |_, _, _| {})
     };
     // A generous budget: everything stays int8.
-    let easy = run_auto(5.0);
+    let easy = run_auto(5.0).unwrap();
     assert_eq!(easy.report.int8_mac_fraction, 1.0);
     // An impossible budget (beat the float model by 10 pt): every mix is tried, the fp16
     // fallback is measured, and the gate refuses it.
-    let req = Request {
-        name: "auto".into(),
-        graph: graph.clone(),
-        source: serde_json::Value::Null,
-        calib: &case.calib,
-        calib_sha256: String::new(),
-        precision: Precision::Auto,
-        options: QuantizeOptions::default(),
-        eval: Some(EvalSet {
-            x: &case.eval,
-            y: &case.labels,
-            metric: Metric::Top1,
-            sha256: String::new(),
-        }),
-        max_accuracy_drop: Some(-10.0),
-        selftest_count: 2,
-        extra: serde_json::Value::Null,
-    };
-    let err = quantize(req, |_, _, _| {})
+    let err = run_auto(-10.0)
         .err()
         .expect("an impossible budget is refused")
         .to_string();
