@@ -182,6 +182,15 @@ enum Command {
         /// Multiply uint8 sample values by this.
         #[arg(long, value_name = "S")]
         input_scale: Option<f32>,
+        /// Labelled evaluation set (`x`, `y`): the unpruned and the pruned model are scored on it.
+        #[arg(long, value_name = "DATA.npz")]
+        eval: Option<PathBuf>,
+        /// Metric of --eval: top1 or auc.
+        #[arg(long, default_value = "top1")]
+        metric: kiln::quantize::pipeline::Metric,
+        /// Refuse the result if it scores more than P percentage points below the unpruned model.
+        #[arg(long, value_name = "P")]
+        max_accuracy_drop: Option<f64>,
         /// Print the report as JSON on stdout.
         #[arg(long)]
         json: bool,
@@ -542,16 +551,35 @@ fn export_weights(model: &Path, output: &Path, dequantize: bool) -> Result<()> {
     Ok(())
 }
 
-#[allow(clippy::too_many_arguments)]
-fn prune(
-    model: &Path,
-    output: &Path,
+struct PruneArgs<'a> {
+    model: &'a Path,
+    output: &'a Path,
     sparsity: f64,
     structured: bool,
-    calib: Option<&Path>,
+    calib: Option<&'a Path>,
     input_scale: Option<f32>,
+    eval: Option<&'a Path>,
+    metric: kiln::quantize::pipeline::Metric,
+    max_accuracy_drop: Option<f64>,
     json: bool,
-) -> Result<()> {
+}
+
+fn prune(a: PruneArgs<'_>) -> Result<()> {
+    let PruneArgs {
+        model,
+        output,
+        sparsity,
+        structured,
+        calib,
+        input_scale,
+        eval,
+        metric,
+        max_accuracy_drop,
+        json,
+    } = a;
+    if max_accuracy_drop.is_some() && eval.is_none() {
+        anyhow::bail!("--max-accuracy-drop needs --eval DATA.npz to measure the drop");
+    }
     let (graph, format, source) = kiln::import::import_file(model)?;
     let (pruned, report) = if structured {
         let calib =
@@ -577,14 +605,46 @@ fn prune(
         "options": { "command": "prune", "sparsity": sparsity, "structured": structured, "input_scale": input_scale },
         "prune": report,
     });
-    let artifact = kiln::convert::assemble_graph_with_lineage(&pruned, &name, lineage)?;
+    let mut lineage = lineage;
+    let artifact = kiln::convert::assemble_graph_with_lineage(&pruned, &name, lineage.clone())?;
+    // The gate: unpruned and pruned scored on the same data.
+    let mut scores = serde_json::Value::Null;
+    let artifact = match eval {
+        Some(e) => {
+            use kiln::quantize::pipeline::{measure, EvalSet};
+            let x = npy::read_real(e, None, input_scale)?;
+            let y = npy::read_labels(e)?;
+            let set = EvalSet {
+                x: &x,
+                y: &y,
+                metric,
+                sha256: kiln::convert::sha256_hex(&read(e)?),
+            };
+            let before = measure(&kiln::convert::assemble_graph(&graph, "unpruned")?, &set)?;
+            let after = measure(&artifact, &set)?;
+            if let Some(limit) = max_accuracy_drop {
+                let drop = (before - after) * 100.0;
+                if drop > limit {
+                    anyhow::bail!(
+                        "accuracy gate: the pruned model scores {:.2} % against the unpruned model's {:.2} % (drop {drop:.2} pt > --max-accuracy-drop {limit} pt); no artifact written\nhint: ask for a lower --sparsity",
+                        after * 100.0,
+                        before * 100.0
+                    );
+                }
+            }
+            scores = serde_json::json!({ "metric": metric, "unpruned": before, "pruned": after, "eval_sha256": set.sha256 });
+            lineage["metrics"] = scores.clone();
+            kiln::convert::assemble_graph_with_lineage(&pruned, &name, lineage)?
+        }
+        None => artifact,
+    };
     std::fs::write(output, &artifact)
         .with_context(|| format!("cannot write {}", output.display()))?;
     if json {
         println!(
             "{}",
             serde_json::to_string_pretty(
-                &serde_json::json!({ "output": output, "report": report })
+                &serde_json::json!({ "output": output, "report": report, "metrics": scores })
             )?
         );
     } else {
@@ -600,6 +660,12 @@ fn prune(
         );
         for (conv, before, removed) in &report.channels_removed {
             eprintln!("  {conv}: {removed} of {before} channels removed");
+        }
+        if !scores.is_null() {
+            eprintln!(
+                "  {metric:?}: unpruned {}, pruned {}",
+                scores["unpruned"], scores["pruned"]
+            );
         }
     }
     Ok(())
@@ -676,16 +742,22 @@ fn main() -> ExitCode {
             structured,
             calib,
             input_scale,
+            eval: eval_set,
+            metric,
+            max_accuracy_drop,
             json,
-        } => prune(
-            &model,
-            &output,
+        } => prune(PruneArgs {
+            model: &model,
+            output: &output,
             sparsity,
             structured,
-            calib.as_deref(),
+            calib: calib.as_deref(),
             input_scale,
+            eval: eval_set.as_deref(),
+            metric,
+            max_accuracy_drop,
             json,
-        ),
+        }),
         Command::Eval {
             model,
             data,

@@ -237,3 +237,56 @@ fn weights_file_replaces_constants_and_enters_the_lineage() {
     one_line_error(&o, "no_such_tensor");
     assert!(!std::path::Path::new(&out2).exists());
 }
+
+#[test]
+fn prune_reports_scores_and_its_gate_refuses_a_large_drop() {
+    let Some(dir) = common::testdata() else {
+        return;
+    };
+    let model = common::mlperf(&dir, "pretrainedResnet.tflite");
+    let data = dir.join("data/ic01.npz");
+    let (model, data) = (model.to_str().unwrap(), data.to_str().unwrap());
+    let out = tmp("p.kiln");
+    let o = kiln(&[
+        "prune",
+        model,
+        "-o",
+        &out,
+        "--sparsity",
+        "0.3",
+        "--eval",
+        data,
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let r: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert!((r["report"]["sparsity"].as_f64().unwrap() - 0.3).abs() < 0.01);
+    let (before, after) = (
+        r["metrics"]["unpruned"].as_f64().unwrap(),
+        r["metrics"]["pruned"].as_f64().unwrap(),
+    );
+    assert!(before > 0.8 && after > 0.5, "{before} {after}");
+    // The pruned float artifact is a valid input for quantize, and keeps its lineage.
+    let report = kiln::inspect::inspect(&std::fs::read(&out).unwrap()).unwrap();
+    assert_eq!(report.manifest["options"]["command"], "prune");
+    assert_eq!(
+        report.manifest["metrics"]["pruned"].as_f64().unwrap(),
+        after
+    );
+    // 95 % of the weights gone: refused, with both figures, nothing written.
+    let gated = tmp("p95.kiln");
+    let o = kiln(&[
+        "prune",
+        model,
+        "-o",
+        &gated,
+        "--sparsity",
+        "0.95",
+        "--eval",
+        data,
+        "--max-accuracy-drop",
+        "2",
+    ]);
+    one_line_error(&o, "accuracy gate: the pruned model scores");
+    assert!(!std::path::Path::new(&gated).exists());
+}
