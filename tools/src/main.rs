@@ -511,29 +511,49 @@ fn eval(
         metric,
         sha256: kiln::convert::sha256_hex(&read(data)?),
     };
-    let score =
-        measure(&artifact, &set).with_context(|| format!("cannot evaluate {}", model.display()))?;
-    let key = match metric {
-        Metric::Top1 => "top1",
-        Metric::Auc => "auc",
-    };
-    let mut out = serde_json::json!({ key: score, "samples": y.len() });
-    if let Some(r) = reference {
-        let ref_art = if r.extension().and_then(|e| e.to_str()) == Some("kiln") {
-            read(r)?
-        } else {
+    let reference = match reference {
+        Some(r) if r.extension().and_then(|e| e.to_str()) == Some("kiln") => Some(read(r)?),
+        Some(r) => {
             let (g, _, _) = kiln::import::import_file(r)?;
-            kiln::convert::assemble_graph(&g, "reference")?
-        };
-        let ref_score = measure(&ref_art, &set)?;
-        out["reference"] = serde_json::json!({ key: ref_score });
-        if metric == Metric::Top1 {
-            let (a, per) = kiln::eval::run_real(&artifact, &x, |_, _| {})?;
-            let (b, _) = kiln::eval::run_real(&ref_art, &x, |_, _| {})?;
-            out["agreement"] = serde_json::json!(kiln::eval::agreement(&a, &b, per));
-            out["sqnr_db"] = serde_json::json!(kiln::eval::sqnr_db(&b, &a));
+            Some(kiln::convert::assemble_graph(&g, "reference")?)
         }
-    }
+        None => None,
+    };
+    // Classification: run each model once (with a progress bar) and derive every figure from
+    // those outputs. Anomaly scores: `measure`.
+    let run = |art: &[u8], what: &str| -> Result<(Vec<f32>, usize)> {
+        let bar = progress(0, what);
+        let r = kiln::eval::run_real(art, &x, |done, total| {
+            bar.set_length(total as u64);
+            bar.set_position(done as u64);
+        });
+        bar.finish_and_clear();
+        r
+    };
+    let out = match metric {
+        Metric::Top1 => {
+            let (a, per) = run(&artifact, "evaluating")
+                .with_context(|| format!("cannot evaluate {}", model.display()))?;
+            let mut out =
+                serde_json::json!({ "top1": kiln::eval::top1(&a, per, &y), "samples": y.len() });
+            if let Some(r) = &reference {
+                let (b, _) = run(r, "reference")?;
+                out["reference"] = serde_json::json!({ "top1": kiln::eval::top1(&b, per, &y) });
+                out["agreement"] = serde_json::json!(kiln::eval::agreement(&a, &b, per));
+                out["sqnr_db"] = serde_json::json!(kiln::eval::sqnr_db(&b, &a));
+            }
+            out
+        }
+        Metric::Auc => {
+            let score = measure(&artifact, &set)
+                .with_context(|| format!("cannot evaluate {}", model.display()))?;
+            let mut out = serde_json::json!({ "auc": score, "samples": y.len() });
+            if let Some(r) = &reference {
+                out["reference"] = serde_json::json!({ "auc": measure(r, &set)? });
+            }
+            out
+        }
+    };
     if json {
         println!("{out}");
     } else {
