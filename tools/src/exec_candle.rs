@@ -27,7 +27,7 @@ use crate::lower::{dequantized, ir_name, normalize, same_padding};
 use crate::npy::Array;
 use crate::quantize::calibrate::Calibration;
 use anyhow::{anyhow, bail, Context, Result};
-use candle_core::{DType as CDType, Device, Tensor};
+use candle_core::{DType as CDType, Device, Tensor, Var};
 use kiln_runtime::graph::{Activation, DType};
 
 /// Element-wise binary operators.
@@ -136,6 +136,47 @@ pub struct CandleGraph {
     /// Constants read by generic ops (binary operands, concat parts, PRELU slopes), IR layout.
     constants: Vec<Option<Tensor>>,
     ops: Vec<PreparedOp>,
+    /// Trainable weights (only for [`CandleGraph::new_trainable`]).
+    params: Vec<Param>,
+}
+
+/// Layout of a trainable weight on the device, relative to its IR tensor.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum ParamLayout {
+    /// Conv filter OIHW (IR: OHWI).
+    ConvOihw,
+    /// Depthwise filter `[C, 1, kh, kw]` (IR: `[1, kh, kw, C]`).
+    DepthwiseC1hw,
+    /// Fully-connected weights `[in, out]` (IR: `[out, in]`).
+    FcTransposed,
+    /// A bias, any shape holding the IR's values in order.
+    Flat,
+}
+
+/// A trainable weight: the variable and the IR tensor it came from.
+#[derive(Debug)]
+struct Param {
+    var: Var,
+    ir: TensorId,
+    layout: ParamLayout,
+}
+
+/// Wraps a prepared weight as a trainable variable when `params` is given.
+fn param(
+    t: Tensor,
+    ir: TensorId,
+    layout: ParamLayout,
+    params: &mut Option<&mut Vec<Param>>,
+) -> Result<Tensor> {
+    match params {
+        Some(p) => {
+            let var = Var::from_tensor(&t.contiguous()?)?;
+            let t = var.as_tensor().clone();
+            p.push(Param { var, ir, layout });
+            Ok(t)
+        }
+        None => Ok(t),
+    }
 }
 
 fn op_err(index: usize, name: &str, reason: impl std::fmt::Display) -> anyhow::Error {
@@ -230,7 +271,70 @@ impl CandleGraph {
     /// The graph has several inputs or outputs, an activation that is not f32, or an op this
     /// executor does not run (named with its index).
     pub fn new(g: &Graph, device: &Device) -> Result<Self> {
+        Self::build(g, device, false)
+    }
+
+    /// As [`CandleGraph::new`], with the conv, depthwise and fully-connected weights and biases
+    /// held as trainable [`Var`]s (see [`distill`]). Tensor ids are those of the graph (normalizing
+    /// keeps them), so the trained weights can be written back with
+    /// [`CandleGraph::write_weights`].
+    ///
+    /// # Errors
+    /// As [`CandleGraph::new`].
+    pub fn new_trainable(g: &Graph, device: &Device) -> Result<Self> {
+        Self::build(g, device, true)
+    }
+
+    /// The trainable variables (empty unless built by [`CandleGraph::new_trainable`]).
+    pub fn vars(&self) -> Vec<Var> {
+        self.params.iter().map(|p| p.var.clone()).collect()
+    }
+
+    /// Writes the current values of the trainable weights into `g` (the graph this executor was
+    /// built from, or its normalized form), in the IR's layouts, as f32.
+    ///
+    /// # Errors
+    /// A weight whose shape no longer matches the graph's tensor.
+    pub fn write_weights(&self, g: &mut Graph) -> Result<()> {
+        for p in &self.params {
+            let t = p.var.as_tensor();
+            let ir = match p.layout {
+                ParamLayout::ConvOihw => t.permute((0, 2, 3, 1))?,
+                ParamLayout::DepthwiseC1hw => t.permute((1, 2, 3, 0))?,
+                ParamLayout::FcTransposed => t.t()?,
+                ParamLayout::Flat => t.clone(),
+            };
+            let v = ir.flatten_all()?.to_vec1::<f32>()?;
+            let dst = g
+                .tensors
+                .get_mut(p.ir)
+                .ok_or_else(|| anyhow!("weight tensor {} is not in the graph", p.ir))?;
+            if p.layout != ParamLayout::Flat && ir.dims() != dst.shape.as_slice() {
+                bail!(
+                    "weight `{}` is {:?} in the graph, {:?} trained",
+                    dst.name,
+                    dst.shape,
+                    ir.dims()
+                );
+            }
+            if v.len() != dst.elements() {
+                bail!(
+                    "weight `{}` has {} values in the graph, {} trained",
+                    dst.name,
+                    dst.elements(),
+                    v.len()
+                );
+            }
+            dst.data = Some(v.iter().flat_map(|x| x.to_le_bytes()).collect());
+            dst.dtype = DType::F32;
+            dst.quant = None;
+        }
+        Ok(())
+    }
+
+    fn build(g: &Graph, device: &Device, trainable: bool) -> Result<Self> {
         let g = normalize(g)?;
+        let mut params = Vec::new();
         let (&[input], &[output]) = (g.inputs.as_slice(), g.outputs.as_slice()) else {
             bail!(
                 "the candle executor runs graphs with one input and one output; this one has {} and {}",
@@ -259,8 +363,14 @@ impl CandleGraph {
                     ),
                 ));
             }
-            let prepared = prepare(&g, op, device, &mut constants)
-                .with_context(|| format!("op {index} ({name})"))?;
+            let prepared = prepare(
+                &g,
+                op,
+                device,
+                &mut constants,
+                &mut trainable.then_some(&mut params),
+            )
+            .with_context(|| format!("op {index} ({name})"))?;
             ops.push(PreparedOp {
                 index,
                 name,
@@ -286,6 +396,7 @@ impl CandleGraph {
             output,
             constants,
             ops,
+            params,
         })
     }
 
@@ -347,13 +458,52 @@ impl CandleGraph {
                 self.input_shape
             );
         }
+        let x = Tensor::from_slice(input, self.input_shape.clone(), &self.device)?;
+        self.execute_batch(x, 1)
+    }
+
+    /// The tensor id of the logits: the input of a final SOFTMAX, else the graph output.
+    fn logits_id(&self) -> TensorId {
+        match self.ops.last() {
+            Some(op) if matches!(op.step, Step::Softmax { .. }) && op.output == self.output => {
+                op.inputs[0]
+            }
+            _ => self.output,
+        }
+    }
+
+    /// Runs `n` samples at once (`[n, ...]`, each sample in IR layout) and returns the logits
+    /// (the input of a final SOFTMAX, else the output) as `[n, ...]`, differentiable with
+    /// respect to the trainable weights.
+    ///
+    /// # Errors
+    /// The graph's first dimension is not a batch of 1, or a candle op fails.
+    pub fn logits_batch(&self, x: &Tensor) -> Result<Tensor> {
+        let n = x.dim(0)?;
+        let env = self.execute_batch(x.clone(), n)?;
+        env[self.logits_id()]
+            .clone()
+            .ok_or_else(|| anyhow!("the logits are never written"))
+    }
+
+    /// With `n > 1`, every activation's first dimension (which must be 1 in the graph) is the
+    /// batch.
+    fn execute_batch(&self, x: Tensor, n: usize) -> Result<Vec<Option<Tensor>>> {
+        let batched = |shape: &[usize]| -> Result<Vec<usize>> {
+            let mut s = shape.to_vec();
+            if n != 1 {
+                match s.first_mut() {
+                    Some(d) if *d == 1 => *d = n,
+                    _ => bail!("cannot run a batch of {n}: an activation has shape {shape:?}, whose first dimension is not 1"),
+                }
+            }
+            Ok(s)
+        };
+        let in_shape = batched(&self.input_shape)?;
         let mut env: Vec<Option<Tensor>> = vec![None; self.tensors];
-        env[self.input] = Some(Tensor::from_slice(
-            input,
-            self.input_shape.clone(),
-            &self.device,
-        )?);
+        env[self.input] = Some(x.reshape(in_shape)?);
         for op in &self.ops {
+            let out_shape = batched(&op.out_shape)?;
             let mut args = Vec::with_capacity(op.inputs.len());
             for &t in &op.inputs {
                 let v = env[t]
@@ -369,16 +519,16 @@ impl CandleGraph {
                 args.push(v);
             }
             let out = self
-                .step(op, &args)
+                .step(op, &args, &out_shape)
                 .map_err(|e| op_err(op.index, op.name, e))?;
-            if out.dims() != op.out_shape.as_slice() {
+            if out.dims() != out_shape.as_slice() {
                 return Err(op_err(
                     op.index,
                     op.name,
                     format!(
                         "computed shape {:?}, the graph says {:?}",
                         out.dims(),
-                        op.out_shape
+                        out_shape
                     ),
                 ));
             }
@@ -387,9 +537,8 @@ impl CandleGraph {
         Ok(env)
     }
 
-    fn step(&self, op: &PreparedOp, args: &[&Tensor]) -> Result<Tensor> {
+    fn step(&self, op: &PreparedOp, args: &[&Tensor], out_shape: &[usize]) -> Result<Tensor> {
         let x = args[0];
-        let out_shape = op.out_shape.as_slice();
         Ok(match &op.step {
             Step::Conv {
                 kernel,
@@ -537,6 +686,7 @@ fn prepare(
     op: &crate::ir::Op,
     device: &Device,
     constants: &mut [Option<Tensor>],
+    params: &mut Option<&mut Vec<Param>>,
 ) -> Result<Prepared> {
     let input = |i: usize| -> Result<TensorId> {
         match op.inputs.get(i) {
@@ -625,7 +775,15 @@ fn prepare(
                 c_in / fs[3]
             };
             let square = dilation[0] == dilation[1];
-            if !square {
+            if square {
+                let layout = if depthwise {
+                    ParamLayout::DepthwiseC1hw
+                } else {
+                    ParamLayout::ConvOihw
+                };
+                kernel = param(kernel, f, layout, params)?;
+            } else {
+                // The dilated kernel is derived: such a filter stays fixed.
                 kernel = dilate(&kernel, *dilation)?;
             }
             let (top, bottom) = pad_pair(*padding, stride[0], dilation[0], xs[1], kh, out.shape[1]);
@@ -636,7 +794,8 @@ fn prepare(
                     if v.len() != out.shape[3] {
                         bail!("bias has {} values for {} channels", v.len(), out.shape[3]);
                     }
-                    Some(Tensor::from_vec(v, (1, out.shape[3], 1, 1), device)?)
+                    let t = Tensor::from_vec(v, (1, out.shape[3], 1, 1), device)?;
+                    Some(param(t, b, ParamLayout::Flat, params)?)
                 }
                 None => None,
             };
@@ -662,8 +821,14 @@ fn prepare(
             let weights_t = Tensor::from_vec(constant(g, w)?, (ws[0], ws[1]), device)?
                 .t()?
                 .contiguous()?;
+            let weights_t = param(weights_t, w, ParamLayout::FcTransposed, params)?;
             let bias = match optional(2) {
-                Some(b) => Some(Tensor::from_vec(constant(g, b)?, ws[0], device)?),
+                Some(b) => Some(param(
+                    Tensor::from_vec(constant(g, b)?, ws[0], device)?,
+                    b,
+                    ParamLayout::Flat,
+                    params,
+                )?),
                 None => None,
             };
             let inputs = generic(vec![x], constants)?;
@@ -849,6 +1014,183 @@ pub fn calibrate_on(
         |sample, visit| exec.visit(sample, visit),
         progress,
     )
+}
+
+/// A small deterministic generator (SplitMix64) for the augmentation and the batches.
+struct SplitMix(u64);
+
+impl SplitMix {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n.max(1) as u64) as usize
+    }
+}
+
+/// One NHWC image (`h x w x c`), optionally mirrored horizontally and shifted by `(dy, dx)`
+/// cells, the uncovered border filled with zeros.
+fn augment(img: &[f32], [h, w, c]: [usize; 3], flip: bool, dy: isize, dx: isize) -> Vec<f32> {
+    let mut out = vec![0f32; img.len()];
+    for y in 0..h {
+        let sy = y as isize - dy;
+        if sy < 0 || sy >= h as isize {
+            continue;
+        }
+        for x in 0..w {
+            let mut sx = x as isize - dx;
+            if sx < 0 || sx >= w as isize {
+                continue;
+            }
+            if flip {
+                sx = w as isize - 1 - sx;
+            }
+            let (d, s) = ((y * w + x) * c, ((sy as usize) * w + sx as usize) * c);
+            out[d..d + c].copy_from_slice(&img[s..s + c]);
+        }
+    }
+    out
+}
+
+/// Augmented copies of each calibration image held for distillation (the first unchanged).
+const AUGMENTED_COPIES: usize = 8;
+/// Images per training step.
+const DISTILL_BATCH: usize = 32;
+
+/// Knowledge distillation: trains the conv, depthwise and fully-connected weights and biases of
+/// `student` (a float graph, e.g. a pruned `teacher`) so that its logits — the input of a final
+/// SOFTMAX, else its output — match `teacher`'s on the samples `x` (in the model's input layout,
+/// as calibration data), and returns `student` (normalized) with the trained weights.
+///
+/// The teacher's logits are computed once, on each sample and on `AUGMENTED_COPIES - 1`
+/// augmented copies of it (for NHWC images: random horizontal flips and shifts of up to 2 cells,
+/// seeded, so a run is deterministic). The student is then trained for `steps` steps of Adam
+/// (learning rate `lr` times each weight tensor's RMS, cosine decay to zero) on the mean squared error of the logits over
+/// mini-batches of 32. Runs on the CPU with candle. `progress(done, steps)` follows the steps.
+///
+/// # Errors
+/// The data does not fit the models, the models have several inputs or outputs, logits of
+/// different shapes, an op the candle executor does not run, or a shape whose first dimension is
+/// not a batch of 1.
+pub fn distill(
+    student: &Graph,
+    teacher: &Graph,
+    x: &Array,
+    steps: usize,
+    lr: f64,
+    mut progress: impl FnMut(usize, usize),
+) -> Result<Graph> {
+    let device = Device::Cpu;
+    let mut out = normalize(student)?;
+    if steps == 0 {
+        return Ok(out);
+    }
+    let teacher = CandleGraph::new(teacher, &device)?;
+    let trainee = CandleGraph::new_trainable(&out, &device)?;
+    let data = crate::quantize::calibrate::samples_f32(x)?;
+    let per = trainee.input_elements();
+    if per != teacher.input_elements() {
+        bail!(
+            "the student takes {per} input values, the teacher {}",
+            teacher.input_elements()
+        );
+    }
+    if data.is_empty() || !data.len().is_multiple_of(per) {
+        bail!(
+            "the data has shape {:?}, which is not a whole number of samples of the model's input ({per} values)",
+            x.shape()
+        );
+    }
+    let n = data.len() / per;
+    let shape = trainee.input_shape.clone();
+    let image = (shape.len() == 4).then(|| [shape[1], shape[2], shape[3]]);
+    let mut rng = SplitMix(0x6b69_6c6e);
+    // The pool: each sample, then augmented copies.
+    let copies = if image.is_some() { AUGMENTED_COPIES } else { 1 };
+    let mut pool = Vec::with_capacity(n * copies * per);
+    for copy in 0..copies {
+        for s in 0..n {
+            let img = &data[s * per..(s + 1) * per];
+            match image {
+                Some(hwc) if copy > 0 => {
+                    let flip = rng.below(2) == 1;
+                    let dy = rng.below(5) as isize - 2;
+                    let dx = rng.below(5) as isize - 2;
+                    pool.extend(augment(img, hwc, flip, dy, dx));
+                }
+                _ => pool.extend_from_slice(img),
+            }
+        }
+    }
+    let total = n * copies;
+    let mut batch_shape = shape.clone();
+    let pool = Tensor::from_vec(
+        pool,
+        {
+            batch_shape[0] = total;
+            batch_shape.clone()
+        },
+        &device,
+    )?;
+    // Teacher logits, once.
+    let mut targets = Vec::new();
+    for start in (0..total).step_by(64) {
+        let len = 64.min(total - start);
+        targets.push(teacher.logits_batch(&pool.narrow(0, start, len)?)?);
+    }
+    let targets = Tensor::cat(&targets, 0)?;
+    // One Adam per weight, its step scaled by the weight's RMS: `lr` is a relative step, so
+    // small first-layer weights (raw 0..255 inputs) and large ones move alike.
+    use candle_nn::Optimizer;
+    let mut opts = Vec::new();
+    for var in trainee.vars() {
+        let rms = var
+            .as_tensor()
+            .sqr()?
+            .mean_all()?
+            .sqrt()?
+            .to_scalar::<f32>()? as f64;
+        let scale = if rms > 0.0 { rms } else { 1e-3 };
+        let opt = candle_nn::AdamW::new(
+            vec![var],
+            candle_nn::ParamsAdamW {
+                lr: lr * scale,
+                weight_decay: 0.0,
+                ..Default::default()
+            },
+        )?;
+        opts.push((opt, scale));
+    }
+    let batch = DISTILL_BATCH.min(total);
+    for step in 0..steps {
+        let decay = 0.5 * (1.0 + (std::f64::consts::PI * step as f64 / steps as f64).cos());
+        let idx: Vec<u32> = (0..batch).map(|_| rng.below(total) as u32).collect();
+        let idx = Tensor::from_vec(idx, batch, &device)?;
+        let xb = pool.index_select(&idx, 0)?;
+        let tb = targets.index_select(&idx, 0)?;
+        let yb = trainee.logits_batch(&xb)?;
+        if yb.dims() != tb.dims() {
+            bail!(
+                "the student's logits are {:?}, the teacher's {:?}",
+                yb.dims(),
+                tb.dims()
+            );
+        }
+        let loss = (yb - tb)?.sqr()?.mean_all()?;
+        let grads = loss.backward()?;
+        for (opt, scale) in &mut opts {
+            opt.set_learning_rate(lr * *scale * decay);
+            opt.step(&grads)?;
+        }
+        progress(step + 1, steps);
+    }
+    trainee.write_weights(&mut out)?;
+    Ok(out)
 }
 
 #[cfg(test)]

@@ -182,6 +182,10 @@ enum Command {
         /// Multiply uint8 sample values by this.
         #[arg(long, value_name = "S")]
         input_scale: Option<f32>,
+        /// After a structured prune, train the pruned model for N steps to match the unpruned
+        /// model's logits on --calib (knowledge distillation with candle; 0 = off).
+        #[arg(long, default_value_t = 0, value_name = "N")]
+        distill_steps: usize,
         /// Labelled evaluation set (`x`, `y`): the unpruned and the pruned model are scored on it.
         #[arg(long, value_name = "DATA.npz")]
         eval: Option<PathBuf>,
@@ -578,6 +582,7 @@ struct PruneArgs<'a> {
     structured: bool,
     calib: Option<&'a Path>,
     input_scale: Option<f32>,
+    distill_steps: usize,
     eval: Option<&'a Path>,
     metric: kiln::quantize::pipeline::Metric,
     max_accuracy_drop: Option<f64>,
@@ -592,6 +597,7 @@ fn prune(a: PruneArgs<'_>) -> Result<()> {
         structured,
         calib,
         input_scale,
+        distill_steps,
         eval,
         metric,
         max_accuracy_drop,
@@ -606,10 +612,16 @@ fn prune(a: PruneArgs<'_>) -> Result<()> {
             calib.context("--structured needs --calib DATA.npz for the least-squares refit")?;
         let x = npy::read_real(calib, None, input_scale)?;
         let bar = progress(0, "pruning");
-        let r = kiln::prune::prune_structured(&graph, sparsity, &x, |done, total| {
-            bar.set_length(total as u64);
-            bar.set_position(done as u64);
-        })?;
+        let r = kiln::prune::prune_structured_distilled(
+            &graph,
+            sparsity,
+            &x,
+            distill_steps,
+            |done, total| {
+                bar.set_length(total as u64);
+                bar.set_position(done as u64);
+            },
+        )?;
         bar.finish_and_clear();
         r
     } else {
@@ -622,7 +634,7 @@ fn prune(a: PruneArgs<'_>) -> Result<()> {
     let lineage = serde_json::json!({
         "source": { "format": format, "sha256": kiln::convert::sha256_hex(&source), "bytes": source.len() },
         "calibration": calib.map(|c| read(c).map(|b| kiln::convert::sha256_hex(&b))).transpose()?,
-        "options": { "command": "prune", "sparsity": sparsity, "structured": structured, "input_scale": input_scale },
+        "options": { "command": "prune", "sparsity": sparsity, "structured": structured, "input_scale": input_scale, "distill_steps": distill_steps },
         "prune": report,
     });
     let mut lineage = lineage;
@@ -762,6 +774,7 @@ fn main() -> ExitCode {
             structured,
             calib,
             input_scale,
+            distill_steps,
             eval: eval_set,
             metric,
             max_accuracy_drop,
@@ -773,6 +786,7 @@ fn main() -> ExitCode {
             structured,
             calib: calib.as_deref(),
             input_scale,
+            distill_steps,
             eval: eval_set.as_deref(),
             metric,
             max_accuracy_drop,

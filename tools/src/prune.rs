@@ -443,6 +443,26 @@ pub fn prune_structured(
     g: &Graph,
     mac_fraction: f64,
     calib: &Array,
+    progress: impl FnMut(usize, usize),
+) -> Result<(Graph, PruneReport)> {
+    prune_structured_distilled(g, mac_fraction, calib, 0, progress)
+}
+
+/// Adam learning rate of the distillation step of [`prune_structured_distilled`].
+pub const DISTILL_LR: f64 = 3e-3;
+
+/// [`prune_structured`], then, when `distill_steps > 0`, recovery by knowledge distillation:
+/// every conv / depthwise / fully-connected weight of the pruned model is trained for
+/// `distill_steps` steps so that its logits match the unpruned model's on the calibration data
+/// (see [`crate::exec_candle::distill`]). `progress(done, total)` covers both phases.
+///
+/// # Errors
+/// As [`prune_structured`]; or an op the candle executor does not run (when distilling).
+pub fn prune_structured_distilled(
+    g: &Graph,
+    mac_fraction: f64,
+    calib: &Array,
+    distill_steps: usize,
     mut progress: impl FnMut(usize, usize),
 ) -> Result<(Graph, PruneReport)> {
     if !(0.0..1.0).contains(&mac_fraction) {
@@ -501,7 +521,7 @@ pub fn prune_structured(
                 report.macs_before - graph_macs(&candidate),
             );
             done += 1;
-            progress(done, total_steps + chains.len());
+            progress(done, total_steps + chains.len() + distill_steps);
         }
     }
     // Greedy allocation.
@@ -532,6 +552,7 @@ pub fn prune_structured(
     }
     // Apply in order, refitting each tail on the partially pruned model's activations.
     let original = g.clone();
+    let all = total_steps + chains.len() + distill_steps;
     for (k, chain) in chains.iter().enumerate() {
         let remove = channels[k] * steps[k] / STEPS;
         if remove > 0 {
@@ -540,7 +561,18 @@ pub fn prune_structured(
                 report.channels_removed.push(r);
             }
         }
-        progress(total_steps + k + 1, total_steps + chains.len());
+        progress(total_steps + k + 1, all);
+    }
+    if distill_steps > 0 {
+        let before = total_steps + chains.len();
+        g = crate::exec_candle::distill(
+            &g,
+            &original,
+            calib,
+            distill_steps,
+            DISTILL_LR,
+            |d, _| progress(before + d, all),
+        )?;
     }
     fill_sparsity(&g, &mut report)?;
     Ok((g, report))

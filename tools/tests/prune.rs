@@ -60,7 +60,19 @@ fn structured_pruning_of_resnet8_keeps_int8_accuracy() {
     let y = read_labels(&data).unwrap();
     let (calib, eval, ye) = (take(&x, 0..100), take(&x, 100..200), &y[100..]);
 
-    let (pruned, report) = kiln::prune::prune_structured(&g, 0.27, &calib, |_, _| {}).unwrap();
+    // Distillation (100 steps: int8 77 % -> 78 %, see BENCHMARKS.md) costs minutes in the test
+    // profile: off by default here, KILN_DISTILL_STEPS turns it on.
+    let steps: usize = std::env::var("KILN_DISTILL_STEPS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let t0 = std::time::Instant::now();
+    let (pruned, report) =
+        kiln::prune::prune_structured_distilled(&g, 0.27, &calib, steps, |_, _| {}).unwrap();
+    eprintln!(
+        "pruning + {steps} distillation steps: {:.1} s",
+        t0.elapsed().as_secs_f64()
+    );
     let removed = 1.0 - report.macs_after as f64 / report.macs_before as f64;
     let (_, base_int8, base_arena) = int8(&g, &calib, &eval, ye);
     let (pruned_float, pruned_int8, pruned_arena) = int8(&pruned, &calib, &eval, ye);
@@ -78,11 +90,12 @@ fn structured_pruning_of_resnet8_keeps_int8_accuracy() {
         "only {:.1} % of MACs removed",
         removed * 100.0
     );
-    // Open: the issue asks for <= 2 pt; least-squares refit alone reaches about 10-15 pt here (see
-    // BENCHMARKS.md). This guards against regressions until distillation lands.
+    // Open: the issue asks for <= 2 pt. Least-squares refit alone loses about 10-15 pt here (see
+    // BENCHMARKS.md); 100 steps of distillation on the 100 calibration images recover part of it
+    // (pruned float ~80 % vs 86 % unpruned). This guards against regressions.
     assert!(
-        pruned_int8 >= base_int8 - 0.20,
-        "pruned int8 {pruned_int8} loses more than 20 pt against {base_int8}"
+        pruned_int8 >= base_int8 - 0.15,
+        "pruned int8 {pruned_int8} loses more than 15 pt against {base_int8}"
     );
     assert_eq!(
         report.channels_removed.len(),
