@@ -45,71 +45,74 @@ impl Array {
     }
 }
 
-fn from_npy<R: std::io::Read>(npy: npyz::NpyFile<R>, what: &str) -> Result<Array> {
+/// The numpy type code of an array (`i1`, `f4`, `u1`, ...), without byte-order marks.
+fn type_code<R: std::io::Read>(npy: &npyz::NpyFile<R>) -> String {
+    npy.dtype()
+        .descr()
+        .trim_matches('\'')
+        .trim_start_matches(['<', '|', '='])
+        .to_string()
+}
+
+/// Decodes an array. `uint8` is read as real values times `u8_scale` when that is given, and
+/// refused otherwise (it is ambiguous for an int8 model).
+fn from_npy<R: std::io::Read>(
+    npy: npyz::NpyFile<R>,
+    what: &str,
+    u8_scale: Option<f32>,
+) -> Result<Array> {
     let shape: Vec<usize> = npy.shape().iter().map(|&d| d as usize).collect();
-    let descr = npy.dtype().descr();
-    let data = match descr.trim_matches('\'').trim_start_matches(['<', '|', '=']) {
-        "i1" => Array::I8 { shape, data: npy.into_vec::<i8>()? },
-        "f4" => Array::F32 { shape, data: npy.into_vec::<f32>()? },
-        "f8" => Array::F32 { shape, data: npy.into_vec::<f64>()?.into_iter().map(|v| v as f32).collect() },
-        "f2" => Array::F32 { shape, data: npy.into_vec::<half::f16>()?.into_iter().map(|v| v.to_f32()).collect() },
-        other => bail!(
+    let data = match (type_code(&npy).as_str(), u8_scale) {
+        ("i1", _) => Array::I8 { shape, data: npy.into_vec::<i8>()? },
+        ("f4", _) => Array::F32 { shape, data: npy.into_vec::<f32>()? },
+        ("f8", _) => Array::F32 { shape, data: npy.into_vec::<f64>()?.into_iter().map(|v| v as f32).collect() },
+        ("f2", _) => Array::F32 { shape, data: npy.into_vec::<half::f16>()?.into_iter().map(|v| v.to_f32()).collect() },
+        ("u1", Some(s)) => Array::F32 { shape, data: npy.into_vec::<u8>()?.into_iter().map(|v| v as f32 * s).collect() },
+        (other, _) => bail!(
             "{what} has dtype `{other}`; kiln reads int8 (raw quantized values) or float (real values)\nhint: convert it with numpy first, e.g. `x.astype(np.float32)` or `(x.astype(np.int16) - 128).astype(np.int8)`"
         ),
     };
     Ok(data)
 }
 
-/// Reads samples as real values for quantization and evaluation: like [`read_input`], but a
-/// `uint8` array (images) is accepted as real values, multiplied by `u8_scale` (e.g. 1/255) when
-/// given.
-pub fn read_real(path: &Path, name: Option<&str>, u8_scale: Option<f32>) -> Result<Array> {
+/// Reads an `.npy`, or the first of `names` found in an `.npz`.
+fn read_named(path: &Path, names: &[&str], u8_scale: Option<f32>) -> Result<Array> {
     let shown = path.display();
-    fn load<R: std::io::Read>(
-        npy: npyz::NpyFile<R>,
-        what: &str,
-        u8_scale: Option<f32>,
-    ) -> Result<Array> {
-        let descr = npy.dtype().descr();
-        if descr.trim_matches('\'').trim_start_matches(['<', '|', '=']) == "u1" {
-            let shape: Vec<usize> = npy.shape().iter().map(|&d| d as usize).collect();
-            let s = u8_scale.unwrap_or(1.0);
-            let data = npy
-                .into_vec::<u8>()?
-                .into_iter()
-                .map(|v| v as f32 * s)
-                .collect();
-            return Ok(Array::F32 { shape, data });
-        }
-        from_npy(npy, what)
-    }
     if path.extension().and_then(|e| e.to_str()) == Some("npz") {
         let mut npz = npyz::npz::NpzArchive::open(path)
             .with_context(|| format!("cannot open {shown} as .npz"))?;
-        let names: Vec<&str> = match name {
-            Some(n) => vec![n],
-            None => vec!["x", "input", "spectrograms"],
-        };
-        for n in &names {
+        for n in names {
             if let Some(npy) = npz
                 .by_name(n)
                 .with_context(|| format!("cannot read array `{n}` of {shown}"))?
             {
-                return load(npy, &format!("array `{n}` of {shown}"), u8_scale);
+                return from_npy(npy, &format!("array `{n}` of {shown}"), u8_scale);
             }
         }
         let have: Vec<String> = npz.array_names().map(str::to_string).collect();
+        let wanted: Vec<String> = names.iter().map(|n| format!("`{n}`")).collect();
         bail!(
-            "{shown} has no array named {} (it has: {})",
-            names.join(" or "),
+            "{shown} has no array named {} (it has: {})\nhint: save the samples as `x`, batch first",
+            wanted.join(" or "),
             have.join(", ")
         )
     } else {
         let bytes = std::fs::read(path).with_context(|| format!("cannot read {shown}"))?;
         let npy = npyz::NpyFile::new(&bytes[..])
             .with_context(|| format!("{shown} is not a valid .npy file"))?;
-        load(npy, &shown.to_string(), u8_scale)
+        from_npy(npy, &shown.to_string(), u8_scale)
     }
+}
+
+/// Reads samples as real values for quantization and evaluation: like [`read_input`], but a
+/// `uint8` array (images) is accepted as real values, multiplied by `u8_scale` (e.g. 1/255) when
+/// given. Without `name`, an `.npz`'s `x`, `input` or `spectrograms` is read.
+pub fn read_real(path: &Path, name: Option<&str>, u8_scale: Option<f32>) -> Result<Array> {
+    let names = match name {
+        Some(n) => vec![n],
+        None => vec!["x", "input", "spectrograms"],
+    };
+    read_named(path, &names, Some(u8_scale.unwrap_or(1.0)))
 }
 
 /// Reads integer class labels (array `y` of an `.npz`).
@@ -122,44 +125,22 @@ pub fn read_labels(path: &Path) -> Result<Vec<i64>> {
             path.display()
         )
     })?;
-    let descr = npy.dtype().descr();
-    Ok(
-        match descr.trim_matches('\'').trim_start_matches(['<', '|', '=']) {
-            "i1" => npy.into_vec::<i8>()?.into_iter().map(i64::from).collect(),
-            "u1" => npy.into_vec::<u8>()?.into_iter().map(i64::from).collect(),
-            "i2" => npy.into_vec::<i16>()?.into_iter().map(i64::from).collect(),
-            "i4" => npy.into_vec::<i32>()?.into_iter().map(i64::from).collect(),
-            "i8" => npy.into_vec::<i64>()?,
-            other => bail!(
-                "labels `y` of {} have dtype `{other}`; use integer class indices",
-                path.display()
-            ),
-        },
-    )
+    Ok(match type_code(&npy).as_str() {
+        "i1" => npy.into_vec::<i8>()?.into_iter().map(i64::from).collect(),
+        "u1" => npy.into_vec::<u8>()?.into_iter().map(i64::from).collect(),
+        "i2" => npy.into_vec::<i16>()?.into_iter().map(i64::from).collect(),
+        "i4" => npy.into_vec::<i32>()?.into_iter().map(i64::from).collect(),
+        "i8" => npy.into_vec::<i64>()?,
+        other => bail!(
+            "labels `y` of {} have dtype `{other}`; use integer class indices",
+            path.display()
+        ),
+    })
 }
 
 /// Reads the input batch: an `.npy`, or the array `x` (else `input`) of an `.npz`.
 pub fn read_input(path: &Path) -> Result<Array> {
-    let shown = path.display();
-    if path.extension().and_then(|e| e.to_str()) == Some("npz") {
-        let mut npz = npyz::npz::NpzArchive::open(path)
-            .with_context(|| format!("cannot open {shown} as .npz"))?;
-        for name in ["x", "input"] {
-            if let Some(npy) = npz
-                .by_name(name)
-                .with_context(|| format!("cannot read array `{name}` of {shown}"))?
-            {
-                return from_npy(npy, &format!("array `{name}` of {shown}"));
-            }
-        }
-        let names: Vec<String> = npz.array_names().map(str::to_string).collect();
-        Err(anyhow!("{shown} has no array named `x` or `input` (it has: {})\nhint: save the inputs as `x`, batch first", names.join(", ")))
-    } else {
-        let bytes = std::fs::read(path).with_context(|| format!("cannot read {shown}"))?;
-        let npy = npyz::NpyFile::new(&bytes[..])
-            .with_context(|| format!("{shown} is not a valid .npy file"))?;
-        from_npy(npy, &shown.to_string())
-    }
+    read_named(path, &["x", "input"], None)
 }
 
 /// Reads a named array of an `.npz` as int8 (for golden files).
@@ -169,7 +150,7 @@ pub fn read_npz_i8(path: &Path, name: &str) -> Result<(Vec<usize>, Vec<i8>)> {
     let npy = npz
         .by_name(name)?
         .ok_or_else(|| anyhow!("{} has no array `{name}`", path.display()))?;
-    match from_npy(npy, name)? {
+    match from_npy(npy, name, None)? {
         Array::I8 { shape, data } => Ok((shape, data)),
         Array::F32 { .. } => bail!("array `{name}` of {} is not int8", path.display()),
     }
@@ -185,6 +166,21 @@ pub enum OutputData<'a> {
     F16(&'a [half::f16]),
 }
 
+fn write_typed<T: npyz::AutoSerialize + Copy>(
+    w: impl std::io::Write,
+    shape: &[u64],
+    data: &[T],
+) -> Result<()> {
+    let mut wr = npyz::WriteOptions::new()
+        .default_dtype()
+        .shape(shape)
+        .writer(w)
+        .begin_nd()?;
+    wr.extend(data.iter().copied())?;
+    wr.finish()?;
+    Ok(())
+}
+
 /// Writes an `.npy` with the given shape.
 pub fn write_npy(path: &Path, shape: &[usize], data: OutputData<'_>) -> Result<()> {
     let file =
@@ -192,33 +188,8 @@ pub fn write_npy(path: &Path, shape: &[usize], data: OutputData<'_>) -> Result<(
     let shape: Vec<u64> = shape.iter().map(|&d| d as u64).collect();
     let w = std::io::BufWriter::new(file);
     match data {
-        OutputData::I8(d) => {
-            let mut wr = npyz::WriteOptions::new()
-                .default_dtype()
-                .shape(&shape)
-                .writer(w)
-                .begin_nd()?;
-            wr.extend(d.iter().copied())?;
-            wr.finish()?;
-        }
-        OutputData::F32(d) => {
-            let mut wr = npyz::WriteOptions::new()
-                .default_dtype()
-                .shape(&shape)
-                .writer(w)
-                .begin_nd()?;
-            wr.extend(d.iter().copied())?;
-            wr.finish()?;
-        }
-        OutputData::F16(d) => {
-            let mut wr = npyz::WriteOptions::new()
-                .default_dtype()
-                .shape(&shape)
-                .writer(w)
-                .begin_nd()?;
-            wr.extend(d.iter().copied())?;
-            wr.finish()?;
-        }
+        OutputData::I8(d) => write_typed(w, &shape, d),
+        OutputData::F32(d) => write_typed(w, &shape, d),
+        OutputData::F16(d) => write_typed(w, &shape, d),
     }
-    Ok(())
 }
