@@ -7,7 +7,8 @@ use kiln::npy::{read_labels, read_real, Array};
 use kiln::quantize::pipeline::{quantize, EvalSet, Metric, Precision, Quantized, Request};
 use kiln::quantize::ranges::Estimator;
 use kiln::quantize::QuantizeOptions;
-use std::path::Path;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
 
 fn take(x: &Array, range: std::ops::Range<usize>) -> Array {
     let Array::F32 { shape, data } = x else {
@@ -22,16 +23,44 @@ fn take(x: &Array, range: std::ops::Range<usize>) -> Array {
     }
 }
 
-struct Case<'a> {
-    model: &'a Path,
+struct Case {
+    model: PathBuf,
     calib: Array,
     eval: Array,
     labels: Vec<i64>,
     metric: Metric,
 }
 
-fn run(case: &Case<'_>, precision: Precision, estimator: Estimator) -> Quantized {
-    let (graph, format, source) = kiln::import::import_file(case.model).expect("import");
+/// A labelled set split into calibration and evaluation ranges.
+fn case(
+    model: PathBuf,
+    data: &Path,
+    u8_scale: Option<f32>,
+    calib: Range<usize>,
+    eval: Range<usize>,
+) -> Case {
+    let x = read_real(data, None, u8_scale).unwrap();
+    let y = read_labels(data).unwrap();
+    Case {
+        model,
+        calib: take(&x, calib),
+        labels: y[eval.clone()].to_vec(),
+        eval: take(&x, eval),
+        metric: Metric::Top1,
+    }
+}
+
+fn run(case: &Case, precision: Precision, estimator: Estimator) -> Quantized {
+    try_run(case, precision, estimator, None).expect("quantize")
+}
+
+fn try_run(
+    case: &Case,
+    precision: Precision,
+    estimator: Estimator,
+    budget: Option<f64>,
+) -> anyhow::Result<Quantized> {
+    let (graph, format, source) = kiln::import::import_file(&case.model).expect("import");
     let req = Request {
         name: "test".into(),
         graph,
@@ -49,14 +78,14 @@ fn run(case: &Case<'_>, precision: Precision, estimator: Estimator) -> Quantized
             metric: case.metric,
             sha256: "eval".into(),
         }),
-        max_accuracy_drop: None,
+        max_accuracy_drop: budget,
         selftest_count: 2,
         extra: serde_json::Value::Null,
     };
-    quantize(req, |_, _, _| {}).expect("quantize")
+    quantize(req, |_, _, _| {})
 }
 
-fn check(name: &str, case: &Case<'_>, estimator: Estimator) {
+fn check(name: &str, case: &Case, estimator: Estimator) {
     let q8 = run(case, Precision::Int8, estimator);
     let q16 = run(case, Precision::Fp16, estimator);
     let (f, i8m, f16m) = (
@@ -102,16 +131,13 @@ fn resnet8_tflite_int8_and_fp16_keep_accuracy() {
     let Some(dir) = common::testdata() else {
         return;
     };
-    let data = dir.join("data/ic01.npz");
-    let x = read_real(&data, None, None).unwrap();
-    let y = read_labels(&data).unwrap();
-    let case = Case {
-        model: &common::mlperf(&dir, "pretrainedResnet.tflite"),
-        calib: take(&x, 0..100),
-        eval: take(&x, 100..200),
-        labels: y[100..].to_vec(),
-        metric: Metric::Top1,
-    };
+    let case = case(
+        common::mlperf(&dir, "pretrainedResnet.tflite"),
+        &dir.join("data/ic01.npz"),
+        None,
+        0..100,
+        100..200,
+    );
     check("ResNet-8 (tflite)", &case, Estimator::MinMax);
 }
 
@@ -120,16 +146,13 @@ fn vww_tflite_int8_and_fp16_keep_accuracy() {
     let Some(dir) = common::testdata() else {
         return;
     };
-    let data = dir.join("data/vww01.npz");
-    let x = read_real(&data, None, Some(1.0 / 255.0)).unwrap();
-    let y = read_labels(&data).unwrap();
-    let case = Case {
-        model: &common::mlperf(&dir, "vww_96_float.tflite"),
-        calib: take(&x, 0..250),
-        eval: take(&x, 250..500),
-        labels: y[250..].to_vec(),
-        metric: Metric::Top1,
-    };
+    let case = case(
+        common::mlperf(&dir, "vww_96_float.tflite"),
+        &dir.join("data/vww01.npz"),
+        Some(1.0 / 255.0),
+        0..250,
+        250..500,
+    );
     check("VWW (tflite)", &case, Estimator::MinMax);
 }
 
@@ -151,7 +174,7 @@ fn kws_hybrid_int8_and_fp16_keep_accuracy() {
     let x = Array::F32 { shape, data: real };
     let y = read_labels(&data).unwrap();
     let case = Case {
-        model: &common::mlperf(&dir, "kws_ref_model_float32.tflite"),
+        model: common::mlperf(&dir, "kws_ref_model_float32.tflite"),
         calib: take(&x, 0..500),
         eval: take(&x, 500..1000),
         labels: y[500..].to_vec(),
@@ -187,7 +210,7 @@ fn anomaly_detection_int8_auc() {
     }
     let n_cal = cal.len() / 640;
     let case = Case {
-        model: &common::mlperf(&dir, "ad01_fp32.tflite"),
+        model: common::mlperf(&dir, "ad01_fp32.tflite"),
         calib: Array::F32 {
             shape: vec![n_cal, 640],
             data: cal,
@@ -213,21 +236,18 @@ fn quantizing_twice_gives_identical_bytes_and_the_manifest_names_the_inputs() {
     let Some(dir) = common::testdata() else {
         return;
     };
-    let data = dir.join("data/ic01.npz");
-    let x = read_real(&data, None, None).unwrap();
-    let y = read_labels(&data).unwrap();
-    let case = Case {
-        model: &common::mlperf(&dir, "pretrainedResnet.tflite"),
-        calib: take(&x, 0..20),
-        eval: take(&x, 100..120),
-        labels: y[100..120].to_vec(),
-        metric: Metric::Top1,
-    };
+    let case = case(
+        common::mlperf(&dir, "pretrainedResnet.tflite"),
+        &dir.join("data/ic01.npz"),
+        None,
+        0..20,
+        100..120,
+    );
     let a = run(&case, Precision::Int8, Estimator::Entropy);
     let b = run(&case, Precision::Int8, Estimator::Entropy);
     assert_eq!(a.artifact, b.artifact, "quantization is not reproducible");
     let report = kiln::inspect::inspect(&a.artifact).unwrap();
-    let source = std::fs::read(case.model).unwrap();
+    let source = std::fs::read(&case.model).unwrap();
     assert_eq!(
         report.manifest["source"]["sha256"],
         kiln::convert::sha256_hex(&source)
@@ -242,16 +262,13 @@ fn resnet8_onnx_int8_and_fp16_keep_accuracy() {
     let Some(dir) = common::testdata() else {
         return;
     };
-    let data = dir.join("data/ic01.npz");
-    let x = read_real(&data, None, None).unwrap();
-    let y = read_labels(&data).unwrap();
-    let case = Case {
-        model: &dir.join("models/onnx/pretrainedResnet.onnx"),
-        calib: take(&x, 0..100),
-        eval: take(&x, 100..200),
-        labels: y[100..].to_vec(),
-        metric: Metric::Top1,
-    };
+    let case = case(
+        dir.join("models/onnx/pretrainedResnet.onnx"),
+        &dir.join("data/ic01.npz"),
+        None,
+        0..100,
+        100..200,
+    );
     check("ResNet-8 (onnx)", &case, Estimator::MinMax);
 }
 
@@ -260,16 +277,13 @@ fn mnist_onnx_int8_and_fp16_keep_accuracy() {
     let Some(dir) = common::testdata() else {
         return;
     };
-    let data = dir.join("data/mnist_t10k.npz");
-    let x = read_real(&data, None, None).unwrap();
-    let y = read_labels(&data).unwrap();
-    let case = Case {
-        model: &dir.join("models/onnx/mnist-8/model.onnx"),
-        calib: take(&x, 0..1000),
-        eval: take(&x, 1000..10_000),
-        labels: y[1000..].to_vec(),
-        metric: Metric::Top1,
-    };
+    let case = case(
+        dir.join("models/onnx/mnist-8/model.onnx"),
+        &dir.join("data/mnist_t10k.npz"),
+        None,
+        0..1000,
+        1000..10_000,
+    );
     check("MNIST (onnx)", &case, Estimator::MinMax);
 }
 
@@ -278,38 +292,15 @@ fn auto_precision_builds_mixed_int8_fp16_graphs() {
     let Some(dir) = common::testdata() else {
         return;
     };
-    let data = dir.join("data/ic01.npz");
-    let x = read_real(&data, None, None).unwrap();
-    let y = read_labels(&data).unwrap();
-    let case = Case {
-        model: &common::mlperf(&dir, "pretrainedResnet.tflite"),
-        calib: take(&x, 0..20),
-        eval: take(&x, 100..140),
-        labels: y[100..140].to_vec(),
-        metric: Metric::Top1,
-    };
-    let (graph, _, _) = kiln::import::import_file(case.model).unwrap();
-    let run_auto = |budget: f64| {
-        let req = Request {
-            name: "auto".into(),
-            graph: graph.clone(),
-            source: serde_json::Value::Null,
-            calib: &case.calib,
-            calib_sha256: String::new(),
-            precision: Precision::Auto,
-            options: QuantizeOptions::default(),
-            eval: Some(EvalSet {
-                x: &case.eval,
-                y: &case.labels,
-                metric: Metric::Top1,
-                sha256: String::new(),
-            }),
-            max_accuracy_drop: Some(budget),
-            selftest_count: 2,
-            extra: serde_json::Value::Null,
-        };
-        quantize(req, |_, _, _| {})
-    };
+    let case = case(
+        common::mlperf(&dir, "pretrainedResnet.tflite"),
+        &dir.join("data/ic01.npz"),
+        None,
+        0..20,
+        100..140,
+    );
+    let (graph, _, _) = kiln::import::import_file(&case.model).unwrap();
+    let run_auto = |budget: f64| try_run(&case, Precision::Auto, Estimator::MinMax, Some(budget));
     // A generous budget: everything stays int8.
     let easy = run_auto(5.0).unwrap();
     assert_eq!(easy.report.int8_mac_fraction, 1.0);
