@@ -11,7 +11,8 @@
 //! 20      4     security counter       (stamped by `kiln sign`)
 //! 24      4     arena bytes            (exact arena the interpreter needs)
 //! 28      4     body length            (offset of the trailer; everything before is hashed)
-//! 32      32    reserved (0)
+//! 32      16    target board (ASCII, zero padded; all zero = any board; stamped by `kiln sign`)
+//! 48      16    reserved (0)
 //! 64      16*n  section table: kind u32, offset u32, length u32, reserved u32 (0)
 //! ...           sections, each at a 16-byte aligned offset
 //! body    16    trailer head: magic "KTRL", trailer length u32, signature count u32, reserved u32
@@ -98,6 +99,33 @@ pub struct Header {
     pub arena_bytes: u32,
     /// Offset of the trailer.
     pub body_len: u32,
+    /// Board the artifact is signed for: ASCII name, zero padded; all zero = any board.
+    pub target: [u8; TARGET_LEN],
+}
+
+impl Header {
+    /// The target board name (`""` = any board).
+    pub fn target_name(&self) -> &str {
+        let n = self
+            .target
+            .iter()
+            .position(|&b| b == 0)
+            .unwrap_or(TARGET_LEN);
+        // parse_header admits only ASCII here.
+        core::str::from_utf8(&self.target[..n]).unwrap_or("")
+    }
+}
+
+/// Length of the header's target board field.
+pub const TARGET_LEN: usize = 16;
+
+/// Whether `name` may be a target board name: 1..=16 bytes of `[a-z0-9._-]`.
+pub fn valid_target_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= TARGET_LEN
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b))
 }
 
 /// One signature record of the trailer.
@@ -158,7 +186,16 @@ pub fn parse_header(bytes: &[u8]) -> Result<Header, ModelError> {
             field: "section_count",
         });
     }
-    if head[32..64].iter().any(|&b| b != 0) {
+    let mut target = [0u8; TARGET_LEN];
+    target.copy_from_slice(&head[32..32 + TARGET_LEN]);
+    let name_len = target.iter().position(|&b| b == 0).unwrap_or(TARGET_LEN);
+    let name_ok = target[..name_len]
+        .iter()
+        .all(|&b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b));
+    if !name_ok || target[name_len..].iter().any(|&b| b != 0) {
+        return Err(ModelError::BadField { field: "target" });
+    }
+    if head[48..64].iter().any(|&b| b != 0) {
         return Err(ModelError::BadField { field: "reserved" });
     }
     let body_len = read_u32(head, 28, "header")?;
@@ -173,6 +210,7 @@ pub fn parse_header(bytes: &[u8]) -> Result<Header, ModelError> {
         security_counter: read_u32(head, 20, "header")?,
         arena_bytes: read_u32(head, 24, "header")?,
         body_len,
+        target,
     })
 }
 

@@ -20,6 +20,7 @@ pub mod model;
 pub mod prepare;
 pub mod quant;
 pub mod sections;
+pub mod signature;
 
 pub use error::{InvokeError, ModelError};
 pub use interpreter::{Arena, Interpreter};
