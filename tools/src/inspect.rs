@@ -72,8 +72,13 @@ pub struct Report {
     pub macs: u64,
     /// SHA-256 of the body.
     pub sha256: String,
+    /// Target board the artifact was signed for (`""` = any board).
+    pub target: String,
     /// Signatures in the trailer.
     pub signatures: usize,
+    /// Key ids (16 hex digits) of the trailer's signatures, in order. Shown as they are: whether
+    /// they verify is `kiln verify`'s job, which needs the trusted public keys.
+    pub signature_key_ids: Vec<String>,
     /// Sections.
     pub sections: Vec<SectionRow>,
     /// Graph inputs.
@@ -179,7 +184,12 @@ pub fn inspect(artifact: &[u8]) -> Result<Report> {
         artifact_bytes: artifact.len(),
         macs: total_macs,
         sha256: c.digest.iter().map(|b| format!("{b:02x}")).collect(),
+        target: c.header.target_name().to_string(),
         signatures: c.signature_count(),
+        signature_key_ids: c
+            .signatures()
+            .map(|r| kiln_runtime::signature::KeyIdHex(r.key_id).to_string())
+            .collect(),
         sections,
         inputs,
         outputs,
@@ -214,6 +224,28 @@ pub fn render(r: &Report) -> String {
         s,
         "version      {} (security counter {}, {} signature(s))",
         r.model_version, r.security_counter, r.signatures
+    );
+    let _ = writeln!(
+        s,
+        "target       {}",
+        if r.target.is_empty() {
+            "any board"
+        } else {
+            &r.target
+        }
+    );
+    let _ = writeln!(
+        s,
+        "signed by    {}",
+        if r.signature_key_ids.is_empty() {
+            "nobody (unsigned: `kiln sign` it before devices will take it)".to_string()
+        } else {
+            r.signature_key_ids
+                .iter()
+                .map(|k| format!("key {k}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        }
     );
     let _ = writeln!(s, "arena        {} bytes", r.arena_bytes);
     let _ = writeln!(s, "weights      {} bytes", r.weights_bytes);

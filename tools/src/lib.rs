@@ -16,4 +16,5 @@ pub mod plan;
 pub mod prune;
 pub mod quantize;
 pub mod runner;
+pub mod signing;
 pub mod weights;

@@ -242,6 +242,121 @@ enum Command {
         #[arg(long)]
         dequantize: bool,
     },
+
+    /// Create an Ed25519 key pair for signing: NAME.key (secret, mode 0600) and NAME.pub.
+    ///
+    /// The secret key signs artifacts (`kiln sign`) and key records (`kiln admit-key`); keep it on
+    /// the build machine, never on a device and never in version control. The public key goes
+    /// into device firmware, into key records, and into `kiln verify --pubkey`. The key id printed
+    /// (the first 8 bytes of the SHA-256 of the public key, in hex) is how artifacts and devices
+    /// name the key. Existing files are never overwritten unless --force is given.
+    ///
+    /// Example: `kiln keygen -o keys/release` writes keys/release.key and keys/release.pub.
+    Keygen {
+        /// Path and base name of the pair; `.key` and `.pub` are appended.
+        #[arg(short, long, value_name = "NAME")]
+        output: PathBuf,
+        /// Replace an existing NAME.key / NAME.pub (the old secret key is lost for good).
+        #[arg(long)]
+        force: bool,
+        /// Print the paths and the key id as JSON on stdout.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stamp version, security counter and target board into an artifact, and sign it.
+    ///
+    /// The signature (Ed25519) covers the SHA-256 of everything before the trailer, header
+    /// included, so the stamped fields cannot be changed afterwards. A device installs only models
+    /// signed by a key it trusts, refuses a security counter below the one it has confirmed, and
+    /// refuses an artifact for another board. Signing an already signed artifact with the same
+    /// fields adds a signature (co-signing, up to 8 keys); with different fields the body changes,
+    /// so the earlier signatures no longer apply and are dropped (you are told which).
+    ///
+    /// Example: `kiln sign model.kiln --key keys/release.key --version 7 --security-counter 2
+    /// --target mps2-an386 -o model-v7.kiln`
+    Sign {
+        /// The artifact to sign.
+        model: PathBuf,
+        /// The secret key file written by `kiln keygen`.
+        #[arg(long, value_name = "NAME.key")]
+        key: PathBuf,
+        /// Model version to stamp into the header.
+        #[arg(long, value_name = "N")]
+        version: u32,
+        /// Security counter: devices refuse any model whose counter is below the one they have
+        /// confirmed. Raise it when older models must never be installed again.
+        #[arg(long, value_name = "C", default_value_t = 0)]
+        security_counter: u32,
+        /// Board the model is for: 1 to 16 characters of a-z, 0-9, `.`, `_`, `-` (default: any
+        /// board).
+        #[arg(long, value_name = "BOARD")]
+        target: Option<String>,
+        /// Where to write the signed artifact (may be the input).
+        #[arg(short, long, value_name = "OUT.kiln")]
+        output: PathBuf,
+        /// Print the result as JSON on stdout.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Check an artifact's signatures against trusted public keys, as a device does.
+    ///
+    /// Checks the container, the SHA-256 of the body, and the signatures: every signature by one
+    /// of the given keys must verify, and at least one must be there (signatures by other keys
+    /// are ignored). Exit status 0 when valid; otherwise 1 and one line saying why (unsigned,
+    /// untrusted key, bad signature, digest mismatch, truncated or malformed file).
+    ///
+    /// Example: `kiln verify model-v7.kiln --pubkey keys/release.pub --pubkey keys/backup.pub`
+    Verify {
+        /// The artifact.
+        model: PathBuf,
+        /// A trusted public key file (NAME.pub); repeat for several.
+        #[arg(long = "pubkey", value_name = "NAME.pub", required = true)]
+        pubkeys: Vec<PathBuf>,
+        /// Print the result as JSON on stdout (also when it does not verify).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Write a key record that makes devices trust a new key (key rotation without reflashing).
+    ///
+    /// The record (120 bytes) says "admit public key NEW", signed by a key the devices already
+    /// trust. A device that trusts the signer adds NEW to its key ring; from then on models signed
+    /// by NEW install there. Rotate by admitting the successor first, moving signing over, then
+    /// revoking the old key with `kiln revoke-key`.
+    ///
+    /// Example: `kiln admit-key keys/2026.pub --key keys/release.key -o keys/2026-admit.kkey`
+    AdmitKey {
+        /// The public key to admit (NAME.pub).
+        subject: PathBuf,
+        /// A secret key the devices already trust, to sign the record.
+        #[arg(long, value_name = "TRUSTED.key")]
+        key: PathBuf,
+        /// Where to write the record.
+        #[arg(short, long, value_name = "OUT.kkey")]
+        output: PathBuf,
+        /// Print the result as JSON on stdout.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Write a key record that makes devices stop trusting a key.
+    ///
+    /// The record (120 bytes) says "revoke public key OLD", signed by a key the devices trust.
+    /// Devices refuse to revoke keys compiled into their firmware and their last trusted key, so
+    /// admit a successor first (`kiln admit-key`).
+    ///
+    /// Example: `kiln revoke-key keys/2025.pub --key keys/2026.key -o keys/2025-revoke.kkey`
+    RevokeKey {
+        /// The public key to revoke (NAME.pub).
+        subject: PathBuf,
+        /// A secret key the devices trust, to sign the record.
+        #[arg(long, value_name = "TRUSTED.key")]
+        key: PathBuf,
+        /// Where to write the record.
+        #[arg(short, long, value_name = "OUT.kkey")]
+        output: PathBuf,
+        /// Print the result as JSON on stdout.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn read(path: &Path) -> Result<Vec<u8>> {
@@ -703,6 +818,189 @@ fn prune(a: PruneArgs<'_>) -> Result<()> {
     Ok(())
 }
 
+fn keygen(output: &Path, force: bool, json: bool) -> Result<()> {
+    use kiln::signing;
+    let key = signing::generate_key()?;
+    let paths = signing::write_key_pair(output, &key, force)?;
+    let id = signing::key_id_hex(&signing::signing_key_id(&key));
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({ "secret_key": paths.secret, "public_key": paths.public, "key_id": id })
+        );
+    } else {
+        eprintln!(
+            "wrote {} (secret, mode 0600: keep it private) and {}\nkey id {id}",
+            paths.secret.display(),
+            paths.public.display()
+        );
+    }
+    Ok(())
+}
+
+/// Warns when a secret key file can be read by other users.
+fn warn_if_shared(path: &Path) {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        if let Ok(meta) = std::fs::metadata(path) {
+            if meta.permissions().mode() & 0o077 != 0 {
+                eprintln!(
+                    "warning: {} can be read by other users; hint: chmod 600 {}",
+                    path.display(),
+                    path.display()
+                );
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = path;
+}
+
+struct SignArgs<'a> {
+    model: &'a Path,
+    key: &'a Path,
+    version: u32,
+    security_counter: u32,
+    target: Option<&'a str>,
+    output: &'a Path,
+    json: bool,
+}
+
+fn sign(a: SignArgs<'_>) -> Result<()> {
+    use kiln::signing::{self, key_id_hex};
+    // Cheap checks first.
+    signing::target_field(a.target)?;
+    let key = signing::load_signing_key(a.key)?;
+    warn_if_shared(a.key);
+    let artifact = read(a.model)?;
+    let signed = signing::sign(&artifact, &key, a.version, a.security_counter, a.target)
+        .map_err(|e| anyhow::anyhow!("cannot sign {}: {e}", a.model.display()))?;
+    std::fs::write(a.output, &signed.artifact)
+        .with_context(|| format!("cannot write {}", a.output.display()))?;
+    let ids = |v: &[kiln_runtime::signature::KeyId]| v.iter().map(key_id_hex).collect::<Vec<_>>();
+    if a.json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "output": a.output,
+                "version": a.version,
+                "security_counter": a.security_counter,
+                "target": a.target.unwrap_or(""),
+                "key_id": key_id_hex(&signed.key_id),
+                "signatures": ids(&signed.signatures),
+                "dropped": ids(&signed.dropped),
+                "replaced": signed.replaced,
+            })
+        );
+    } else {
+        eprintln!(
+            "wrote {}: version {}, security counter {}, target {}, signed by key {} ({} signature(s))",
+            a.output.display(),
+            a.version,
+            a.security_counter,
+            a.target.unwrap_or("any board"),
+            key_id_hex(&signed.key_id),
+            signed.signatures.len()
+        );
+        if !signed.dropped.is_empty() {
+            eprintln!(
+                "note: the header changed, so the earlier signature(s) by key(s) {} no longer apply and were dropped; have those keys sign {} again",
+                ids(&signed.dropped).join(", "),
+                a.output.display()
+            );
+        }
+        if signed.replaced && signed.dropped.is_empty() {
+            eprintln!("note: replaced the earlier signature by the same key");
+        }
+    }
+    Ok(())
+}
+
+fn verify(model: &Path, pubkeys: &[PathBuf], json: bool) -> Result<()> {
+    use kiln::signing::{self, key_id_hex};
+    let trusted = pubkeys
+        .iter()
+        .map(|p| signing::load_public_key(p))
+        .collect::<Result<Vec<_>, _>>()?;
+    let artifact = read(model)?;
+    match signing::verify_artifact(&artifact, &trusted) {
+        Ok(info) => {
+            let target = if info.target.is_empty() {
+                "any board"
+            } else {
+                &info.target
+            };
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({
+                        "valid": true,
+                        "version": info.model_version,
+                        "security_counter": info.security_counter,
+                        "target": info.target,
+                        "key_id": key_id_hex(&info.key_id),
+                        "signatures": info.signatures.iter().map(key_id_hex).collect::<Vec<_>>(),
+                        "sha256": info.sha256.iter().map(|b| format!("{b:02x}")).collect::<String>(),
+                    })
+                );
+            } else {
+                eprintln!(
+                    "{}: valid, version {}, security counter {}, target {target}, signed by key {}",
+                    model.display(),
+                    info.model_version,
+                    info.security_counter,
+                    key_id_hex(&info.key_id)
+                );
+            }
+            Ok(())
+        }
+        Err(e) => {
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({ "valid": false, "reason": e.code(), "message": e.to_string() })
+                );
+            }
+            anyhow::bail!("{} does not verify: {e}", model.display())
+        }
+    }
+}
+
+fn key_record(
+    action: kiln_device::keys::KeyAction,
+    subject: &Path,
+    key: &Path,
+    output: &Path,
+    json: bool,
+) -> Result<()> {
+    use kiln::signing::{self, key_id_hex};
+    let subject_key = signing::load_public_key(subject)?;
+    let signer = signing::load_signing_key(key)?;
+    warn_if_shared(key);
+    let record = signing::make_key_record(action, &subject_key, &signer);
+    std::fs::write(output, record).with_context(|| format!("cannot write {}", output.display()))?;
+    let verb = match action {
+        kiln_device::keys::KeyAction::Admit => "admit",
+        kiln_device::keys::KeyAction::Revoke => "revoke",
+    };
+    let subject_id = key_id_hex(&kiln_runtime::signature::key_id(&subject_key));
+    let signer_id = key_id_hex(&signing::signing_key_id(&signer));
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({ "output": output, "action": verb, "subject_key_id": subject_id, "signer_key_id": signer_id })
+        );
+    } else {
+        eprintln!(
+            "wrote {} ({} bytes): {verb} key {subject_id}, signed by key {signer_id}; devices that trust key {signer_id} accept it",
+            output.display(),
+            record.len()
+        );
+    }
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
@@ -812,6 +1110,57 @@ fn main() -> ExitCode {
             output,
             dequantize,
         } => export_weights(&model, &output, dequantize),
+        Command::Keygen {
+            output,
+            force,
+            json,
+        } => keygen(&output, force, json),
+        Command::Sign {
+            model,
+            key,
+            version,
+            security_counter,
+            target,
+            output,
+            json,
+        } => sign(SignArgs {
+            model: &model,
+            key: &key,
+            version,
+            security_counter,
+            target: target.as_deref(),
+            output: &output,
+            json,
+        }),
+        Command::Verify {
+            model,
+            pubkeys,
+            json,
+        } => verify(&model, &pubkeys, json),
+        Command::AdmitKey {
+            subject,
+            key,
+            output,
+            json,
+        } => key_record(
+            kiln_device::keys::KeyAction::Admit,
+            &subject,
+            &key,
+            &output,
+            json,
+        ),
+        Command::RevokeKey {
+            subject,
+            key,
+            output,
+            json,
+        } => key_record(
+            kiln_device::keys::KeyAction::Revoke,
+            &subject,
+            &key,
+            &output,
+            json,
+        ),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

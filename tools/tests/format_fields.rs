@@ -537,9 +537,54 @@ fn header_section_count_larger_than_the_table() {
 
 #[test]
 fn header_reserved_bytes() {
-    for at in [32usize, 40, 47, 63] {
+    for at in [48usize, 55, 56, 63] {
         assert_field(refused_resealed(&base(), |b| b[at] = 1), "reserved");
     }
+}
+
+/// Writes `name` into the header's target field (bytes 32..48), zero padded.
+fn put_target(b: &mut [u8], name: &[u8]) {
+    b[32..48].fill(0);
+    b[32..32 + name.len()].copy_from_slice(name);
+}
+
+#[test]
+fn header_target_board() {
+    // Upper case, non-ASCII, characters outside [a-z0-9._-], a control byte.
+    for name in [
+        &b"Board"[..],
+        b"STM32",
+        "caf\u{e9}".as_bytes(),
+        b"\xff",
+        b"a b",
+        b"a/b",
+        b"a:b",
+        b"\x01",
+    ] {
+        assert_field(refused_resealed(&base(), |b| put_target(b, name)), "target");
+    }
+    // Non-zero bytes after the name's terminating zero.
+    for (name, at) in [(&b"abc"[..], 36usize), (b"abc", 47), (b"", 40), (b"", 47)] {
+        assert_field(
+            refused_resealed(&base(), |b| {
+                put_target(b, name);
+                b[at] = b'x';
+            }),
+            "target",
+        );
+    }
+    // Valid names load and read back; all zero means any board.
+    for name in ["mps2-an386", "a", "sixteen-chars.01", "x_y.z-9"] {
+        let mut b = base();
+        put_target(&mut b, name.as_bytes());
+        reseal(&mut b);
+        let aligned = AlignedBytes::new(&b);
+        let model = Model::load(aligned.as_slice()).expect(name);
+        assert_eq!(model.container().header.target_name(), name);
+    }
+    let aligned = AlignedBytes::new(&base());
+    let model = Model::load(aligned.as_slice()).unwrap();
+    assert_eq!(model.container().header.target_name(), "");
 }
 
 #[test]
