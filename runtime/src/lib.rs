@@ -21,6 +21,8 @@ pub mod prepare;
 pub mod quant;
 pub mod sections;
 pub mod signature;
+#[cfg(feature = "std")]
+pub mod writer;
 
 pub use error::{InvokeError, ModelError};
 pub use interpreter::{Arena, Interpreter};

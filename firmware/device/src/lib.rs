@@ -8,4 +8,19 @@
 #[cfg(feature = "std")]
 extern crate std;
 
+pub mod flash;
 pub mod keys;
+#[cfg(feature = "std")]
+pub mod powercut;
+#[cfg(feature = "std")]
+pub mod sim;
+pub mod state;
+#[cfg(feature = "std")]
+pub mod testkit;
+pub mod update;
+
+/// Largest flash write unit the update logic supports.
+pub const MAX_WRITE_SIZE: usize = 64;
+
+pub use flash::{Layout, MappedFlash, Region};
+pub use update::{BootReport, Config, Device, Running, UpdateError};
