@@ -9,9 +9,11 @@
 extern crate std;
 
 pub mod flash;
+pub mod frame;
 pub mod keys;
 #[cfg(feature = "std")]
 pub mod powercut;
+pub mod protocol;
 #[cfg(feature = "std")]
 pub mod sim;
 pub mod state;
