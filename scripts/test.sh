@@ -3,11 +3,13 @@
 #
 #   ./scripts/test.sh
 #
-# Installs what it needs on a fresh Debian machine (apt: qemu-system-arm, binutils-arm-none-eabi;
-# rustup targets through rust-toolchain.toml), then: formatting, clippy, the workspace tests
-# (kernels, format, planner, importer, TFLM golden bit-exactness, malformed-artifact proptests),
-# no_std builds for thumbv7em-none-eabihf and thumbv6m-none-eabi, a proof that no allocator is
-# linked, and the runtime's SELFTEST vectors run bit-exact on a Cortex-M4 under QEMU.
+# Installs what it needs on a fresh Debian machine (apt: qemu-system-arm, binutils-arm-none-eabi,
+# gcc-aarch64-linux-gnu, qemu-user; rustup targets through rust-toolchain.toml), then: formatting,
+# clippy, the workspace tests (kernels, format, planner, importers, TFLM golden bit-exactness,
+# malformed-artifact proptests, signing, the update state machine and protocol, the QEMU board),
+# no_std builds for thumbv7em-none-eabihf and thumbv6m-none-eabi, the power-cut walk, the runtime
+# and device tests on aarch64 under qemu-aarch64, a proof that no allocator is linked, and the
+# runtime's SELFTEST vectors run bit-exact on a Cortex-M4 under QEMU.
 # Test data is read from KILN_TESTDATA (default ../shared/testdata); tests that need it say
 # "skipped" when it is absent.
 set -euo pipefail
@@ -20,13 +22,15 @@ step() { printf '\n==> %s\n' "$*"; }
 need_apt=()
 command -v qemu-system-arm >/dev/null || need_apt+=(qemu-system-arm)
 command -v arm-none-eabi-nm >/dev/null || need_apt+=(binutils-arm-none-eabi)
+command -v aarch64-linux-gnu-gcc >/dev/null || need_apt+=(gcc-aarch64-linux-gnu)
+command -v qemu-aarch64 >/dev/null || need_apt+=(qemu-user)
 if ((${#need_apt[@]})); then
   step "installing ${need_apt[*]} (apt)"
   if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need_apt[@]}" >/dev/null
 fi
-for tool in cargo rustup qemu-system-arm arm-none-eabi-nm; do
+for tool in cargo rustup qemu-system-arm arm-none-eabi-nm aarch64-linux-gnu-gcc qemu-aarch64; do
   command -v "$tool" >/dev/null || { echo "error: $tool is required but missing; install it (see README.md)"; exit 1; }
 done
 # rust-toolchain.toml pins the toolchain and lists the targets; make sure they are present.
@@ -54,10 +58,16 @@ cargo clippy --workspace --all-targets -- -D warnings
 step "cargo test --workspace"
 cargo test --workspace
 
-step "kiln-runtime builds for Cortex-M with no default features (no allocator)"
+step "kiln-runtime and kiln-device build for Cortex-M with no default features (no allocator)"
 for target in thumbv7em-none-eabihf thumbv6m-none-eabi; do
-  cargo build -p kiln-runtime --no-default-features --target "$target"
+  cargo build -p kiln-runtime -p kiln-device --no-default-features --target "$target"
 done
+
+step "power-cut walk: every flash operation of every update scenario, cut and torn"
+cargo run -q --release -p kiln-device --features std --example power_cut
+
+step "runtime and device tests on aarch64 Linux (cross-built, run under qemu-aarch64)"
+cargo test -q -p kiln-runtime -p kiln-device --features kiln-device/std --target aarch64-unknown-linux-gnu
 
 if [ -d "$KILN_TESTDATA/models" ]; then
   step "bare-metal check: KWS self-tests on a Cortex-M4 under QEMU, no allocator linked"

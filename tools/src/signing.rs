@@ -20,18 +20,16 @@
 //!
 //! Key file formats, co-signing and key rotation are described in `docs/FORMAT.md`, "Signing".
 
-use crate::artifact::AlignedBytes;
+use crate::artifact::{append_signed_trailer, body_digest, AlignedBytes};
 use ed25519_dalek::{Signer, SigningKey, VerifyingKey};
 use kiln_device::keys::{
     self, KeyAction, KeyRecord, KEY_RECORD_LEN, PUBLIC_KEY_PREFIX, SECRET_KEY_PREFIX,
 };
 use kiln_runtime::format::{
     valid_target_name, Container, MAX_SIGNATURES, SIGNATURE_LEN, TARGET_LEN, TRAILER_FIXED_LEN,
-    TRAILER_MAGIC,
 };
 use kiln_runtime::signature::{key_id, KeyId, KeyIdHex, SignatureError};
 use kiln_runtime::{Model, ModelError};
-use sha2::{Digest, Sha256};
 use std::fmt::Write as _;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
@@ -408,8 +406,7 @@ pub fn sign(
         (Vec::new(), others.collect())
     };
 
-    let mut digest = [0u8; 32];
-    digest.copy_from_slice(&Sha256::digest(&out));
+    let digest = body_digest(&out);
     let signature = key.sign(&digest).to_bytes();
     let full = records.len() >= MAX_SIGNATURES;
     match records.iter_mut().find(|(k, _)| *k == id) {
@@ -417,19 +414,7 @@ pub fn sign(
         None if full => return Err(SigningError::TooManySignatures),
         None => records.push((id, signature)),
     }
-
-    let count = records.len();
-    let trailer_len = TRAILER_FIXED_LEN + count * SIGNATURE_LEN;
-    out.extend_from_slice(&TRAILER_MAGIC);
-    // Both at most 48 + 8 * 72: the casts cannot truncate.
-    out.extend_from_slice(&(trailer_len as u32).to_le_bytes());
-    out.extend_from_slice(&(count as u32).to_le_bytes());
-    out.extend_from_slice(&0u32.to_le_bytes());
-    out.extend_from_slice(&digest);
-    for (k, s) in &records {
-        out.extend_from_slice(k);
-        out.extend_from_slice(s);
-    }
+    append_signed_trailer(&mut out, &records);
     Ok(Signed {
         artifact: out,
         key_id: id,

@@ -13,7 +13,7 @@ use std::io::Write;
 use std::time::Instant;
 
 fn main() {
-    let mut size = 48 * 1024;
+    let mut size = 64 * 1024;
     let args: Vec<String> = std::env::args().collect();
     if let Some(i) = args.iter().position(|a| a == "--size") {
         match args.get(i + 1).and_then(|s| s.parse().ok()) {

@@ -14,6 +14,7 @@ pub mod keys;
 #[cfg(feature = "std")]
 pub mod powercut;
 pub mod protocol;
+pub mod service;
 #[cfg(feature = "std")]
 pub mod sim;
 pub mod state;

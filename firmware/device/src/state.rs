@@ -90,12 +90,12 @@ pub enum Event {
     Reverted {
         /// Its version.
         version: u32,
-        /// Why ([`crate::update::UpdateError::code`]).
+        /// Why: a wire [`crate::protocol::ErrorCode`] value.
         reason: u16,
     },
     /// An update was refused before it was installed.
     Refused {
-        /// Why ([`crate::update::UpdateError::code`]).
+        /// Why: a wire [`crate::protocol::ErrorCode`] value.
         reason: u16,
     },
 }

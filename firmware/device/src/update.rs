@@ -129,37 +129,6 @@ pub enum UpdateError {
     Inference(InvokeError),
 }
 
-impl UpdateError {
-    /// A stable numeric code (persisted in events, sent in error frames).
-    pub fn code(&self) -> u16 {
-        match self {
-            UpdateError::TooLarge { .. } => 10,
-            UpdateError::NoUpdateInProgress => 11,
-            UpdateError::OffsetMismatch { .. } => 12,
-            UpdateError::Incomplete { .. } => 13,
-            UpdateError::DigestMismatch => 14,
-            UpdateError::Malformed(_) => 15,
-            UpdateError::Signature(SignatureError::Unsigned) => 16,
-            UpdateError::Signature(SignatureError::UntrustedKey { .. }) => 17,
-            UpdateError::Signature(SignatureError::BadSignature { .. }) => 18,
-            UpdateError::Downgrade { .. } => 19,
-            UpdateError::CounterRollback { .. } => 20,
-            UpdateError::WrongBoard => 21,
-            UpdateError::ArenaTooSmall { .. } => 22,
-            UpdateError::NoSelfTest => 23,
-            UpdateError::SelfTestFailed { .. } => 24,
-            UpdateError::TooManyBoots => 25,
-            UpdateError::Busy => 26,
-            UpdateError::Flash(_) => 27,
-            UpdateError::Key(_) => 28,
-            UpdateError::NoModel => 29,
-            UpdateError::BadInputLength { .. } => 30,
-            UpdateError::OutputTooSmall { .. } => 31,
-            UpdateError::Inference(_) => 32,
-        }
-    }
-}
-
 impl fmt::Display for UpdateError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
