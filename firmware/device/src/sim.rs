@@ -114,6 +114,13 @@ impl<const WRITE: usize, const ERASE: usize> SimFlash<WRITE, ERASE> {
         self.dead
     }
 
+    /// Flips bits in place, as bit rot or a stray write would (for tests).
+    pub fn corrupt(&mut self, offset: usize, xor: u8) {
+        if let Some(b) = self.bytes_mut().get_mut(offset) {
+            *b ^= xor;
+        }
+    }
+
     /// Power returns: operations work again; no cut is armed.
     pub fn power_on(&mut self) {
         self.dead = false;

@@ -484,11 +484,15 @@ impl<'k, F: MappedFlash> Device<'k, F> {
             }
         }
         // The active model, or else the previous one if it is still allowed to run.
-        let mut candidates = [None, None];
-        candidates[0] = self.state.active;
-        candidates[1] = (0..2u8).find(|&s| {
-            self.state.slots[s as usize].is_some_and(|m| m.status == SlotStatus::Previous)
-        });
+        let with_status = |status: SlotStatus| {
+            (0..2u8).find(|&s| self.state.slots[s as usize].is_some_and(|m| m.status == status))
+        };
+        let candidates = [
+            self.state.active.filter(|&a| {
+                self.state.slots[a as usize & 1].is_some_and(|m| m.status == SlotStatus::Active)
+            }),
+            with_status(SlotStatus::Previous),
+        ];
         for slot in candidates.into_iter().flatten() {
             if let Ok(r) = self.verify_slot(slot, false) {
                 self.running = Some(r);
@@ -599,7 +603,7 @@ impl<'k, F: MappedFlash> Device<'k, F> {
         }
         if let Some(rx) = &self.rx {
             if rx.digest == digest && rx.total == total {
-                return Ok(rx.next - rx.tail_len as u32 + rx.tail_len as u32);
+                return Ok(rx.next);
             }
         }
         if let Some(r) = self.state.receiving {
@@ -607,12 +611,18 @@ impl<'k, F: MappedFlash> Device<'k, F> {
                 return self.resume(r);
             }
         }
-        let slot = match self.state.active {
-            Some(a) => 1 - (a & 1),
-            None => 0,
+        // Never the slot the running model executes from (usually the active one; the previous
+        // one when the active slot failed verification at boot).
+        let slot = match (self.running, self.state.active) {
+            (Some(r), _) => 1 - (r.slot & 1),
+            (None, Some(a)) => 1 - (a & 1),
+            (None, None) => 0,
         };
         let mut next = self.state.clone();
         next.slots[slot as usize] = None;
+        if next.active == Some(slot) {
+            next.active = None;
+        }
         next.receiving = Some(Receiving {
             slot,
             total,

@@ -421,3 +421,25 @@ proptest! {
         prop_assert_eq!(flash.violations, 0);
     }
 }
+
+#[test]
+fn a_corrupted_active_slot_falls_back_to_the_previous_model_and_updates_never_touch_it() {
+    let mut b = Bench::new();
+    assert_eq!(b.install(&b.lab.artifact(1, 0, 0, false)).unwrap(), Some(1));
+    assert_eq!(b.install(&b.lab.artifact(2, 0, 0, false)).unwrap(), Some(2));
+    let active = b.device().state().active.unwrap() as usize;
+    let region = layout(b.slot_len()).slots[active];
+    // Bit rot in the active model's weights: it no longer verifies.
+    b.flash.corrupt(region.offset as usize + 2000, 0x04);
+    assert_eq!(b.boot(), Some(1), "the previous model runs");
+    // A failing update goes into the broken slot (not the running one) and is reverted; the
+    // reverted model never runs.
+    assert_eq!(b.install(&b.lab.artifact(3, 0, 0, true)).unwrap(), Some(1));
+    assert_eq!(b.boot(), Some(1));
+    // A good update replaces the broken slot and becomes active.
+    assert_eq!(b.install(&b.lab.artifact(4, 0, 0, false)).unwrap(), Some(4));
+    let s = b.device().state().clone();
+    assert_eq!(s.active, Some(active as u8));
+    assert_eq!(s.slots[1 - active].unwrap().version, 1);
+    assert_eq!(s.slots[1 - active].unwrap().status, SlotStatus::Previous);
+}
