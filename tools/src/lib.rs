@@ -4,6 +4,7 @@
 pub mod artifact;
 pub mod convert;
 pub mod demo;
+pub mod device_link;
 pub mod eval;
 pub mod exec_candle;
 pub mod import;

@@ -357,6 +357,78 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Install a signed model on a board over its serial line, and wait until the board confirms it.
+    ///
+    /// Asks the board what it is first (board name, slot size, version and security counter in
+    /// service) and refuses at once what it would refuse. Then sends the artifact in chunks with a
+    /// progress bar; a transfer that broke off (cable, reset, Ctrl-C) resumes where it stopped
+    /// when you run the same command again. After the commit the board reboots into a trial of
+    /// the new model and runs its SELFTEST vectors; kiln polls it until the trial is over. Exit
+    /// status 0 only once the new version is the board's active, confirmed model; 1 when it was
+    /// refused or reverted (the old model stays in service), with one line saying why.
+    /// --key-record installs a key record (from `kiln admit-key` / `kiln revoke-key`) first, or
+    /// alone when no model is given.
+    ///
+    /// Example: `kiln flash --serial /dev/ttyACM0 model-v7.kiln` or, with QEMU's serial port on
+    /// a socket, `kiln flash --serial tcp:127.0.0.1:4444 model-v7.kiln`
+    Flash {
+        /// The signed artifact (`kiln sign --target BOARD`).
+        #[arg(value_name = "MODEL.kiln", required_unless_present = "key_record")]
+        model: Option<PathBuf>,
+        #[command(flatten)]
+        link: SerialArgs,
+        /// Install this key record before flashing (or without flashing, when no model is given).
+        #[arg(long, value_name = "R.kkey")]
+        key_record: Option<PathBuf>,
+        /// Print the outcome as JSON on stdout (also when it fails).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show what a board runs: board, firmware, active model, slots, keys, last update event.
+    ///
+    /// Example: `kiln device-info --serial tcp:127.0.0.1:4444 --json`
+    DeviceInfo {
+        #[command(flatten)]
+        link: SerialArgs,
+        /// Print the state as JSON on stdout (`active.version`, `slots[i].state`, …).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run the board's active model on samples and save its outputs.
+    ///
+    /// The board reports only its model's input and output sizes in bytes. Without --model, an
+    /// int8 array is sent as its bytes and a float array as float32 bytes (each sample must be
+    /// exactly the model's input size), and the outputs are saved as int8 [n, output bytes]: the
+    /// exact bytes (use numpy's `.view(np.float32)` for a float model). With --model (the
+    /// artifact the board runs), float samples are quantized at the model's input as `kiln run`
+    /// does, and the outputs are saved in the model's output type and shape.
+    ///
+    /// Example: `kiln infer --serial /dev/ttyACM0 --input x.npz --all --output y.npy`
+    Infer {
+        #[command(flatten)]
+        link: SerialArgs,
+        /// Input samples (.npy, or .npz with `x` / `input`), batch first.
+        #[arg(short, long, value_name = "X.npz|X.npy")]
+        input: PathBuf,
+        /// The array of an .npz to read (default: `x`, else `input`).
+        #[arg(long, value_name = "NAME", visible_alias = "key")]
+        array: Option<String>,
+        /// Run only sample I (from 0).
+        #[arg(long, value_name = "I", conflicts_with = "all")]
+        index: Option<usize>,
+        /// Run every sample (one request each) and stack the outputs.
+        #[arg(long)]
+        all: bool,
+        /// The artifact the board runs, to convert inputs and save outputs in its types.
+        #[arg(long, value_name = "MODEL.kiln")]
+        model: Option<PathBuf>,
+        /// Where to write the outputs (.npy, batch first).
+        #[arg(short, long, value_name = "Y.npy")]
+        output: PathBuf,
+        /// Print a summary as JSON on stdout.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn read(path: &Path) -> Result<Vec<u8>> {
@@ -1001,6 +1073,261 @@ fn key_record(
     Ok(())
 }
 
+/// How to reach a board (`kiln flash`, `kiln device-info`, `kiln infer`).
+#[derive(clap::Args, Debug)]
+struct SerialArgs {
+    /// The board: tcp:HOST:PORT (QEMU's `-serial tcp::PORT,server`, a network bridge) or a serial
+    /// device (/dev/ttyACM0, COM3).
+    #[arg(long, value_name = "tcp:HOST:PORT|/dev/ttyX")]
+    serial: String,
+    /// Baud rate of a serial device (8 data bits, no parity, 1 stop bit).
+    #[arg(long, value_name = "N", default_value_t = kiln::device_link::transport::DEFAULT_BAUD)]
+    baud: u32,
+    /// Seconds to wait for the connection and for each short request (default 5 to connect, 2
+    /// per request); each request is resent 3 times. Erasing, verifying, inference and the
+    /// trial boot get at least 30, 60, 10 and 60 s.
+    #[arg(long, value_name = "S")]
+    timeout: Option<f64>,
+}
+
+fn open_link(a: &SerialArgs) -> Result<kiln::device_link::Link> {
+    use kiln::device_link::{Endpoint, Link, Timeouts};
+    let timeouts = match a.timeout {
+        Some(t) if t.is_finite() && t > 0.0 && t <= 86_400.0 => {
+            Timeouts::with_request(std::time::Duration::from_secs_f64(t))
+        }
+        Some(t) => anyhow::bail!("--timeout {t} is not a number of seconds between 0 and 86400"),
+        None => Timeouts::default(),
+    };
+    let endpoint = Endpoint::parse(&a.serial, a.baud)?;
+    Ok(Link::open(endpoint, timeouts)?)
+}
+
+fn flash(
+    model: Option<&Path>,
+    link: &SerialArgs,
+    key_record: Option<&Path>,
+    json: bool,
+) -> Result<()> {
+    use kiln::device_link::{self as dl, FlashEvent, OpError};
+    // Cheap checks first: both files are read before the board is touched.
+    let artifact = model.map(read).transpose()?;
+    let record = key_record.map(read).transpose()?;
+    let fail = |e: OpError, path: Option<&Path>| {
+        let message = match (&e, path) {
+            (OpError::Artifact { .. } | OpError::KeyRecord { .. }, Some(p)) => {
+                format!("{}: {e}", p.display())
+            }
+            _ => e.to_string(),
+        };
+        if json {
+            println!(
+                "{}",
+                serde_json::json!({
+                    "installed": false,
+                    "error": e.code(),
+                    "device_error": e.device_code().map(|c| c.name()),
+                    "message": message,
+                })
+            );
+        }
+        anyhow::anyhow!(message)
+    };
+    let mut l = open_link(link).inspect_err(|e| {
+        if json {
+            println!(
+                "{}",
+                serde_json::json!({ "installed": false, "error": "link", "device_error": null, "message": e.to_string() })
+            );
+        }
+    })?;
+    let mut out = serde_json::Map::new();
+    if let (Some(r), Some(path)) = (&record, key_record) {
+        let trusted = dl::install_key_record(&mut l, r).map_err(|e| fail(e, Some(path)))?;
+        if !json {
+            eprintln!(
+                "installed key record {}: the device trusts {trusted} key(s) now",
+                path.display()
+            );
+        }
+        out.insert(
+            "key_record".into(),
+            serde_json::json!({ "path": path, "trusted_keys": trusted }),
+        );
+    }
+    let Some(artifact) = artifact else {
+        if json {
+            out.insert("installed".into(), false.into());
+            println!("{}", serde_json::Value::Object(out));
+        }
+        return Ok(());
+    };
+    let bar = ProgressBar::hidden();
+    let report = dl::flash(&mut l, &artifact, &mut |event| match event {
+        FlashEvent::Begin { resume_from, total } => {
+            bar.set_draw_target(indicatif::ProgressDrawTarget::stderr());
+            bar.set_length(total.into());
+            bar.set_style(
+                ProgressStyle::with_template(
+                    "{msg} [{bar:30}] {bytes}/{total_bytes} ({binary_bytes_per_sec}, eta {eta})",
+                )
+                .unwrap_or_else(|_| ProgressStyle::default_bar())
+                .progress_chars("=> "),
+            );
+            bar.set_message("sending");
+            bar.set_position(resume_from.into());
+            bar.reset_eta();
+            if resume_from > 0 {
+                bar.println(format!(
+                    "resuming an interrupted transfer at byte {resume_from} of {total}"
+                ));
+            }
+        }
+        FlashEvent::Sent { offset, .. } => bar.set_position(offset.into()),
+        FlashEvent::Committing => bar.set_message("verifying"),
+        FlashEvent::Committed { version } => {
+            bar.finish_and_clear();
+            if !json {
+                eprintln!("the device accepted v{version} and reboots into its trial; waiting for its self-test");
+            }
+        }
+    });
+    bar.finish_and_clear();
+    let r = report.map_err(|e| fail(e, model))?;
+    if json {
+        let mut v = serde_json::to_value(&r)?;
+        if let Some(obj) = v.as_object_mut() {
+            obj.insert("installed".into(), true.into());
+            out.append(obj);
+        }
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::Value::Object(out))?
+        );
+    } else {
+        let name = if r.name.is_empty() {
+            "the model"
+        } else {
+            &r.name
+        };
+        let was = r
+            .previous_version
+            .map_or_else(|| "no model before".to_string(), |v| format!("was v{v}"));
+        let resumed = if r.resume_from > 0 {
+            format!(", resumed at byte {}", r.resume_from)
+        } else {
+            String::new()
+        };
+        eprintln!(
+            "installed {name} v{} in slot {} ({was}): {} bytes in {:.1} s{resumed}; confirmed by its self-test on the device",
+            r.version, r.slot, r.total_bytes, r.seconds
+        );
+    }
+    Ok(())
+}
+
+fn device_info(link: &SerialArgs, json: bool) -> Result<()> {
+    let mut l = open_link(link)?;
+    let info = kiln::device_link::device_info(&mut l)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&info)?);
+    } else {
+        eprint!("{}", info.render());
+    }
+    Ok(())
+}
+
+struct InferArgs<'a> {
+    link: &'a SerialArgs,
+    input: &'a Path,
+    array: Option<&'a str>,
+    index: Option<usize>,
+    all: bool,
+    model: Option<&'a Path>,
+    output: &'a Path,
+    json: bool,
+}
+
+fn infer(a: InferArgs<'_>) -> Result<()> {
+    use kiln::device_link::tensors::{self, Selection, TypedModel};
+    // Files first, then the board.
+    let x = match a.array {
+        Some(name) => npy::read_real(a.input, Some(name), None)?,
+        None => npy::read_input(a.input)?,
+    };
+    let typed = match a.model {
+        Some(p) => Some(
+            TypedModel::new(&read(p)?).with_context(|| format!("cannot use {}", p.display()))?,
+        ),
+        None => None,
+    };
+    let selection = match (a.index, a.all) {
+        (Some(i), _) => Selection::Index(i),
+        (None, true) => Selection::All,
+        (None, false) => Selection::Single,
+    };
+    let mut l = open_link(a.link)?;
+    let info = kiln::device_link::device_info(&mut l)?;
+    let Some(active) = info.active.clone() else {
+        anyhow::bail!(
+            "no model is installed on the device at {}: flash one with `kiln flash`",
+            a.link.serial
+        );
+    };
+    if let (Some(t), Some(p)) = (&typed, a.model) {
+        if t.version != active.version {
+            anyhow::bail!(
+                "{} is v{} but the device runs {} v{}: give --model the artifact the device runs, or leave it out to send raw bytes",
+                p.display(), t.version, active.name, active.version
+            );
+        }
+    }
+    let samples = tensors::samples(&x, active.input_len as usize, selection, typed.as_ref())
+        .with_context(|| format!("cannot use {} as input", a.input.display()))?;
+    let bar = progress(samples.len() as u64, "inferring");
+    let mut raw = Vec::with_capacity(samples.len());
+    let mut cycles = Vec::with_capacity(samples.len());
+    for s in &samples {
+        let r = kiln::device_link::infer(&mut l, &info, s)?;
+        raw.push(r.output);
+        cycles.push(r.cycles);
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    let out = tensors::outputs(&raw, active.output_len as usize, typed.as_ref())?;
+    npy::write_npy(a.output, &out.shape, out.data())?;
+    if a.json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "samples": samples.len(),
+                "model": { "name": active.name, "version": active.version },
+                "output": a.output,
+                "output_shape": out.shape,
+                "dtype": out.dtype(),
+                "raw": typed.is_none(),
+                "cycles": cycles,
+            })
+        );
+    } else {
+        eprintln!(
+            "ran {} sample(s) on {} v{}; wrote {} ({} {:?}{})",
+            samples.len(),
+            active.name,
+            active.version,
+            a.output.display(),
+            out.dtype(),
+            out.shape,
+            if typed.is_none() {
+                ", raw output bytes"
+            } else {
+                ""
+            }
+        );
+    }
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
@@ -1161,6 +1488,32 @@ fn main() -> ExitCode {
             &output,
             json,
         ),
+        Command::Flash {
+            model,
+            link,
+            key_record,
+            json,
+        } => flash(model.as_deref(), &link, key_record.as_deref(), json),
+        Command::DeviceInfo { link, json } => device_info(&link, json),
+        Command::Infer {
+            link,
+            input,
+            array,
+            index,
+            all,
+            model,
+            output,
+            json,
+        } => infer(InferArgs {
+            link: &link,
+            input: &input,
+            array: array.as_deref(),
+            index,
+            all,
+            model: model.as_deref(),
+            output: &output,
+            json,
+        }),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
