@@ -36,6 +36,8 @@ pub struct Reply {
 pub struct Service<'k, F: MappedFlash> {
     device: Device<'k, F>,
     firmware: &'k str,
+    max_frame: u32,
+    clock: Option<fn() -> u32>,
 }
 
 impl UpdateError {
@@ -122,7 +124,26 @@ fn model_info<'b>(bytes: &'b [u8], slot: u8) -> Option<ModelInfo<'b>> {
 impl<'k, F: MappedFlash> Service<'k, F> {
     /// Wraps a mounted device. `firmware` names the firmware and its version (for `Info`).
     pub fn new(device: Device<'k, F>, firmware: &'k str) -> Self {
-        Service { device, firmware }
+        Service {
+            device,
+            firmware,
+            max_frame: MAX_REQUEST_FRAME_LEN as u32,
+            clock: None,
+        }
+    }
+
+    /// Advertises a larger request frame (delimiter included) than the default
+    /// [`MAX_REQUEST_FRAME_LEN`]: boards whose frame decoder holds large inference inputs.
+    pub fn with_max_frame(mut self, bytes: u32) -> Self {
+        self.max_frame = bytes.max(MAX_REQUEST_FRAME_LEN as u32);
+        self
+    }
+
+    /// A free-running cycle (or tick) counter; `InferOk::cycles` reports the difference around
+    /// the inference (wrapping). Without one it reports 0.
+    pub fn with_cycle_counter(mut self, clock: fn() -> u32) -> Self {
+        self.clock = Some(clock);
+        self
     }
 
     /// The device.
@@ -181,7 +202,7 @@ impl<'k, F: MappedFlash> Service<'k, F> {
             slots,
             security_counter: s.min_counter,
             max_artifact_len: d.max_artifact_len(),
-            max_frame: MAX_REQUEST_FRAME_LEN as u32,
+            max_frame: self.max_frame,
             max_chunk: MAX_CHUNK as u16,
             trusted_keys: d.key_ring().len() as u8,
             last_event: s.last_event.map(wire_event),

@@ -164,7 +164,8 @@ fn main() -> ! {
             fatal("no model flash")
         }
     };
-    let mut service = Service::new(device, FIRMWARE);
+    // The decoder holds large inference inputs: say so in Info (delimiter included).
+    let mut service = Service::new(device, FIRMWARE).with_max_frame((RX_FRAME_LEN + 1) as u32);
     log!(
         "board {}, slots 2 x {} KiB, arena {} KiB, {} trusted key(s)",
         BOARD,
