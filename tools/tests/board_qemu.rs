@@ -519,3 +519,181 @@ fn board_takes_an_update_over_uart_and_runs_it() {
         test_started.elapsed().as_secs_f64()
     );
 }
+
+/// Runs the `kiln` binary; returns (success, stdout, stderr).
+fn kiln(args: &[&std::ffi::OsStr]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(args)
+        .output()
+        .expect("run kiln");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn os(s: &str) -> &std::ffi::OsStr {
+    std::ffi::OsStr::new(s)
+}
+
+/// `kiln device-info --json`: the active version.
+fn active_version(serial: &str) -> Option<u64> {
+    let (ok, stdout, stderr) = kiln(&[os("device-info"), os("--serial"), os(serial), os("--json")]);
+    assert!(ok, "device-info failed: {stderr}");
+    let v: serde_json::Value = serde_json::from_str(&stdout).expect("device-info --json");
+    v["active"]["version"].as_u64()
+}
+
+/// The end-to-end scenario with the real `kiln` binary, the KWS int8 model and its TFLM
+/// golden outputs: a signed v2 is flashed and confirmed; a tampered v3 is refused and v2 stays;
+/// v1 is refused (downgrade); a v4 whose self-test fails is reverted to v2; `kiln infer` on the
+/// golden inputs matches TFLM bit for bit.
+#[test]
+fn kws_v2_confirmed_tampered_v3_and_downgrade_refused_failing_v4_reverted_infer_bit_exact() {
+    if !have_qemu() {
+        eprintln!("skipped: qemu-system-arm is not installed; the KWS board scenario was not run");
+        return;
+    }
+    let testdata = std::env::var_os("KILN_TESTDATA")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join("../shared/testdata"));
+    let model = testdata.join("models/mlperf-tiny/kws_ref_model.tflite");
+    let golden = testdata.join("golden/kws_ref_model.npz");
+    if !model.exists() || !golden.exists() {
+        eprintln!(
+            "skipped: KWS test data not found under {} (set KILN_TESTDATA)",
+            testdata.display()
+        );
+        return;
+    }
+    let root = repo_root();
+    let (_key, public) = board_key(&root.join("target/firmware/board-qemu-test"));
+    let secret = public.with_extension("key");
+    let elf = build_image(&root, &public);
+    let dir = std::env::temp_dir().join(format!("kiln-board-kws-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let p = |name: &str| dir.join(name);
+
+    // Convert with SELFTEST vectors from the golden set, then sign the versions.
+    let (ok, _, err) = kiln(&[
+        os("convert"),
+        model.as_os_str(),
+        os("-o"),
+        p("kws.kiln").as_os_str(),
+        os("--selftest"),
+        golden.as_os_str(),
+        os("--selftest-count"),
+        os("4"),
+    ]);
+    assert!(ok, "convert: {err}");
+    let sign = |input: &Path, version: &str, out: &Path| {
+        let (ok, _, err) = kiln(&[
+            os("sign"),
+            input.as_os_str(),
+            os("--key"),
+            secret.as_os_str(),
+            os("--version"),
+            os(version),
+            os("--target"),
+            os(BOARD),
+            os("-o"),
+            out.as_os_str(),
+        ]);
+        assert!(ok, "sign v{version}: {err}");
+    };
+    for v in ["1", "2", "3"] {
+        sign(&p("kws.kiln"), v, &p(&format!("v{v}.kiln")));
+    }
+    // v3 tampered after signing: one weight byte.
+    let mut v3 = std::fs::read(p("v3.kiln")).expect("v3");
+    let mid = v3.len() / 2;
+    v3[mid] ^= 0x01;
+    std::fs::write(p("v3-tampered.kiln"), &v3).expect("write v3");
+    // v4: a wrong expected output in SELFTEST (digest recomputed), then properly signed.
+    let plain = std::fs::read(p("kws.kiln")).expect("kws.kiln");
+    let c = Container::parse(&plain).expect("kws.kiln parses");
+    let st = c
+        .section(kiln_runtime::format::SectionKind::SelfTest)
+        .expect("SELFTEST");
+    let st_end = st.as_ptr() as usize - plain.as_ptr() as usize + st.len();
+    let mut body = c.body().to_vec();
+    body[st_end - 1] ^= 0x01; // last expected output byte of the last case
+    kiln::artifact::append_trailer(&mut body);
+    std::fs::write(p("bad-selftest.kiln"), &body).expect("write");
+    sign(&p("bad-selftest.kiln"), "4", &p("v4.kiln"));
+
+    let port = free_port();
+    let _qemu = Qemu::start(&elf, port);
+    let serial = format!("tcp:127.0.0.1:{port}");
+    let flash = |file: &str| {
+        kiln(&[
+            os("flash"),
+            os("--serial"),
+            os(&serial),
+            p(file).as_os_str(),
+        ])
+    };
+
+    let (ok, _, err) = flash("v2.kiln");
+    assert!(ok, "flashing v2 failed: {err}");
+    assert_eq!(active_version(&serial), Some(2));
+
+    let (ok, _, err) = flash("v3-tampered.kiln");
+    assert!(!ok, "a tampered v3 must be refused");
+    assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
+    assert_eq!(active_version(&serial), Some(2));
+
+    let (ok, _, err) = flash("v1.kiln");
+    assert!(!ok, "v1 is a downgrade");
+    assert!(
+        err.to_lowercase().contains("version") || err.contains("Downgrade"),
+        "{err}"
+    );
+    assert_eq!(active_version(&serial), Some(2));
+
+    let (ok, _, err) = flash("v4.kiln");
+    assert!(!ok, "v4's self-test fails on the board");
+    assert!(
+        err.to_lowercase().contains("revert") || err.contains("SelfTest"),
+        "{err}"
+    );
+    assert_eq!(active_version(&serial), Some(2));
+
+    // Inference on golden inputs: bit-exact with TFLM.
+    let n = 40;
+    let (shape, x) = kiln::npy::read_npz_i8(&golden, "input").expect("golden input");
+    let (_, y) = kiln::npy::read_npz_i8(&golden, "output").expect("golden output");
+    let per_in: usize = shape[1..].iter().product();
+    let per_out = y.len() / shape[0];
+    let mut sub_shape = shape.clone();
+    sub_shape[0] = n;
+    kiln::npy::write_npy(
+        &p("x.npy"),
+        &sub_shape,
+        kiln::npy::OutputData::I8(&x[..n * per_in]),
+    )
+    .expect("write x.npy");
+    let (ok, _, err) = kiln(&[
+        os("infer"),
+        os("--serial"),
+        os(&serial),
+        os("--input"),
+        p("x.npy").as_os_str(),
+        os("--all"),
+        os("--output"),
+        p("y.npy").as_os_str(),
+    ]);
+    assert!(ok, "infer: {err}");
+    let got = kiln::npy::read_input(&p("y.npy")).expect("y.npy");
+    let kiln::npy::Array::I8 { data, .. } = got else {
+        panic!("int8 outputs expected")
+    };
+    assert_eq!(data.len(), n * per_out);
+    assert_eq!(
+        data,
+        y[..n * per_out],
+        "board outputs differ from TFLM's golden outputs"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
