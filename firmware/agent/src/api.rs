@@ -179,6 +179,9 @@ pub enum RolloutState {
     Complete,
     /// A gate failed (or an admin aborted): devices that took it are ordered back.
     Aborted,
+    /// A newer rollout (or a rollback) of the same model took over before this one finished;
+    /// it no longer decides anything.
+    Superseded,
 }
 
 /// One gate's figures.
