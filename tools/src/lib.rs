@@ -7,6 +7,7 @@ pub mod demo;
 pub mod device_link;
 pub mod eval;
 pub mod exec_candle;
+pub mod fleet;
 pub mod import;
 pub mod inspect;
 pub mod ir;

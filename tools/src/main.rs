@@ -429,6 +429,9 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Fleet verbs: serve, push, rollout, rollback, models, devices.
+    #[command(flatten)]
+    Fleet(kiln::fleet::cli::FleetCommand),
 }
 
 fn read(path: &Path) -> Result<Vec<u8>> {
@@ -1514,6 +1517,7 @@ fn main() -> ExitCode {
             output: &output,
             json,
         }),
+        Command::Fleet(cmd) => kiln::fleet::cli::run(cmd),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

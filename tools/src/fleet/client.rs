@@ -1,0 +1,140 @@
+//! The admin HTTP client behind `kiln push`, `kiln rollout`, `kiln rollback`, `kiln models` and
+//! `kiln devices` (reqwest with rustls).
+
+use super::api::{
+    ApiError, DeviceSummary, ModelVersion, PushResponse, RollbackRequest, RolloutRequest,
+    RolloutStatus,
+};
+use anyhow::{anyhow, Context as _, Result};
+use serde::de::DeserializeOwned;
+use std::time::Duration;
+
+/// A client for one server and token.
+#[derive(Clone, Debug)]
+pub struct Client {
+    base: String,
+    token: String,
+    http: reqwest::Client,
+}
+
+#[derive(serde::Deserialize)]
+struct Created {
+    rollout: i64,
+}
+
+impl Client {
+    /// A client for `server` (e.g. `http://fleet:8080`) with `token`.
+    ///
+    /// # Errors
+    /// The HTTP client cannot be built.
+    pub fn new(server: &str, token: &str) -> Result<Self> {
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(10))
+            .timeout(Duration::from_secs(300))
+            .build()
+            .context("cannot build the HTTP client")?;
+        Ok(Client {
+            base: server.trim_end_matches('/').to_string(),
+            token: token.to_string(),
+            http,
+        })
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    async fn send<T: DeserializeOwned>(&self, req: reqwest::RequestBuilder) -> Result<T> {
+        let resp = req
+            .bearer_auth(&self.token)
+            .send()
+            .await
+            .map_err(|e| anyhow!("cannot reach the server {}: {e}; hint: check --server (or KILN_SERVER) and that `kiln serve` runs", self.base))?;
+        let status = resp.status();
+        let bytes = resp
+            .bytes()
+            .await
+            .with_context(|| format!("the server {} dropped the answer", self.base))?;
+        if !status.is_success() {
+            let msg = serde_json::from_slice::<ApiError>(&bytes)
+                .map(|e| e.error)
+                .unwrap_or_else(|_| String::from_utf8_lossy(&bytes).trim().to_string());
+            return Err(anyhow!("the server refused ({status}): {msg}"));
+        }
+        serde_json::from_slice(&bytes)
+            .with_context(|| format!("the server's answer ({status}) is not the expected JSON"))
+    }
+
+    /// Registers an artifact.
+    ///
+    /// # Errors
+    /// Refused (unsigned, untrusted, no name, conflicting version) or unreachable.
+    pub async fn push(&self, artifact: Vec<u8>) -> Result<PushResponse> {
+        self.send(
+            self.http
+                .post(self.url("/api/v1/models"))
+                .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
+                .body(artifact),
+        )
+        .await
+    }
+
+    /// Starts a rollout; its id.
+    ///
+    /// # Errors
+    /// Refused or unreachable.
+    pub async fn create_rollout(&self, req: &RolloutRequest) -> Result<i64> {
+        let c: Created = self
+            .send(self.http.post(self.url("/api/v1/rollouts")).json(req))
+            .await?;
+        Ok(c.rollout)
+    }
+
+    /// A rollout's status.
+    ///
+    /// # Errors
+    /// Refused or unreachable.
+    pub async fn rollout_status(&self, id: i64) -> Result<RolloutStatus> {
+        self.send(self.http.get(self.url(&format!("/api/v1/rollouts/{id}"))))
+            .await
+    }
+
+    /// `pause`, `resume` or `abort`.
+    ///
+    /// # Errors
+    /// Refused or unreachable.
+    pub async fn rollout_action(&self, id: i64, action: &str) -> Result<RolloutStatus> {
+        self.send(
+            self.http
+                .post(self.url(&format!("/api/v1/rollouts/{id}/{action}"))),
+        )
+        .await
+    }
+
+    /// Orders a model's devices back to a version; the id of the rollback.
+    ///
+    /// # Errors
+    /// Refused or unreachable.
+    pub async fn rollback(&self, req: &RollbackRequest) -> Result<i64> {
+        let c: Created = self
+            .send(self.http.post(self.url("/api/v1/rollback")).json(req))
+            .await?;
+        Ok(c.rollout)
+    }
+
+    /// Registered versions.
+    ///
+    /// # Errors
+    /// Refused or unreachable.
+    pub async fn models(&self) -> Result<Vec<ModelVersion>> {
+        self.send(self.http.get(self.url("/api/v1/models"))).await
+    }
+
+    /// Enrolled devices.
+    ///
+    /// # Errors
+    /// Refused or unreachable.
+    pub async fn devices(&self) -> Result<Vec<DeviceSummary>> {
+        self.send(self.http.get(self.url("/api/v1/devices"))).await
+    }
+}

@@ -1,0 +1,1060 @@
+//! Rollouts: waves, gates and assignments.
+//!
+//! Nothing here keeps state in the process: every decision reads the database and every change is
+//! written inside a transaction with an optimistic condition (`UPDATE rollouts … WHERE id = $1
+//! AND wave = $2 AND state = 'running'`), so several servers may share one database and judge
+//! the same gate at once: one wins, the others see zero rows changed and move on.
+//!
+//! Wave membership: a device's bucket for a rollout is `SHA-256("{device}/{rollout}") mod 100`;
+//! it is in wave `i` when `bucket < waves[i]`, and it is offered the new version when it is in the
+//! rollout's current wave (waves are cumulative).
+
+use super::api::{
+    Assignment, CheckIn, CheckInResponse, DeviceEvent, GateFigures, ModelRef, RollbackRequest,
+    RolloutRequest, RolloutState, RolloutStatus, Telemetry, WaveStatus, LATENCY_BUCKETS_US,
+};
+use super::auth::DeviceRow;
+use super::registry::{audit, Baseline};
+use super::{now, ApiErr, ApiResult};
+use sha2::Digest as _;
+use sqlx::{AnyConnection, AnyPool, Row as _};
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+/// Seconds between check-ins that the server asks for.
+pub const CHECKIN_INTERVAL_S: u32 = 60;
+/// PSI's floor for empty bins (both sides), so `ln(a/e)` stays finite.
+pub const PSI_EPSILON: f64 = 1e-4;
+
+/// A rollout row.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Rollout {
+    /// Id.
+    pub id: i64,
+    /// `rollout` or `rollback`.
+    pub kind: String,
+    /// Model name.
+    pub model: String,
+    /// Target version.
+    pub version: i64,
+    /// The version devices go back to.
+    pub previous: Option<i64>,
+    /// Cohort (`None` = every device).
+    pub cohort: Option<String>,
+    /// Cumulative percentages.
+    pub waves: Vec<u8>,
+    /// Gate: devices that must report.
+    pub min_devices: i64,
+    /// Gate: failures in %.
+    pub max_failure_pct: f64,
+    /// Gate: latency regression in %.
+    pub max_latency_regression_pct: f64,
+    /// Gate: PSI.
+    pub max_psi: f64,
+    /// Gate: seconds a wave runs at least.
+    pub wave_wait_s: i64,
+    /// `running`, `paused`, `complete`, `aborted`, `superseded`.
+    pub state: String,
+    /// Current wave.
+    pub wave: i64,
+    /// When the current wave started.
+    pub wave_started_at: i64,
+    /// Why it stopped.
+    pub reason: Option<String>,
+    /// When it was created.
+    pub created_at: i64,
+}
+
+const ROLLOUT_COLUMNS: &str = "id, kind, model, version, previous, cohort, waves, min_devices, max_failure_pct, \
+     max_latency_regression_pct, max_psi, wave_wait_s, state, wave, wave_started_at, reason, created_at";
+
+fn rollout_from(row: &sqlx::any::AnyRow) -> Result<Rollout, sqlx::Error> {
+    let waves: String = row.try_get("waves")?;
+    Ok(Rollout {
+        id: row.try_get("id")?,
+        kind: row.try_get("kind")?,
+        model: row.try_get("model")?,
+        version: row.try_get("version")?,
+        previous: row.try_get("previous")?,
+        cohort: row.try_get("cohort")?,
+        waves: waves.split(',').filter_map(|w| w.parse().ok()).collect(),
+        min_devices: row.try_get("min_devices")?,
+        max_failure_pct: row.try_get("max_failure_pct")?,
+        max_latency_regression_pct: row.try_get("max_latency_regression_pct")?,
+        max_psi: row.try_get("max_psi")?,
+        wave_wait_s: row.try_get("wave_wait_s")?,
+        state: row.try_get("state")?,
+        wave: row.try_get("wave")?,
+        wave_started_at: row.try_get("wave_started_at")?,
+        reason: row.try_get("reason")?,
+        created_at: row.try_get("created_at")?,
+    })
+}
+
+async fn load(conn: &mut AnyConnection, id: i64) -> ApiResult<Option<Rollout>> {
+    let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+        "SELECT {ROLLOUT_COLUMNS} FROM rollouts WHERE id = $1"
+    )))
+    .bind(id)
+    .fetch_optional(&mut *conn)
+    .await?;
+    Ok(row.as_ref().map(rollout_from).transpose()?)
+}
+
+fn cohort_matches(rollout_cohort: &Option<String>, device_cohort: &str) -> bool {
+    rollout_cohort.as_deref().is_none_or(|c| c == device_cohort)
+}
+
+/// The rollout that decides what a device of `model` runs: the newest one for the model whose
+/// cohort includes the device (superseded ones never decide).
+async fn governing(
+    conn: &mut AnyConnection,
+    model: &str,
+    cohort: &str,
+) -> ApiResult<Option<Rollout>> {
+    let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+        "SELECT {ROLLOUT_COLUMNS} FROM rollouts WHERE model = $1 AND state <> 'superseded' ORDER BY id DESC"
+    )))
+    .bind(model)
+    .fetch_all(&mut *conn)
+    .await?;
+    for row in &rows {
+        let r = rollout_from(row)?;
+        if cohort_matches(&r.cohort, cohort) {
+            return Ok(Some(r));
+        }
+    }
+    Ok(None)
+}
+
+/// The model a device is about: what it runs, else the newest rollout of its cohort.
+async fn model_of(conn: &mut AnyConnection, device: &DeviceRow) -> ApiResult<Option<String>> {
+    if let Some(m) = &device.running_model {
+        return Ok(Some(m.clone()));
+    }
+    let rows: Vec<(String, Option<String>)> = sqlx::query_as(
+        "SELECT model, cohort FROM rollouts WHERE state <> 'superseded' ORDER BY id DESC",
+    )
+    .fetch_all(&mut *conn)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .find(|(_, c)| cohort_matches(c, &device.cohort))
+        .map(|(m, _)| m))
+}
+
+/// A device's bucket (0..100) for a rollout.
+pub fn bucket(device_id: &str, rollout_id: i64) -> u8 {
+    let d = sha2::Sha256::digest(format!("{device_id}/{rollout_id}").as_bytes());
+    let mut b = [0u8; 8];
+    b.copy_from_slice(&d[..8]);
+    (u64::from_le_bytes(b) % 100) as u8
+}
+
+fn in_wave(r: &Rollout, device_id: &str, wave: i64) -> bool {
+    let pct = usize::try_from(wave)
+        .ok()
+        .and_then(|w| r.waves.get(w))
+        .copied()
+        .unwrap_or(0);
+    bucket(device_id, r.id) < pct
+}
+
+fn validate(req: &RolloutRequest) -> ApiResult<()> {
+    let w = &req.waves;
+    let increasing = w.windows(2).all(|p| p[0] < p[1]);
+    if w.is_empty() || !increasing || w.last() != Some(&100) || w[0] == 0 {
+        return Err(ApiErr::bad_request(format!(
+            "waves {w:?} refused: give increasing cumulative percentages from 1 to 100 that end at 100, e.g. 5,25,100"
+        )));
+    }
+    let limits = [
+        ("max_failure_pct", req.max_failure_pct),
+        ("max_latency_regression_pct", req.max_latency_regression_pct),
+        ("max_psi", req.max_psi),
+    ];
+    for (name, v) in limits {
+        if !(v.is_finite() && v >= 0.0) {
+            return Err(ApiErr::bad_request(format!(
+                "{name} = {v} refused: give a finite number of 0 or more"
+            )));
+        }
+    }
+    Ok(())
+}
+
+async fn registered(conn: &mut AnyConnection, target: &ModelRef) -> ApiResult<()> {
+    let found: Option<(i64,)> =
+        sqlx::query_as("SELECT id FROM models WHERE name = $1 AND version = $2")
+            .bind(&target.model)
+            .bind(i64::from(target.version))
+            .fetch_optional(&mut *conn)
+            .await?;
+    match found {
+        Some(_) => Ok(()),
+        None => Err(ApiErr::not_found(format!(
+            "{} version {} is not registered; hint: push it first with `kiln push`",
+            target.model, target.version
+        ))),
+    }
+}
+
+/// The version the fleet (in this cohort) runs before a new rollout: the newest completed rollout
+/// of the model, else the version most devices of the model run.
+async fn base_version(
+    conn: &mut AnyConnection,
+    model: &str,
+    cohort: &Option<String>,
+    exclude: i64,
+) -> ApiResult<Option<i64>> {
+    let done: Vec<(i64, Option<String>)> = sqlx::query_as(
+        "SELECT version, cohort FROM rollouts WHERE model = $1 AND state = 'complete' ORDER BY id DESC",
+    )
+    .bind(model)
+    .fetch_all(&mut *conn)
+    .await?;
+    let fits = |c: &Option<String>| c.is_none() || c == cohort;
+    if let Some((v, _)) = done.into_iter().find(|(v, c)| *v != exclude && fits(c)) {
+        return Ok(Some(v));
+    }
+    let running: Vec<(i64, i64)> = sqlx::query_as(
+        "SELECT running_version, COUNT(*) FROM devices WHERE running_model = $1 AND running_version IS NOT NULL GROUP BY running_version ORDER BY COUNT(*) DESC",
+    )
+    .bind(model)
+    .fetch_all(&mut *conn)
+    .await?;
+    Ok(running.into_iter().map(|(v, _)| v).find(|v| *v != exclude))
+}
+
+async fn supersede(
+    conn: &mut AnyConnection,
+    r_model: &str,
+    cohort: &Option<String>,
+    id: i64,
+) -> ApiResult<()> {
+    let older: Vec<(i64, Option<String>)> = sqlx::query_as(
+        "SELECT id, cohort FROM rollouts WHERE model = $1 AND id < $2 AND state IN ('running', 'paused')",
+    )
+    .bind(r_model)
+    .bind(id)
+    .fetch_all(&mut *conn)
+    .await?;
+    for (old, c) in older {
+        if cohort.is_none() || c == *cohort {
+            sqlx::query(
+                "UPDATE rollouts SET state = 'superseded', reason = $1 WHERE id = $2 AND state IN ('running', 'paused')",
+            )
+            .bind(format!("superseded by rollout {id}"))
+            .bind(old)
+            .execute(&mut *conn)
+            .await?;
+        }
+    }
+    Ok(())
+}
+
+async fn insert_rollout(
+    conn: &mut AnyConnection,
+    kind: &str,
+    req: &RolloutRequest,
+    previous: Option<i64>,
+    state: &str,
+    who: &str,
+) -> ApiResult<i64> {
+    let waves: Vec<String> = req.waves.iter().map(u8::to_string).collect();
+    let at = now();
+    let (id,): (i64,) = sqlx::query_as(
+        "INSERT INTO rollouts (kind, model, version, previous, cohort, waves, min_devices, max_failure_pct, \
+         max_latency_regression_pct, max_psi, wave_wait_s, state, wave, wave_started_at, created_by, created_at) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16) RETURNING id",
+    )
+    .bind(kind)
+    .bind(&req.target.model)
+    .bind(i64::from(req.target.version))
+    .bind(previous)
+    .bind(req.cohort.clone())
+    .bind(waves.join(","))
+    .bind(i64::from(req.min_devices))
+    .bind(req.max_failure_pct)
+    .bind(req.max_latency_regression_pct)
+    .bind(req.max_psi)
+    .bind(i64::from(req.wave_wait_s))
+    .bind(state)
+    .bind(0i64)
+    .bind(at)
+    .bind(who)
+    .bind(at)
+    .fetch_one(&mut *conn)
+    .await?;
+    Ok(id)
+}
+
+/// Creates a rollout (and supersedes older running ones of the model in the cohort).
+///
+/// # Errors
+/// 400 (bad waves or limits), 404 (version not registered), 500.
+pub async fn create(pool: &AnyPool, who: &str, req: &RolloutRequest) -> ApiResult<i64> {
+    validate(req)?;
+    let mut tx = pool.begin().await?;
+    registered(&mut tx, &req.target).await?;
+    let previous = base_version(
+        &mut tx,
+        &req.target.model,
+        &req.cohort,
+        i64::from(req.target.version),
+    )
+    .await?;
+    let id = insert_rollout(&mut tx, "rollout", req, previous, "running", who).await?;
+    supersede(&mut tx, &req.target.model, &req.cohort, id).await?;
+    audit(
+        &mut tx,
+        who,
+        "rollout",
+        &format!(
+            "rollout {id}: {} v{} waves {:?} cohort {}",
+            req.target.model,
+            req.target.version,
+            req.waves,
+            req.cohort.as_deref().unwrap_or("(all)")
+        ),
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(id)
+}
+
+/// Orders every device of the model (in the cohort) to `to`: a rollback "rollout" that is
+/// complete at once.
+///
+/// # Errors
+/// 404 (version not registered), 500.
+pub async fn rollback(pool: &AnyPool, who: &str, req: &RollbackRequest) -> ApiResult<i64> {
+    let target = ModelRef {
+        model: req.model.clone(),
+        version: req.to,
+    };
+    let as_rollout = RolloutRequest {
+        target: target.clone(),
+        cohort: req.cohort.clone(),
+        waves: vec![100],
+        min_devices: 0,
+        max_failure_pct: 100.0,
+        max_latency_regression_pct: 0.0,
+        max_psi: 0.0,
+        wave_wait_s: 0,
+    };
+    let mut tx = pool.begin().await?;
+    registered(&mut tx, &target).await?;
+    let id = insert_rollout(&mut tx, "rollback", &as_rollout, None, "complete", who).await?;
+    supersede(&mut tx, &req.model, &req.cohort, id).await?;
+    audit(
+        &mut tx,
+        who,
+        "rollback",
+        &format!(
+            "rollout {id}: every device of {} (cohort {}) back to v{}",
+            req.model,
+            req.cohort.as_deref().unwrap_or("(all)"),
+            req.to
+        ),
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(id)
+}
+
+/// `pause`, `resume` or `abort` by an admin.
+///
+/// # Errors
+/// 404 (no such rollout or action), 409 (the state does not allow it), 500.
+pub async fn act(pool: &AnyPool, who: &str, id: i64, action: &str) -> ApiResult<RolloutStatus> {
+    let (sql, from) = match action {
+        "pause" => (
+            "UPDATE rollouts SET state = 'paused' WHERE id = $1 AND state = 'running'",
+            "running",
+        ),
+        "resume" => (
+            "UPDATE rollouts SET state = 'running' WHERE id = $1 AND state = 'paused'",
+            "paused",
+        ),
+        "abort" => (
+            "UPDATE rollouts SET state = 'aborted', reason = 'aborted by an admin' WHERE id = $1 AND state IN ('running', 'paused')",
+            "running or paused",
+        ),
+        other => {
+            return Err(ApiErr::not_found(format!(
+                "no action `{other}`: use pause, resume or abort"
+            )))
+        }
+    };
+    let mut tx = pool.begin().await?;
+    let Some(r) = load(&mut tx, id).await? else {
+        return Err(ApiErr::not_found(format!("no rollout {id}")));
+    };
+    let done = sqlx::query(sql).bind(id).execute(&mut *tx).await?;
+    if done.rows_affected() == 0 {
+        return Err(ApiErr::conflict(format!(
+            "cannot {action} rollout {id}: it is {}, and {action} needs it {from}",
+            r.state
+        )));
+    }
+    audit(&mut tx, who, action, &format!("rollout {id}")).await?;
+    tx.commit().await?;
+    status(pool, id).await
+}
+
+// ---------------------------------------------------------------------------------------------
+// Check-ins.
+
+const MAX_EVENTS: usize = 256;
+const MAX_BINS: usize = 4096;
+const MAX_HISTOGRAMS: usize = 64;
+
+fn check_telemetry(t: &Telemetry) -> ApiResult<()> {
+    let too_big = t.latency_us.len() > LATENCY_BUCKETS_US.len() + 1
+        || t.input_hist.len() > MAX_HISTOGRAMS
+        || t.output_hist.len() > MAX_HISTOGRAMS
+        || t.input_hist
+            .iter()
+            .chain(&t.output_hist)
+            .any(|h| h.len() > MAX_BINS)
+        || t.errors > t.inferences;
+    if too_big {
+        return Err(ApiErr::bad_request(format!(
+            "telemetry refused: at most {} latency buckets, {MAX_HISTOGRAMS} histograms of {MAX_BINS} bins, and errors <= inferences",
+            LATENCY_BUCKETS_US.len() + 1
+        )));
+    }
+    Ok(())
+}
+
+fn event_row(e: &DeviceEvent) -> (&'static str, u32, String) {
+    match e {
+        DeviceEvent::Installed { version } => {
+            ("installed", *version, format!("installed v{version}"))
+        }
+        DeviceEvent::InstallFailed { version, reason } => (
+            "install_failed",
+            *version,
+            format!("install of v{version} failed: {reason}"),
+        ),
+        DeviceEvent::SelfTestFailed { version } => (
+            "selftest_failed",
+            *version,
+            format!("self-test of v{version} failed"),
+        ),
+        DeviceEvent::RolledBack { from, to, ordered } => (
+            if *ordered {
+                "rolled_back_ordered"
+            } else {
+                "rolled_back_self"
+            },
+            *from,
+            format!(
+                "rolled back from v{from} to v{to}{}",
+                if *ordered {
+                    " as ordered"
+                } else {
+                    " by itself"
+                }
+            ),
+        ),
+    }
+}
+
+/// Records a check-in (running version, events, telemetry), judges the gate of the rollout that
+/// governs the device, and answers with its assignment.
+///
+/// # Errors
+/// 400 (oversized telemetry), 500.
+pub async fn checkin(
+    pool: &AnyPool,
+    device: &DeviceRow,
+    body: &CheckIn,
+) -> ApiResult<CheckInResponse> {
+    if body.events.len() > MAX_EVENTS {
+        return Err(ApiErr::bad_request(format!(
+            "check-in refused: more than {MAX_EVENTS} events; send them over several check-ins"
+        )));
+    }
+    if let Some(t) = &body.telemetry {
+        check_telemetry(t)?;
+    }
+    let at = now();
+    let mut tx = pool.begin().await?;
+    let mut dev = device.clone();
+    if let Some(r) = &body.running {
+        dev.running_model = Some(r.model.clone());
+        dev.running_version = Some(i64::from(r.version));
+    }
+    let model = model_of(&mut tx, &dev).await?.unwrap_or_default();
+    let last_event = body.events.last().map(|e| event_row(e).2);
+    sqlx::query(
+        "UPDATE devices SET last_seen = $1, running_model = $2, running_version = $3, last_event = COALESCE($4, last_event) WHERE id = $5",
+    )
+    .bind(at)
+    .bind(dev.running_model.clone())
+    .bind(dev.running_version)
+    .bind(last_event)
+    .bind(&dev.id)
+    .execute(&mut *tx)
+    .await?;
+    let latest: Option<(i64,)> =
+        sqlx::query_as("SELECT id FROM rollouts WHERE model = $1 ORDER BY id DESC")
+            .bind(&model)
+            .fetch_optional(&mut *tx)
+            .await?;
+    let latest = latest.map_or(0, |(id,)| id);
+    for e in &body.events {
+        let (kind, version, detail) = event_row(e);
+        sqlx::query(
+            "INSERT INTO device_events (device_id, at, kind, model, version, detail) VALUES ($1, $2, $3, $4, $5, $6)",
+        )
+        .bind(&dev.id)
+        .bind(at)
+        .bind(kind)
+        .bind(&model)
+        .bind(i64::from(version))
+        .bind(detail)
+        .execute(&mut *tx)
+        .await?;
+        if matches!(kind, "selftest_failed" | "rolled_back_self") {
+            sqlx::query(
+                "INSERT INTO blocked (device_id, model, version, rollout_id, at) VALUES ($1, $2, $3, $4, $5) \
+                 ON CONFLICT (device_id, model, version) DO UPDATE SET rollout_id = excluded.rollout_id, at = excluded.at",
+            )
+            .bind(&dev.id)
+            .bind(&model)
+            .bind(i64::from(version))
+            .bind(latest)
+            .bind(at)
+            .execute(&mut *tx)
+            .await?;
+        }
+    }
+    if let Some(t) = &body.telemetry {
+        sqlx::query(
+            "INSERT INTO telemetry (device_id, model, version, at, inferences, errors, latency, input_hist, output_hist) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+        )
+        .bind(&dev.id)
+        .bind(&model)
+        .bind(i64::from(t.version))
+        .bind(at)
+        .bind(i64::try_from(t.inferences).unwrap_or(i64::MAX))
+        .bind(i64::try_from(t.errors).unwrap_or(i64::MAX))
+        .bind(json(&t.latency_us))
+        .bind(json(&t.input_hist))
+        .bind(json(&t.output_hist))
+        .execute(&mut *tx)
+        .await?;
+    }
+    tx.commit().await?;
+
+    if !model.is_empty() {
+        let mut conn = pool.acquire().await?;
+        if let Some(r) = governing(&mut conn, &model, &dev.cohort).await? {
+            drop(conn);
+            judge(pool, r.id).await?;
+        }
+    }
+    let mut conn = pool.acquire().await?;
+    let assignment = assignment(&mut conn, &dev).await?;
+    Ok(CheckInResponse {
+        assignment,
+        next_checkin_s: CHECKIN_INTERVAL_S,
+    })
+}
+
+/// JSON of a value, for TEXT columns.
+fn json<T: serde::Serialize>(v: &T) -> String {
+    serde_json::to_string(v).unwrap_or_else(|_| "[]".into())
+}
+
+/// What the device should run now, if it should change.
+///
+/// # Errors
+/// The database fails.
+pub async fn assignment(
+    conn: &mut AnyConnection,
+    dev: &DeviceRow,
+) -> ApiResult<Option<Assignment>> {
+    let Some(model) = model_of(conn, dev).await? else {
+        return Ok(None);
+    };
+    let Some(r) = governing(conn, &model, &dev.cohort).await? else {
+        return Ok(None);
+    };
+    let running = dev
+        .running_version
+        .filter(|_| dev.running_model.as_deref() == Some(&model));
+    let (desired, ordered_back) = match (r.kind.as_str(), r.state.as_str()) {
+        ("rollback", _) => (Some(r.version), running.is_some_and(|v| v > r.version)),
+        (_, "complete") => (Some(r.version), false),
+        (_, "running") if in_wave(&r, &dev.id, r.wave) => (Some(r.version), false),
+        (_, "paused") if running == Some(r.version) => (Some(r.version), false),
+        (_, "aborted") => (r.previous, running == Some(r.version)),
+        _ => (r.previous, false),
+    };
+    let Some(desired) = desired else {
+        return Ok(None);
+    };
+    if running == Some(desired) || (!ordered_back && running.is_some_and(|v| v > desired)) {
+        return Ok(None);
+    }
+    let blocked: Option<(i64,)> = sqlx::query_as(
+        "SELECT rollout_id FROM blocked WHERE device_id = $1 AND model = $2 AND version = $3",
+    )
+    .bind(&dev.id)
+    .bind(&model)
+    .bind(desired)
+    .fetch_optional(&mut *conn)
+    .await?;
+    if blocked.is_some_and(|(b,)| b >= r.id) && !ordered_back {
+        return Ok(None);
+    }
+    let found: Option<(String, i64, String)> =
+        sqlx::query_as("SELECT sha256, size, target FROM models WHERE name = $1 AND version = $2")
+            .bind(&model)
+            .bind(desired)
+            .fetch_optional(&mut *conn)
+            .await?;
+    let Some((sha256, size, target)) = found else {
+        return Ok(None);
+    };
+    if !target.is_empty() && target != dev.board {
+        return Ok(None);
+    }
+    Ok(Some(Assignment {
+        target: ModelRef {
+            model,
+            version: desired as u32,
+        },
+        url: format!("/api/v1/artifacts/{sha256}"),
+        sha256,
+        size: size as u64,
+        rollout: Some(r.id),
+        rollback: ordered_back,
+    }))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Gates.
+
+/// Population stability index of `actual` against `expected` counts (same bins): the sum over
+/// bins of `(a − e) · ln(a / e)` of the two normalized histograms, each bin floored at
+/// [`PSI_EPSILON`]. `None` when either side is empty or the bin counts differ.
+pub fn psi(expected: &[u64], actual: &[u64]) -> Option<f64> {
+    if expected.len() != actual.len() || expected.is_empty() {
+        return None;
+    }
+    let te: u64 = expected.iter().sum();
+    let ta: u64 = actual.iter().sum();
+    if te == 0 || ta == 0 {
+        return None;
+    }
+    Some(
+        expected
+            .iter()
+            .zip(actual)
+            .map(|(&e, &a)| {
+                let e = (e as f64 / te as f64).max(PSI_EPSILON);
+                let a = (a as f64 / ta as f64).max(PSI_EPSILON);
+                (a - e) * (a / e).ln()
+            })
+            .sum(),
+    )
+}
+
+/// The median of a latency histogram over [`LATENCY_BUCKETS_US`] (linear within a bucket; the
+/// overflow bucket is taken as twice the last bound wide).
+pub fn p50_us(counts: &[u64]) -> Option<f64> {
+    let total: u64 = counts.iter().sum();
+    if total == 0 {
+        return None;
+    }
+    let half = total as f64 / 2.0;
+    let mut seen = 0.0;
+    let mut lo = 0.0;
+    for (i, &c) in counts.iter().enumerate() {
+        let hi = LATENCY_BUCKETS_US.get(i).map_or(lo * 2.0, |&b| b as f64);
+        let c = c as f64;
+        if c > 0.0 && seen + c >= half {
+            return Some(lo + (hi - lo) * ((half - seen) / c));
+        }
+        seen += c;
+        lo = hi;
+    }
+    Some(lo)
+}
+
+fn add_into(acc: &mut Vec<u64>, v: &[u64]) {
+    if acc.len() < v.len() {
+        acc.resize(v.len(), 0);
+    }
+    for (a, b) in acc.iter_mut().zip(v) {
+        *a = a.saturating_add(*b);
+    }
+}
+
+struct Judged {
+    figures: GateFigures,
+    ready: bool,
+}
+
+async fn figures(conn: &mut AnyConnection, r: &Rollout, wave: i64) -> ApiResult<Judged> {
+    // The wave's devices (cumulative), in the cohort, on this model or none yet.
+    let devices: Vec<(String, String, Option<String>, Option<i64>)> = sqlx::query_as(
+        "SELECT id, cohort, running_model, running_version FROM devices WHERE running_model = $1 OR running_model IS NULL",
+    )
+    .bind(&r.model)
+    .fetch_all(&mut *conn)
+    .await?;
+    let mut members: HashSet<String> = HashSet::new();
+    let mut on_version: HashSet<String> = HashSet::new();
+    for (id, cohort, _, v) in devices {
+        if cohort_matches(&r.cohort, &cohort) && in_wave(r, &id, wave) {
+            if v == Some(r.version) {
+                on_version.insert(id.clone());
+            }
+            members.insert(id);
+        }
+    }
+    let events: Vec<(String, String)> = sqlx::query_as(
+        "SELECT device_id, kind FROM device_events WHERE model = $1 AND version = $2 AND at >= $3",
+    )
+    .bind(&r.model)
+    .bind(r.version)
+    .bind(r.created_at)
+    .fetch_all(&mut *conn)
+    .await?;
+    let mut reported: HashSet<String> = on_version;
+    let mut failed: HashSet<String> = HashSet::new();
+    for (d, kind) in events {
+        if !members.contains(&d) {
+            continue;
+        }
+        reported.insert(d.clone());
+        if matches!(
+            kind.as_str(),
+            "install_failed" | "selftest_failed" | "rolled_back_self"
+        ) {
+            failed.insert(d);
+        }
+    }
+    type TRow = (String, i64, i64, String, String, String);
+    let rows: Vec<TRow> = sqlx::query_as(
+        "SELECT device_id, inferences, errors, latency, input_hist, output_hist FROM telemetry WHERE model = $1 AND version = $2 AND at >= $3",
+    )
+    .bind(&r.model)
+    .bind(r.version)
+    .bind(r.created_at)
+    .fetch_all(&mut *conn)
+    .await?;
+    let (mut inferences, mut errors) = (0i64, 0i64);
+    let mut latency = Vec::new();
+    let mut inputs: Vec<Vec<u64>> = Vec::new();
+    let mut outputs: Vec<Vec<u64>> = Vec::new();
+    for (d, inf, err, lat, ih, oh) in rows {
+        if !members.contains(&d) {
+            continue;
+        }
+        reported.insert(d);
+        inferences = inferences.saturating_add(inf);
+        errors = errors.saturating_add(err);
+        add_into(
+            &mut latency,
+            &serde_json::from_str::<Vec<u64>>(&lat).unwrap_or_default(),
+        );
+        for (acc, h) in [(&mut inputs, ih), (&mut outputs, oh)] {
+            let hs: Vec<Vec<u64>> = serde_json::from_str(&h).unwrap_or_default();
+            if acc.len() < hs.len() {
+                acc.resize(hs.len(), Vec::new());
+            }
+            for (a, h) in acc.iter_mut().zip(&hs) {
+                add_into(a, h);
+            }
+        }
+    }
+    // The previous version's latency: the same devices' earlier telemetry, else fleet-wide.
+    let mut previous_p50 = None;
+    if let Some(prev) = r.previous {
+        let rows: Vec<(String, String)> = sqlx::query_as(
+            "SELECT device_id, latency FROM telemetry WHERE model = $1 AND version = $2",
+        )
+        .bind(&r.model)
+        .bind(prev)
+        .fetch_all(&mut *conn)
+        .await?;
+        let (mut same, mut all) = (Vec::new(), Vec::new());
+        for (d, lat) in rows {
+            let h: Vec<u64> = serde_json::from_str(&lat).unwrap_or_default();
+            if members.contains(&d) {
+                add_into(&mut same, &h);
+            }
+            add_into(&mut all, &h);
+        }
+        previous_p50 = p50_us(&same).or_else(|| p50_us(&all));
+    }
+    let baseline: Option<(String,)> =
+        sqlx::query_as("SELECT baseline FROM models WHERE name = $1 AND version = $2")
+            .bind(&r.model)
+            .bind(r.version)
+            .fetch_optional(&mut *conn)
+            .await?;
+    let baseline: Vec<Baseline> = baseline
+        .and_then(|(b,)| serde_json::from_str(&b).ok())
+        .unwrap_or_default();
+    let psi_max = baseline
+        .iter()
+        .filter_map(|b| {
+            let side = if b.kind == "input" { &inputs } else { &outputs };
+            side.get(b.index as usize).and_then(|a| psi(&b.counts, a))
+        })
+        .fold(None, |m: Option<f64>, v| Some(m.map_or(v, |m| m.max(v))));
+
+    let n = members.len() as u32;
+    let reported_n = reported.len() as u32;
+    let failures = failed.len() as u32;
+    let failure_pct = if reported_n == 0 {
+        0.0
+    } else {
+        f64::from(failures) * 100.0 / f64::from(reported_n)
+    };
+    let error_rate = if inferences == 0 {
+        0.0
+    } else {
+        errors as f64 / inferences as f64
+    };
+    let p50 = p50_us(&latency);
+    let regression = match (p50, previous_p50) {
+        (Some(new), Some(old)) if old > 0.0 => Some((new - old) / old * 100.0),
+        _ => None,
+    };
+    let needed = (r.min_devices.max(0) as u32).min(n);
+    let ready = reported_n >= needed && now() >= r.wave_started_at + r.wave_wait_s;
+    let mut reason = None;
+    if failure_pct > r.max_failure_pct {
+        reason = Some(format!(
+            "failures {failure_pct:.1}% > {:.1}% ({failures} of {reported_n} devices failed to install or self-test)",
+            r.max_failure_pct
+        ));
+    } else if error_rate * 100.0 > r.max_failure_pct {
+        reason = Some(format!(
+            "inference errors {:.2}% > {:.1}% ({errors} of {inferences})",
+            error_rate * 100.0,
+            r.max_failure_pct
+        ));
+    } else if let Some(reg) = regression.filter(|reg| *reg > r.max_latency_regression_pct) {
+        reason = Some(format!(
+            "p50 latency regressed {reg:.1}% > {:.1}% ({:.0} us against {:.0} us)",
+            r.max_latency_regression_pct,
+            p50.unwrap_or(0.0),
+            previous_p50.unwrap_or(0.0)
+        ));
+    } else if let Some(p) = psi_max.filter(|p| *p > r.max_psi) {
+        reason = Some(format!(
+            "drift: PSI {p:.3} > {:.3} against the artifact's BASELINE",
+            r.max_psi
+        ));
+    }
+    let passed = ready.then_some(reason.is_none());
+    Ok(Judged {
+        figures: GateFigures {
+            devices: n,
+            reported: reported_n,
+            failures,
+            failure_pct,
+            error_rate,
+            latency_p50_us: p50,
+            previous_latency_p50_us: previous_p50,
+            latency_regression_pct: regression,
+            psi: psi_max,
+            passed,
+            reason: if ready { reason } else { None },
+        },
+        ready,
+    })
+}
+
+/// Judges the current wave's gate of a running rollout, and advances, completes or aborts it.
+/// Safe to call from any number of servers at once.
+///
+/// # Errors
+/// The database fails.
+pub async fn judge(pool: &AnyPool, id: i64) -> ApiResult<()> {
+    let mut tx = pool.begin().await?;
+    let Some(r) = load(&mut tx, id).await? else {
+        return Ok(());
+    };
+    if r.state != "running" || r.kind != "rollout" {
+        return Ok(());
+    }
+    let j = figures(&mut tx, &r, r.wave).await?;
+    if !j.ready {
+        return Ok(());
+    }
+    let passed = j.figures.passed == Some(true);
+    let last = r.wave + 1 >= r.waves.len() as i64;
+    let at = now();
+    let changed = if !passed {
+        let reason = format!(
+            "wave {} gate failed: {}",
+            r.wave + 1,
+            j.figures.reason.clone().unwrap_or_default()
+        );
+        sqlx::query(
+            "UPDATE rollouts SET state = 'aborted', reason = $1 WHERE id = $2 AND wave = $3 AND state = 'running'",
+        )
+        .bind(reason)
+        .bind(id)
+        .bind(r.wave)
+        .execute(&mut *tx)
+        .await?
+    } else if last {
+        sqlx::query(
+            "UPDATE rollouts SET state = 'complete' WHERE id = $1 AND wave = $2 AND state = 'running'",
+        )
+        .bind(id)
+        .bind(r.wave)
+        .execute(&mut *tx)
+        .await?
+    } else {
+        sqlx::query(
+            "UPDATE rollouts SET wave = $1, wave_started_at = $2 WHERE id = $3 AND wave = $4 AND state = 'running'",
+        )
+        .bind(r.wave + 1)
+        .bind(at)
+        .bind(id)
+        .bind(r.wave)
+        .execute(&mut *tx)
+        .await?
+    };
+    if changed.rows_affected() == 0 {
+        // Another server judged it first.
+        return Ok(());
+    }
+    sqlx::query(
+        "INSERT INTO rollout_gates (rollout_id, wave, passed, figures, at) VALUES ($1, $2, $3, $4, $5)",
+    )
+    .bind(id)
+    .bind(r.wave)
+    .bind(i64::from(passed))
+    .bind(serde_json::to_string(&j.figures).unwrap_or_default())
+    .bind(at)
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(())
+}
+
+fn state_of(s: &str) -> RolloutState {
+    match s {
+        "running" => RolloutState::Running,
+        "paused" => RolloutState::Paused,
+        "complete" => RolloutState::Complete,
+        "superseded" => RolloutState::Superseded,
+        _ => RolloutState::Aborted,
+    }
+}
+
+/// A rollout's status (its gate judged first).
+///
+/// # Errors
+/// 404 (no such rollout), 500.
+pub async fn status(pool: &AnyPool, id: i64) -> ApiResult<RolloutStatus> {
+    judge(pool, id).await?;
+    let mut conn = pool.acquire().await?;
+    let Some(r) = load(&mut conn, id).await? else {
+        return Err(ApiErr::not_found(format!("no rollout {id}")));
+    };
+    let gates: Vec<(i64, i64, String)> = sqlx::query_as(
+        "SELECT wave, passed, figures FROM rollout_gates WHERE rollout_id = $1 ORDER BY wave",
+    )
+    .bind(id)
+    .fetch_all(&mut *conn)
+    .await?;
+    let judged: HashMap<i64, (bool, GateFigures)> = gates
+        .into_iter()
+        .map(|(w, p, f)| (w, (p != 0, serde_json::from_str(&f).unwrap_or_default())))
+        .collect();
+    let mut waves = Vec::new();
+    for (i, pct) in r.waves.iter().enumerate() {
+        let i64i = i as i64;
+        let (state, gate) = match judged.get(&i64i) {
+            Some((true, g)) => ("passed", g.clone()),
+            Some((false, g)) => ("failed", g.clone()),
+            None if i64i == r.wave && r.state == "running"
+                || r.state == "paused" && i64i == r.wave =>
+            {
+                ("running", figures(&mut conn, &r, i64i).await?.figures)
+            }
+            None if i64i < r.wave => ("passed", GateFigures::default()),
+            None => ("pending", GateFigures::default()),
+        };
+        waves.push(WaveStatus {
+            index: i as u32,
+            pct: *pct,
+            state: state.into(),
+            gate,
+        });
+    }
+    let counts: Vec<(Option<i64>, i64)> = sqlx::query_as(
+        "SELECT running_version, COUNT(*) FROM devices WHERE running_model = $1 GROUP BY running_version",
+    )
+    .bind(&r.model)
+    .fetch_all(&mut *conn)
+    .await?;
+    let devices: BTreeMap<String, u64> = counts
+        .into_iter()
+        .filter_map(|(v, n)| v.map(|v| (v.to_string(), n as u64)))
+        .collect();
+    Ok(RolloutStatus {
+        id,
+        target: ModelRef {
+            model: r.model.clone(),
+            version: r.version as u32,
+        },
+        previous: r.previous.map(|p| p as u32),
+        state: state_of(&r.state),
+        reason: r.reason.clone(),
+        devices,
+        waves,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn psi_is_zero_for_equal_shapes_and_grows_with_drift() {
+        assert_eq!(
+            psi(&[10, 20, 30], &[1, 2, 3]).map(|p| p.abs() < 1e-12),
+            Some(true)
+        );
+        let small = psi(&[25, 25, 25, 25], &[27, 24, 25, 24]).unwrap_or(f64::NAN);
+        let big = psi(&[25, 25, 25, 25], &[0, 0, 10, 90]).unwrap_or(f64::NAN);
+        assert!(small < 0.01, "{small}");
+        assert!(big > 1.0, "{big}");
+        assert_eq!(psi(&[1, 2], &[1, 2, 3]), None);
+        assert_eq!(psi(&[0, 0], &[1, 2]), None);
+    }
+
+    #[test]
+    fn p50_interpolates_within_the_bucket() {
+        // 10 samples in (100, 200] µs: the median is the bucket's middle.
+        let mut h = vec![0u64; 17];
+        h[2] = 10;
+        assert_eq!(p50_us(&h), Some(150.0));
+        assert_eq!(p50_us(&[0, 0]), None);
+    }
+
+    #[test]
+    fn buckets_are_stable_and_spread() {
+        assert_eq!(bucket("d-1", 7), bucket("d-1", 7));
+        let under_50 = (0..1000)
+            .filter(|i| bucket(&format!("d-{i}"), 1) < 50)
+            .count();
+        assert!((400..600).contains(&under_50), "{under_50}");
+    }
+}
