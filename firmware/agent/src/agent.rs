@@ -483,7 +483,8 @@ impl Agent {
             }
             Err(_) => {
                 self.counters.selftest_failures += 1;
-                self.store.revert(DeviceEvent::SelfTestFailed { version: m.version })?;
+                self.store
+                    .revert(DeviceEvent::SelfTestFailed { version: m.version })?;
             }
         }
         Ok(())
@@ -531,7 +532,13 @@ impl Agent {
             let body = r.text().await.unwrap_or_default();
             return Err(AgentError::Status {
                 status: status.as_u16(),
-                body: body.lines().next().unwrap_or("").chars().take(200).collect(),
+                body: body
+                    .lines()
+                    .next()
+                    .unwrap_or("")
+                    .chars()
+                    .take(200)
+                    .collect(),
             });
         }
         r.json().await.map_err(http_err)
@@ -606,9 +613,12 @@ impl Agent {
     }
 
     fn refuse(&mut self, a: &Assignment, reason: String) -> Result<(), AgentError> {
+        self.refuse_as(a, a.sha256.clone(), reason)
+    }
+
+    fn refuse_as(&mut self, a: &Assignment, sha: String, reason: String) -> Result<(), AgentError> {
         self.counters.install_failures += 1;
         let version = a.target.version;
-        let sha = a.sha256.clone();
         self.store.update(|s| {
             s.refuse(&sha);
             s.push_event(DeviceEvent::InstallFailed { version, reason });
@@ -627,14 +637,23 @@ impl Agent {
         if running.as_ref().is_some_and(|m| m.sha256 == a.sha256) {
             return Ok(());
         }
-        if self.store.state().refused.iter().any(|s| *s == a.sha256) {
+        // Refused for good, or refused as a downgrade and still not ordered as a rollback.
+        let downgrade_key = format!("{}:downgrade", a.sha256);
+        if self
+            .store
+            .state()
+            .refused
+            .iter()
+            .any(|s| *s == a.sha256 || (!a.rollback && *s == downgrade_key))
+        {
             return Ok(());
         }
         let active_version = running.as_ref().map(|m| m.version);
         if let Some(v) = active_version {
             if a.target.version <= v && !a.rollback {
-                return self.refuse(
+                return self.refuse_as(
                     a,
+                    downgrade_key,
                     format!("version {} is not newer than {v}", a.target.version),
                 );
             }
@@ -659,10 +678,7 @@ impl Agent {
         };
         let min = self.store.state().min_counter;
         if m.counter < min {
-            return self.refuse(
-                a,
-                format!("security counter {} is below {min}", m.counter),
-            );
+            return self.refuse(a, format!("security counter {} is below {min}", m.counter));
         }
         if m.version != a.target.version {
             return self.refuse(
@@ -779,7 +795,13 @@ impl Agent {
                     let body = resp.text().await.unwrap_or_default();
                     return Err(AgentError::Status {
                         status: s,
-                        body: body.lines().next().unwrap_or("").chars().take(200).collect(),
+                        body: body
+                            .lines()
+                            .next()
+                            .unwrap_or("")
+                            .chars()
+                            .take(200)
+                            .collect(),
                     });
                 }
             }
@@ -809,7 +831,11 @@ impl Agent {
                     }
                 }
                 let drop_now = self.rng.chance(self.cfg.faults.drop / 4.0);
-                let keep = if drop_now { chunk.len() / 2 } else { chunk.len() };
+                let keep = if drop_now {
+                    chunk.len() / 2
+                } else {
+                    chunk.len()
+                };
                 file.write_all(&chunk[..keep]).map_err(ioe)?;
                 have += keep as u64;
                 if drop_now {
@@ -875,7 +901,10 @@ impl Agent {
     ///
     /// # Errors
     /// Only an injected crash (the caller restarts the agent from its state directory).
-    pub async fn run(&mut self, stop: impl std::future::Future<Output = ()>) -> Result<(), AgentError> {
+    pub async fn run(
+        &mut self,
+        stop: impl std::future::Future<Output = ()>,
+    ) -> Result<(), AgentError> {
         tokio::pin!(stop);
         let mut failures = 0u32;
         loop {

@@ -43,8 +43,12 @@ async fn connection(mut s: UnixStream, shared: Arc<Shared>) -> std::io::Result<(
         }
         let len = u32::from_le_bytes(len);
         if len > MAX_REQUEST {
-            return answer(&mut s, 1, format!("request of {len} bytes is too large").as_bytes())
-                .await;
+            return answer(
+                &mut s,
+                1,
+                format!("request of {len} bytes is too large").as_bytes(),
+            )
+            .await;
         }
         let mut input = vec![0u8; len as usize];
         tokio::time::timeout(READ_TIMEOUT, s.read_exact(&mut input))
@@ -84,7 +88,10 @@ pub async fn call(path: &Path, input: &[u8]) -> std::io::Result<Result<Vec<u8>, 
         .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "no answer"))??;
     let n = u32::from_le_bytes([head[1], head[2], head[3], head[4]]);
     if n > MAX_REQUEST {
-        return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, "answer too large"));
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            "answer too large",
+        ));
     }
     let mut body = vec![0u8; n as usize];
     tokio::time::timeout(READ_TIMEOUT, s.read_exact(&mut body))
