@@ -144,7 +144,8 @@ pub async fn admin_or_device(
 /// # Errors
 /// The database fails.
 pub async fn find_device(pool: &AnyPool, token: &str) -> ApiResult<Option<DeviceRow>> {
-    let row: Option<(String, String, String, Option<String>, Option<i64>)> = sqlx::query_as(
+    type Row = (String, String, String, Option<String>, Option<i64>);
+    let row: Option<Row> = sqlx::query_as(
         "SELECT id, board, cohort, running_model, running_version FROM devices WHERE token_sha256 = $1",
     )
     .bind(sha256_hex(token.as_bytes()))

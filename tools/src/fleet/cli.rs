@@ -315,8 +315,8 @@ async fn run_async(cmd: FleetCommand) -> Result<()> {
             let c = Client::new(&conn.server, &conn.token)?;
             let models = c.models().await?;
             eprintln!(
-                "{:<24} {:>8} {:>8} {:>10} {:<16} {:<20} {}",
-                "MODEL", "VERSION", "COUNTER", "BYTES", "SHA256", "PUSHED", "SIGNED BY"
+                "{:<24} {:>8} {:>8} {:>10} {:<16} {:<20} SIGNED BY",
+                "MODEL", "VERSION", "COUNTER", "BYTES", "SHA256", "PUSHED"
             );
             for m in &models {
                 eprintln!(
@@ -339,8 +339,8 @@ async fn run_async(cmd: FleetCommand) -> Result<()> {
             let c = Client::new(&conn.server, &conn.token)?;
             let devices = c.devices().await?;
             eprintln!(
-                "{:<20} {:<16} {:<16} {:<10} {:<20} {:<20} {}",
-                "DEVICE", "NAME", "BOARD", "COHORT", "RUNNING", "LAST SEEN", "LAST EVENT"
+                "{:<20} {:<16} {:<16} {:<10} {:<20} {:<20} LAST EVENT",
+                "DEVICE", "NAME", "BOARD", "COHORT", "RUNNING", "LAST SEEN"
             );
             for d in &devices {
                 let running = d.running.as_ref().map_or("-".to_string(), |r: &ModelRef| {

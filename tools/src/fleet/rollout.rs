@@ -983,9 +983,7 @@ pub async fn status(pool: &AnyPool, id: i64) -> ApiResult<RolloutStatus> {
         let (state, gate) = match judged.get(&i64i) {
             Some((true, g)) => ("passed", g.clone()),
             Some((false, g)) => ("failed", g.clone()),
-            None if i64i == r.wave && r.state == "running"
-                || r.state == "paused" && i64i == r.wave =>
-            {
+            None if i64i == r.wave && (r.state == "running" || r.state == "paused") => {
                 ("running", figures(&mut conn, &r, i64i).await?.figures)
             }
             None if i64i < r.wave => ("passed", GateFigures::default()),
