@@ -1,6 +1,6 @@
 //! `kiln`: the host tool's command line.
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use kiln::npy::{self, OutputData};
@@ -426,6 +426,55 @@ enum Command {
         #[arg(short, long, value_name = "Y.npy")]
         output: PathBuf,
         /// Print a summary as JSON on stdout.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run N simulated devices (the real agent and runtime) against a fleet server.
+    ///
+    /// Each device enrolls, checks in, downloads with Range resume, verifies, installs into
+    /// its own A/B state directory, self-tests, confirms or reverts, runs inference traffic and
+    /// reports telemetry. Faults: drop=P (requests fail, downloads drop midway), corrupt=P
+    /// (a flipped byte: the SHA-256 check catches it), crash=P (an install aborts midway and
+    /// the device restarts from its persisted state). Prints devices per version over time, and
+    /// fails when a device was ever left without a verified model.
+    ///
+    /// Example: `kiln simulate --server http://127.0.0.1:8080 --enroll-token E --devices 100
+    /// --trusted-key release.pub --faults drop=0.05,corrupt=0.01,crash=0.01 --duration 60`
+    Simulate {
+        /// Fleet server URL.
+        #[arg(long, value_name = "URL")]
+        server: String,
+        /// The server's enroll token.
+        #[arg(long, value_name = "E")]
+        enroll_token: String,
+        /// Number of devices.
+        #[arg(long, value_name = "N")]
+        devices: usize,
+        /// Public key(s) the devices trust (from `kiln keygen`).
+        #[arg(long = "trusted-key", value_name = "K.pub", required = true)]
+        trusted_keys: Vec<PathBuf>,
+        /// Board name the devices report.
+        #[arg(long, value_name = "B", default_value = "sim")]
+        board: String,
+        /// Cohort the devices enroll in.
+        #[arg(long, value_name = "NAME")]
+        cohort: Option<String>,
+        /// Self-test fails for this version on every device.
+        #[arg(long, value_name = "V")]
+        fail_version: Option<u32>,
+        /// Inputs drift (outside the BASELINE range) on this version.
+        #[arg(long, value_name = "V")]
+        drift_version: Option<u32>,
+        /// Faults: drop=P,corrupt=P,crash=P (probabilities in 0..1).
+        #[arg(long, value_name = "drop=P,corrupt=P,crash=P")]
+        faults: Option<String>,
+        /// Seconds to run.
+        #[arg(long, value_name = "SECS", default_value_t = 30)]
+        duration: u64,
+        /// Longest pause between a device's check-ins, seconds.
+        #[arg(long, value_name = "SECS", default_value_t = 2.0)]
+        max_poll: f64,
+        /// Print the report as JSON on stdout.
         #[arg(long)]
         json: bool,
     },
@@ -1518,6 +1567,33 @@ fn main() -> ExitCode {
             json,
         }),
         Command::Fleet(cmd) => kiln::fleet::cli::run(cmd),
+        Command::Simulate {
+            server,
+            enroll_token,
+            devices,
+            trusted_keys,
+            board,
+            cohort,
+            fail_version,
+            drift_version,
+            faults,
+            duration,
+            max_poll,
+            json,
+        } => simulate(SimulateArgs {
+            server,
+            enroll_token,
+            devices,
+            trusted_keys,
+            board,
+            cohort,
+            fail_version,
+            drift_version,
+            faults,
+            duration,
+            max_poll,
+            json,
+        }),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -1531,4 +1607,124 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// `kiln simulate` arguments.
+struct SimulateArgs {
+    server: String,
+    enroll_token: String,
+    devices: usize,
+    trusted_keys: Vec<PathBuf>,
+    board: String,
+    cohort: Option<String>,
+    fail_version: Option<u32>,
+    drift_version: Option<u32>,
+    faults: Option<String>,
+    duration: u64,
+    max_poll: f64,
+    json: bool,
+}
+
+/// Parses `drop=P,corrupt=P,crash=P`.
+fn parse_faults(text: &str) -> Result<kiln_agent::agent::Faults> {
+    let mut f = kiln_agent::agent::Faults::default();
+    for part in text.split(',').filter(|p| !p.trim().is_empty()) {
+        let (k, v) = part.split_once('=').with_context(|| {
+            format!(
+                "fault {part:?} is not NAME=P\nhint: --faults drop=0.05,corrupt=0.01,crash=0.01"
+            )
+        })?;
+        let p: f64 = v
+            .trim()
+            .parse()
+            .ok()
+            .filter(|p: &f64| (0.0..=1.0).contains(p))
+            .with_context(|| format!("fault {k}: {v:?} is not a probability in 0..1"))?;
+        match k.trim() {
+            "drop" => f.drop = p,
+            "corrupt" => f.corrupt = p,
+            "crash" => f.crash = p,
+            other => bail!("unknown fault {other:?}\nhint: the faults are drop, corrupt and crash"),
+        }
+    }
+    Ok(f)
+}
+
+fn simulate(a: SimulateArgs) -> Result<()> {
+    let mut keys = Vec::new();
+    for k in &a.trusted_keys {
+        let text =
+            std::fs::read_to_string(k).with_context(|| format!("cannot read {}", k.display()))?;
+        keys.push(kiln_device::keys::parse_public_key(&text).map_err(|e| {
+            anyhow::anyhow!(
+                "{} is not a public key ({e:?})\nhint: pass the .pub file from `kiln keygen`",
+                k.display()
+            )
+        })?);
+    }
+    if !(a.max_poll > 0.0 && a.max_poll.is_finite()) {
+        bail!("--max-poll must be a positive number of seconds");
+    }
+    let opts = kiln_agent::sim::SimOptions {
+        board: a.board,
+        trusted_keys: keys,
+        fail_version: a.fail_version,
+        drift_version: a.drift_version,
+        faults: match &a.faults {
+            Some(t) => parse_faults(t)?,
+            None => kiln_agent::agent::Faults::default(),
+        },
+        duration: std::time::Duration::from_secs(a.duration),
+        max_poll: std::time::Duration::from_secs_f64(a.max_poll),
+        cohort: a.cohort,
+        ..kiln_agent::sim::SimOptions::default()
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    eprintln!(
+        "simulating {} devices against {} for {} s",
+        a.devices, a.server, a.duration
+    );
+    let report = rt
+        .block_on(kiln_agent::sim::simulate(
+            &a.server,
+            &a.enroll_token,
+            a.devices,
+            opts,
+        ))
+        .context("simulation failed")?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        for s in &report.timeline {
+            let v: Vec<String> = s
+                .versions
+                .iter()
+                .map(|(k, n)| format!("v{k}: {n}"))
+                .collect();
+            eprintln!("{:>7.1}s  {}", s.t_s, v.join("  "));
+        }
+        eprintln!(
+            "installs {}  install failures {}  self-test failures {}  rollbacks {}  crashes {}  \
+             digest mismatches {}  http errors {}  resumed downloads {}  inferences {}",
+            report.installs,
+            report.install_failures,
+            report.selftest_failures,
+            report.rollbacks,
+            report.crashes,
+            report.digest_mismatches,
+            report.http_errors,
+            report.resumed_downloads,
+            report.inferences
+        );
+    }
+    if let Some(v) = report.invariant_violations.first() {
+        bail!(
+            "{} device(s) were left without a verified model (first: {v})",
+            report.invariant_violations.len()
+        );
+    }
+    Ok(())
 }
