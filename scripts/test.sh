@@ -66,8 +66,8 @@ done
 step "power-cut walk: every flash operation of every update scenario, cut and torn"
 cargo run -q --release -p kiln-device --features std --example power_cut
 
-step "runtime and device tests on aarch64 Linux (cross-built, run under qemu-aarch64)"
-cargo test -q -p kiln-runtime -p kiln-device --features kiln-device/std --target aarch64-unknown-linux-gnu
+step "runtime, device and agent tests on aarch64 Linux (cross-built, run under qemu-aarch64)"
+cargo test -q -p kiln-runtime -p kiln-device -p kiln-agent --features kiln-device/std --target aarch64-unknown-linux-gnu
 
 if [ -d "$KILN_TESTDATA/models" ]; then
   step "bare-metal check: KWS self-tests on a Cortex-M4 under QEMU, no allocator linked"
