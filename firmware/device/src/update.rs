@@ -210,6 +210,20 @@ impl From<FlashFailure> for UpdateError {
     }
 }
 
+/// An interpreter for `model` over the first `arena_bytes` of the board's arena.
+fn interpreter<'m, 'a>(
+    model: Model<'m>,
+    arena: &'a mut [u8],
+) -> Result<Interpreter<'m, 'a>, UpdateError> {
+    let need = model.arena_bytes();
+    let has = arena.len() as u32;
+    let arena = arena.get_mut(..need).ok_or(UpdateError::ArenaTooSmall {
+        needs: need as u32,
+        has,
+    })?;
+    Interpreter::new(model, arena).map_err(UpdateError::Malformed)
+}
+
 /// Progress of the update being received (RAM only; `State::receiving` is the durable part).
 #[derive(Clone, Debug)]
 struct Rx {
@@ -443,13 +457,7 @@ impl<'k, F: MappedFlash> Device<'k, F> {
     fn self_test(&self, slot: u8, arena: &mut [u8]) -> Result<(), UpdateError> {
         let bytes = self.slot_bytes(slot).ok_or(UpdateError::NoModel)?;
         let model = Model::load(bytes).map_err(UpdateError::Malformed)?;
-        let need = model.arena_bytes();
-        let has = arena.len() as u32;
-        let arena = arena.get_mut(..need).ok_or(UpdateError::ArenaTooSmall {
-            needs: need as u32,
-            has,
-        })?;
-        let mut interp = Interpreter::new(model, arena).map_err(UpdateError::Malformed)?;
+        let mut interp = interpreter(model, arena)?;
         let report = run_self_test(&mut interp).map_err(UpdateError::Inference)?;
         if report.failed > 0 || (self.config.require_selftest && report.passed == 0) {
             return Err(UpdateError::SelfTestFailed {
@@ -909,13 +917,7 @@ impl<'k, F: MappedFlash> Device<'k, F> {
         // Verified at boot (digest and signature): skip re-hashing.
         let container = Container::parse_structure(bytes).map_err(UpdateError::Malformed)?;
         let model = Model::from_container(container).map_err(UpdateError::Malformed)?;
-        let need = model.arena_bytes();
-        let has = arena.len() as u32;
-        let arena = arena.get_mut(..need).ok_or(UpdateError::ArenaTooSmall {
-            needs: need as u32,
-            has,
-        })?;
-        let mut interp = Interpreter::new(model, arena).map_err(UpdateError::Malformed)?;
+        let mut interp = interpreter(model, arena)?;
         let mut expected = 0usize;
         for i in 0..model.inputs().len() {
             expected += interp
