@@ -1,0 +1,402 @@
+//! The fleet on a real PostgreSQL: a private cluster on loopback (scripts/pg-test-cluster.sh),
+//! two `kiln serve` processes sharing it and one artifact folder, and simulated devices (the real
+//! agent, kiln_agent::sim) split between the two servers: v1 reaches every device, v2 rolls out in
+//! waves 5,25,100 to Complete, and both servers report the same rollout status.
+//!
+//! Skipped, with a message, when no PostgreSQL binaries are found under
+//! /usr/lib/postgresql/*/bin (scripts/test.sh installs them: apt `postgresql`).
+
+use kiln::artifact::{write_artifact, HeaderFields};
+use kiln::fleet::api::{ModelRef, RolloutRequest, RolloutState, RolloutStatus};
+use kiln::fleet::client::Client;
+use kiln_agent::agent::Faults;
+use kiln_agent::sim::{simulate, SimOptions};
+use kiln_device::testkit::{self, Spec};
+use kiln_runtime::format::{Container, SectionKind};
+use kiln_runtime::sections::{BaselineHead, BaselineHistogram, BaselineTensor, Manifest};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const ADMIN: &str = "admin-token-0123456789";
+const ENROLL: &str = "enroll-token-0123456789";
+const MODEL: &str = "kws";
+const BASE: [u32; 4] = [250, 250, 250, 250];
+/// Devices per server.
+const PER_SERVER: usize = 15;
+
+fn signing_key() -> ed25519_dalek::SigningKey {
+    testkit::test_key(7)
+}
+
+/// A testkit artifact with a MANIFEST (name `kws`) and a BASELINE, signed by the trusted key.
+fn signed(version: u32) -> Vec<u8> {
+    let spec = Spec {
+        version,
+        counter: version,
+        target: String::new(),
+        out_features: 4,
+        bad_selftest: false,
+    };
+    let plain = testkit::build(&spec);
+    let c = Container::parse(&plain).expect("testkit artifact parses");
+    let lineage = format!("{{\"source_sha256\":\"test\",\"version\":{version}}}");
+    let manifest = postcard::to_allocvec(&Manifest {
+        name: MODEL,
+        json: &lineage,
+    })
+    .expect("manifest");
+    let edges: Vec<u8> = [-1.0f32, -0.5, 0.0, 0.5, 1.0]
+        .iter()
+        .flat_map(|v| v.to_le_bytes())
+        .collect();
+    let counts: Vec<u8> = BASE.iter().flat_map(|v| v.to_le_bytes()).collect();
+    let mut baseline = postcard::to_allocvec(&BaselineHead { count: 2 }).expect("baseline");
+    for tensor in [BaselineTensor::Input(0), BaselineTensor::Output(0)] {
+        baseline.extend(
+            postcard::to_allocvec(&BaselineHistogram {
+                tensor,
+                edges: &edges,
+                counts: &counts,
+            })
+            .expect("histogram"),
+        );
+    }
+    let mut sections: Vec<(SectionKind, &[u8])> = Vec::new();
+    for kind in [
+        SectionKind::Graph,
+        SectionKind::Weights,
+        SectionKind::SelfTest,
+    ] {
+        sections.push((kind, c.section(kind).expect("testkit section")));
+    }
+    sections.push((SectionKind::Manifest, &manifest));
+    sections.push((SectionKind::Baseline, &baseline));
+    let plain = write_artifact(
+        HeaderFields {
+            model_version: version,
+            security_counter: version,
+            arena_bytes: c.header.arena_bytes,
+        },
+        &sections,
+    )
+    .expect("write artifact");
+    testkit::sign(&plain, &[&signing_key()])
+}
+
+/// Whether PostgreSQL's server binaries are installed (Debian layout).
+fn postgres_installed() -> bool {
+    std::fs::read_dir("/usr/lib/postgresql")
+        .map(|versions| {
+            versions.flatten().any(|v| {
+                let bin = v.path().join("bin");
+                bin.join("initdb").is_file() && bin.join("pg_ctl").is_file()
+            })
+        })
+        .unwrap_or(false)
+}
+
+fn script() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/pg-test-cluster.sh")
+}
+
+/// A free loopback port (bound, read, released).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+/// The private cluster; stopped (and its folder deleted) when dropped, also on panic.
+struct Cluster {
+    dir: PathBuf,
+    url: String,
+}
+
+impl Cluster {
+    fn start(dir: &Path) -> Cluster {
+        let port = free_port();
+        let out = Command::new("bash")
+            .arg(script())
+            .arg("start")
+            .arg(dir)
+            .arg(port.to_string())
+            .output()
+            .expect("run scripts/pg-test-cluster.sh");
+        assert!(
+            out.status.success(),
+            "pg-test-cluster.sh start failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let url = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        assert!(url.starts_with("postgres://"), "cluster URL: {url}");
+        Cluster {
+            dir: dir.to_path_buf(),
+            url,
+        }
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        let _ = Command::new("bash")
+            .arg(script())
+            .arg("stop")
+            .arg(&self.dir)
+            .status();
+    }
+}
+
+/// A `kiln serve` process; killed when dropped, also on panic.
+struct Server {
+    child: Child,
+    url: String,
+    log: PathBuf,
+}
+
+impl Server {
+    fn start(work: &Path, name: &str, database: &str, store: &Path, key: &Path) -> Server {
+        let port = free_port();
+        let data = work.join(name);
+        std::fs::create_dir_all(&data).expect("data dir");
+        let log = work.join(format!("{name}.log"));
+        let child = Command::new(env!("CARGO_BIN_EXE_kiln"))
+            .arg("serve")
+            .arg("--data-dir")
+            .arg(&data)
+            .arg("--listen")
+            .arg(format!("127.0.0.1:{port}"))
+            .arg("--database")
+            .arg(database)
+            .arg("--store")
+            .arg(format!("file://{}", store.display()))
+            .arg("--admin-token")
+            .arg(ADMIN)
+            .arg("--enroll-token")
+            .arg(ENROLL)
+            .arg("--trusted-key")
+            .arg(key)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(std::fs::File::create(&log).expect("log"))
+            .stderr(std::fs::File::options().append(true).open(&log).expect("log"))
+            .spawn()
+            .expect("spawn kiln serve");
+        Server {
+            child,
+            url: format!("http://127.0.0.1:{port}"),
+            log,
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits until the server answers HTTP (any status: /metrics wants the admin token).
+    async fn ready(&mut self) {
+        let http = reqwest::Client::new();
+        let t0 = Instant::now();
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!("kiln serve exited with {status}:\n{}", self.log());
+            }
+            if http
+                .get(format!("{}/metrics", self.url))
+                .send()
+                .await
+                .is_ok()
+            {
+                return;
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(60),
+                "kiln serve did not answer within 60 s:\n{}",
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn rollout(version: u32, waves: &[u8]) -> RolloutRequest {
+    RolloutRequest {
+        target: ModelRef {
+            model: MODEL.into(),
+            version,
+        },
+        cohort: None,
+        waves: waves.to_vec(),
+        min_devices: 1,
+        max_failure_pct: 20.0,
+        max_latency_regression_pct: 1000.0,
+        max_psi: 10.0,
+        wave_wait_s: 1,
+    }
+}
+
+/// Polls a rollout, alternating between the servers, until it leaves `running`.
+async fn wait_done(admins: &[Client; 2], id: i64, limit: Duration) -> RolloutStatus {
+    let t0 = Instant::now();
+    let mut i = 0;
+    loop {
+        let s = admins[i % 2].rollout_status(id).await.expect("status");
+        i += 1;
+        if s.state != RolloutState::Running || t0.elapsed() > limit {
+            return s;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_servers_on_postgres_roll_v2_out_in_waves() {
+    if !postgres_installed() {
+        eprintln!(
+            "skipped: no PostgreSQL binaries under /usr/lib/postgresql/*/bin (apt-get install postgresql; scripts/test.sh installs it)"
+        );
+        return;
+    }
+    let t0 = Instant::now();
+    let work = tempfile::tempdir().expect("tempdir");
+    let cluster = Cluster::start(&work.path().join("pg"));
+    eprintln!("postgres: {} ({:?})", cluster.url, t0.elapsed());
+
+    let key = work.path().join("trusted.pub");
+    std::fs::write(
+        &key,
+        kiln::signing::public_key_text(&testkit::public(&signing_key())),
+    )
+    .expect("write key");
+    let store = work.path().join("artifacts");
+    std::fs::create_dir_all(&store).expect("store");
+    // Both start at once: the migrations must cope with a concurrent start.
+    let mut a = Server::start(work.path(), "a", &cluster.url, &store, &key);
+    let mut b = Server::start(work.path(), "b", &cluster.url, &store, &key);
+    a.ready().await;
+    b.ready().await;
+    let admins = [
+        Client::new(&a.url, ADMIN).expect("client"),
+        Client::new(&b.url, ADMIN).expect("client"),
+    ];
+    // v1 pushed to one server, v2 to the other: one registry.
+    admins[0].push(signed(1)).await.expect("push v1");
+    admins[1].push(signed(2)).await.expect("push v2");
+    let models = admins[0].models().await.expect("models");
+    assert_eq!(models.len(), 2, "{models:?}");
+
+    let sim = |url: String, seed: u64| {
+        let opts = SimOptions {
+            trusted_keys: vec![testkit::public(&signing_key())],
+            faults: Faults {
+                drop: 0.05,
+                corrupt: 0.01,
+                crash: 0.02,
+                ..Faults::default()
+            },
+            duration: Duration::from_secs(45),
+            max_poll: Duration::from_secs(1),
+            seed,
+            ..SimOptions::default()
+        };
+        tokio::spawn(async move { simulate(&url, ENROLL, PER_SERVER, opts).await })
+    };
+    let sim_a = sim(a.url.clone(), 1);
+    let sim_b = sim(b.url.clone(), 2);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        admins[0].devices().await.expect("devices").len(),
+        2 * PER_SERVER,
+        "both servers' devices are in the one database"
+    );
+
+    let r1 = admins[1]
+        .create_rollout(&rollout(1, &[100]))
+        .await
+        .expect("rollout v1");
+    let s1 = wait_done(&admins, r1, Duration::from_secs(20)).await;
+    assert_eq!(s1.state, RolloutState::Complete, "{s1:?}");
+    tokio::time::sleep(Duration::from_secs(4)).await;
+
+    let r2 = admins[0]
+        .create_rollout(&rollout(2, &[5, 25, 100]))
+        .await
+        .expect("rollout v2");
+    let s2 = wait_done(&admins, r2, Duration::from_secs(30)).await;
+    assert_eq!(
+        s2.state,
+        RolloutState::Complete,
+        "{s2:?}\nserver a:\n{}\nserver b:\n{}",
+        a.log(),
+        b.log()
+    );
+    assert_eq!(s2.waves.len(), 3, "{s2:?}");
+
+    let ra = sim_a.await.expect("sim a").expect("simulate a");
+    let rb = sim_b.await.expect("sim b").expect("simulate b");
+    for r in [&ra, &rb] {
+        assert!(
+            r.invariant_violations.is_empty(),
+            "{:?}",
+            r.invariant_violations
+        );
+        assert_eq!(
+            r.final_versions.get("2"),
+            Some(&(PER_SERVER as u64)),
+            "{r:?}"
+        );
+    }
+    // The rollout as each server sees it: the same, from the one database.
+    let sa = admins[0].rollout_status(r2).await.expect("status a");
+    let sb = admins[1].rollout_status(r2).await.expect("status b");
+    assert_eq!(
+        serde_json::to_value(&sa).expect("json"),
+        serde_json::to_value(&sb).expect("json")
+    );
+    assert_eq!(sa.state, RolloutState::Complete);
+    assert_eq!(sa.devices.get("2"), Some(&(2 * PER_SERVER as u64)), "{sa:?}");
+    // What the servers counted, and what PostgreSQL logged as errors (deadlocks, bad SQL).
+    let http = reqwest::Client::new();
+    for server in [&a, &b] {
+        let metrics = http
+            .get(format!("{}/metrics", server.url))
+            .bearer_auth(ADMIN)
+            .send()
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .expect("metrics text");
+        let counts: Vec<&str> = metrics
+            .lines()
+            .filter(|l| l.starts_with("kiln_checkins_total") || l.starts_with("kiln_http_errors"))
+            .collect();
+        eprintln!("{}: {counts:?}", server.url);
+    }
+    let pg_log = std::fs::read_to_string(cluster.dir.join("cluster/postgres.log")).unwrap_or_default();
+    let pg_errors: Vec<&str> = pg_log
+        .lines()
+        .filter(|l| l.contains("ERROR:"))
+        .collect();
+    eprintln!("PostgreSQL errors: {}", pg_errors.len());
+    for l in pg_errors.iter().take(20) {
+        eprintln!("  {l}");
+    }
+    assert!(
+        !pg_log.contains("deadlock detected"),
+        "PostgreSQL detected a deadlock:\n{pg_log}"
+    );
+    eprintln!("two servers on PostgreSQL: done in {:?}", t0.elapsed());
+    drop(a);
+    drop(b);
+    drop(cluster);
+}
