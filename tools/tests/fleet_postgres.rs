@@ -181,7 +181,12 @@ impl Server {
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(std::fs::File::create(&log).expect("log"))
-            .stderr(std::fs::File::options().append(true).open(&log).expect("log"))
+            .stderr(
+                std::fs::File::options()
+                    .append(true)
+                    .open(&log)
+                    .expect("log"),
+            )
             .spawn()
             .expect("spawn kiln serve");
         Server {
@@ -363,7 +368,11 @@ async fn two_servers_on_postgres_roll_v2_out_in_waves() {
         serde_json::to_value(&sb).expect("json")
     );
     assert_eq!(sa.state, RolloutState::Complete);
-    assert_eq!(sa.devices.get("2"), Some(&(2 * PER_SERVER as u64)), "{sa:?}");
+    assert_eq!(
+        sa.devices.get("2"),
+        Some(&(2 * PER_SERVER as u64)),
+        "{sa:?}"
+    );
     // What the servers counted, and what PostgreSQL logged as errors (deadlocks, bad SQL).
     let http = reqwest::Client::new();
     for server in [&a, &b] {
@@ -382,11 +391,9 @@ async fn two_servers_on_postgres_roll_v2_out_in_waves() {
             .collect();
         eprintln!("{}: {counts:?}", server.url);
     }
-    let pg_log = std::fs::read_to_string(cluster.dir.join("cluster/postgres.log")).unwrap_or_default();
-    let pg_errors: Vec<&str> = pg_log
-        .lines()
-        .filter(|l| l.contains("ERROR:"))
-        .collect();
+    let pg_log =
+        std::fs::read_to_string(cluster.dir.join("cluster/postgres.log")).unwrap_or_default();
+    let pg_errors: Vec<&str> = pg_log.lines().filter(|l| l.contains("ERROR:")).collect();
     eprintln!("PostgreSQL errors: {}", pg_errors.len());
     for l in pg_errors.iter().take(20) {
         eprintln!("  {l}");
