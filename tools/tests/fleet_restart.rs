@@ -1,0 +1,433 @@
+//! `kill -9` of the real `kiln serve` process in the middle of a rollout, then a restart on the
+//! same data folder: the registry, the devices (and their tokens), the rollout's state, wave and
+//! judged gates survive, and the rollout carries on to complete. Devices are simulated by direct
+//! HTTP check-ins.
+
+use kiln::artifact::{write_artifact, HeaderFields};
+use kiln::fleet::api::{
+    Assignment, CheckIn, CheckInResponse, DeviceEvent, EnrollRequest, EnrollResponse, ModelRef,
+    RolloutRequest, RolloutState, Telemetry,
+};
+use kiln::fleet::client::Client;
+use kiln_device::testkit::{self, Spec};
+use kiln_runtime::format::{Container, SectionKind};
+use kiln_runtime::sections::{BaselineHead, BaselineHistogram, BaselineTensor, Manifest};
+use reqwest::StatusCode;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const ADMIN: &str = "admin-token-0123456789";
+const ENROLL: &str = "enroll-token-0123456789";
+const MODEL: &str = "kws";
+const BASE: [u32; 4] = [250, 250, 250, 250];
+const DEVICES: usize = 20;
+
+fn signing_key() -> ed25519_dalek::SigningKey {
+    testkit::test_key(7)
+}
+
+/// A testkit artifact with a MANIFEST (name `kws`) and a BASELINE (input 0 and output 0),
+/// unsigned. Every version carries security counter 1: a device never accepts a counter below
+/// the one it confirmed (anti-rollback), so a release that may be rolled back must not raise it.
+fn unsigned(version: u32, bad_selftest: bool) -> Vec<u8> {
+    let spec = Spec {
+        version,
+        counter: 1,
+        target: String::new(),
+        out_features: 4,
+        bad_selftest,
+    };
+    let plain = testkit::build(&spec);
+    let c = Container::parse(&plain).expect("testkit artifact parses");
+    let lineage = format!("{{\"source_sha256\":\"test\",\"version\":{version}}}");
+    let manifest = postcard::to_allocvec(&Manifest {
+        name: MODEL,
+        json: &lineage,
+    })
+    .expect("manifest");
+    let edges: Vec<u8> = [-1.0f32, -0.5, 0.0, 0.5, 1.0]
+        .iter()
+        .flat_map(|v| v.to_le_bytes())
+        .collect();
+    let counts: Vec<u8> = BASE.iter().flat_map(|v| v.to_le_bytes()).collect();
+    let mut baseline = postcard::to_allocvec(&BaselineHead { count: 2 }).expect("baseline");
+    for tensor in [BaselineTensor::Input(0), BaselineTensor::Output(0)] {
+        baseline.extend(
+            postcard::to_allocvec(&BaselineHistogram {
+                tensor,
+                edges: &edges,
+                counts: &counts,
+            })
+            .expect("histogram"),
+        );
+    }
+    let mut sections: Vec<(SectionKind, &[u8])> = Vec::new();
+    for kind in [
+        SectionKind::Graph,
+        SectionKind::Weights,
+        SectionKind::SelfTest,
+    ] {
+        sections.push((kind, c.section(kind).expect("testkit section")));
+    }
+    sections.push((SectionKind::Manifest, &manifest));
+    sections.push((SectionKind::Baseline, &baseline));
+    write_artifact(
+        HeaderFields {
+            model_version: version,
+            security_counter: 1,
+            arena_bytes: c.header.arena_bytes,
+        },
+        &sections,
+    )
+    .expect("write artifact")
+}
+
+fn signed(version: u32, bad_selftest: bool) -> Vec<u8> {
+    testkit::sign(&unsigned(version, bad_selftest), &[&signing_key()])
+}
+
+/// A `kiln serve` child process, killed (SIGKILL) and reaped when dropped.
+struct ServeProc {
+    child: Option<Child>,
+    url: String,
+}
+
+impl ServeProc {
+    /// Starts `kiln serve` on `data_dir` at `port` and waits until it answers.
+    async fn start(data_dir: &Path, key_file: &Path, port: u16) -> ServeProc {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(data_dir.with_extension("log"))
+            .expect("server log");
+        let child = Command::new(env!("CARGO_BIN_EXE_kiln"))
+            .arg("serve")
+            .arg("--data-dir")
+            .arg(data_dir)
+            .arg("--listen")
+            .arg(format!("127.0.0.1:{port}"))
+            .arg("--admin-token")
+            .arg(ADMIN)
+            .arg("--enroll-token")
+            .arg(ENROLL)
+            .arg("--trusted-key")
+            .arg(key_file)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn kiln serve");
+        let mut p = ServeProc {
+            child: Some(child),
+            url: format!("http://127.0.0.1:{port}"),
+        };
+        p.wait_ready().await;
+        p
+    }
+
+    async fn wait_ready(&mut self) {
+        let t0 = Instant::now();
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(2))
+            .build()
+            .expect("http client");
+        loop {
+            if let Some(c) = self.child.as_mut() {
+                if let Ok(Some(status)) = c.try_wait() {
+                    panic!("kiln serve exited early: {status}");
+                }
+            }
+            let ok = http
+                .get(format!("{}/api/v1/models", self.url))
+                .bearer_auth(ADMIN)
+                .send()
+                .await
+                .is_ok_and(|r| r.status().is_success());
+            if ok {
+                return;
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(30),
+                "kiln serve did not answer within 30 s"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// SIGKILL (`Child::kill`), then reap.
+    fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for ServeProc {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// A free loopback port: bind port 0, note the port, release it.
+fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    l.local_addr().expect("addr").port()
+}
+
+/// The trusted public key file for `kiln serve --trusted-key`.
+fn key_file(dir: &Path) -> std::path::PathBuf {
+    let p = dir.join("release.pub");
+    std::fs::write(
+        &p,
+        kiln::signing::public_key_text(&testkit::public(&signing_key())),
+    )
+    .expect("write key");
+    p
+}
+
+struct Device {
+    id: String,
+    token: String,
+    running: Option<u32>,
+    events: Vec<DeviceEvent>,
+}
+
+async fn enroll(http: &reqwest::Client, url: &str, name: &str) -> Device {
+    let resp = http
+        .post(format!("{url}/api/v1/enroll"))
+        .bearer_auth(ENROLL)
+        .json(&EnrollRequest {
+            name: name.into(),
+            board: "linux-arm64".into(),
+            cohort: None,
+            agent: "test".into(),
+        })
+        .send()
+        .await
+        .expect("enroll");
+    assert_eq!(resp.status(), StatusCode::CREATED);
+    let e: EnrollResponse = resp.json().await.expect("enroll json");
+    Device {
+        id: e.device_id,
+        token: e.token,
+        running: None,
+        events: Vec::new(),
+    }
+}
+
+fn telemetry(version: u32) -> Telemetry {
+    let mut latency = vec![0u64; 17];
+    latency[3] = 100;
+    Telemetry {
+        version,
+        inferences: 400,
+        errors: 0,
+        latency_us: latency,
+        input_hist: vec![vec![100, 100, 100, 100]],
+        output_hist: vec![vec![100, 100, 100, 100]],
+    }
+}
+
+impl Device {
+    /// One check-in; an assignment is downloaded, checked and "installed" at once.
+    async fn cycle(&mut self, http: &reqwest::Client, url: &str) -> Option<Assignment> {
+        let body = CheckIn {
+            running: self.running.map(|version| ModelRef {
+                model: MODEL.into(),
+                version,
+            }),
+            events: std::mem::take(&mut self.events),
+            telemetry: self.running.map(telemetry),
+        };
+        let resp = http
+            .post(format!("{url}/api/v1/checkin"))
+            .bearer_auth(&self.token)
+            .json(&body)
+            .send()
+            .await
+            .expect("checkin");
+        assert_eq!(resp.status(), StatusCode::OK, "device {}", self.id);
+        let r: CheckInResponse = resp.json().await.expect("checkin json");
+        let a = r.assignment?;
+        let bytes = http
+            .get(format!("{url}{}", a.url))
+            .bearer_auth(&self.token)
+            .send()
+            .await
+            .expect("download")
+            .bytes()
+            .await
+            .expect("bytes");
+        assert_eq!(kiln::fleet::sha256_hex(&bytes), a.sha256);
+        self.events.push(DeviceEvent::Installed {
+            version: a.target.version,
+        });
+        self.running = Some(a.target.version);
+        Some(a)
+    }
+}
+
+fn rollout(version: u32, waves: &[u8], wave_wait_s: u32) -> RolloutRequest {
+    RolloutRequest {
+        target: ModelRef {
+            model: MODEL.into(),
+            version,
+        },
+        cohort: None,
+        waves: waves.to_vec(),
+        min_devices: 1,
+        max_failure_pct: 10.0,
+        max_latency_regression_pct: 50.0,
+        max_psi: 0.25,
+        wave_wait_s,
+    }
+}
+
+async fn round(http: &reqwest::Client, url: &str, devices: &mut [Device]) {
+    for d in devices.iter_mut() {
+        d.cycle(http, url).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_mid_rollout_then_restart_loses_nothing_and_the_rollout_completes() {
+    let t_start = Instant::now();
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let data = tmp.path().join("fleet");
+    let key = key_file(tmp.path());
+    let port = free_port();
+    let mut server = ServeProc::start(&data, &key, port).await;
+    let url = server.url.clone();
+    let http = reqwest::Client::new();
+    let admin = Client::new(&url, ADMIN).expect("client");
+    admin.push(signed(1, false)).await.expect("push v1");
+    admin.push(signed(2, false)).await.expect("push v2");
+
+    // v1 everywhere.
+    let r1 = admin
+        .create_rollout(&rollout(1, &[100], 0))
+        .await
+        .expect("rollout v1");
+    let mut devices = Vec::new();
+    for i in 0..DEVICES {
+        devices.push(enroll(&http, &url, &format!("dev-{i}")).await);
+    }
+    round(&http, &url, &mut devices).await;
+    round(&http, &url, &mut devices).await;
+    assert!(devices.iter().all(|d| d.running == Some(1)));
+    assert_eq!(
+        admin.rollout_status(r1).await.expect("status").state,
+        RolloutState::Complete
+    );
+
+    // v2 in waves 10, 50, 100 with 1 s per wave: run until the first wave passed.
+    let r2 = admin
+        .create_rollout(&rollout(2, &[10, 50, 100], 1))
+        .await
+        .expect("rollout v2");
+    let t0 = Instant::now();
+    loop {
+        round(&http, &url, &mut devices).await;
+        let s = admin.rollout_status(r2).await.expect("status");
+        assert_eq!(s.state, RolloutState::Running, "{s:?}");
+        if s.waves[0].gate.passed == Some(true) {
+            break;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(20), "{s:?}");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    // Let the second wave's devices take v2, so the kill lands mid-rollout with mixed versions.
+    round(&http, &url, &mut devices).await;
+    round(&http, &url, &mut devices).await;
+    let models_before = admin.models().await.expect("models");
+    let devices_before = admin.devices().await.expect("devices");
+    let status_before = admin.rollout_status(r2).await.expect("status");
+    let r1_before = admin.rollout_status(r1).await.expect("status");
+    assert_eq!(status_before.state, RolloutState::Running, "{status_before:?}");
+    let on_v2 = devices.iter().filter(|d| d.running == Some(2)).count();
+    assert!(on_v2 > 0 && on_v2 < DEVICES, "mid-rollout: {on_v2} on v2");
+
+    // kill -9 and restart on the same data folder and port.
+    server.kill9();
+    assert!(
+        http.get(format!("{url}/api/v1/models"))
+            .bearer_auth(ADMIN)
+            .send()
+            .await
+            .is_err(),
+        "the server is gone"
+    );
+    let t_restart = Instant::now();
+    let mut server = ServeProc::start(&data, &key, port).await;
+    eprintln!(
+        "[{:5.1}s] restarted in {:.2}s",
+        t_start.elapsed().as_secs_f64(),
+        t_restart.elapsed().as_secs_f64()
+    );
+
+    // Nothing lost: registry, devices, both rollouts (state, wave, previous, judged gates).
+    assert_eq!(admin.models().await.expect("models"), models_before);
+    let devices_after = admin.devices().await.expect("devices");
+    assert_eq!(devices_after.len(), DEVICES);
+    for (a, b) in devices_after.iter().zip(&devices_before) {
+        assert_eq!(
+            (&a.device_id, &a.name, &a.running, &a.last_event),
+            (&b.device_id, &b.name, &b.running, &b.last_event)
+        );
+    }
+    assert_eq!(admin.rollout_status(r1).await.expect("status"), r1_before);
+    let status_after = admin.rollout_status(r2).await.expect("status");
+    assert_eq!(status_after.state, status_before.state);
+    assert_eq!(status_after.target, status_before.target);
+    assert_eq!(status_after.previous, Some(1));
+    assert_eq!(status_after.devices, status_before.devices);
+    assert_eq!(status_after.waves.len(), 3);
+    assert_eq!(status_after.waves[0], status_before.waves[0], "judged gate kept");
+    assert_eq!(status_after.waves[0].gate.passed, Some(true));
+    // The artifacts survived too (a device downloads what it runs).
+    let sha2 = models_before
+        .iter()
+        .find(|m| m.model.version == 2)
+        .map(|m| m.sha256.clone())
+        .expect("v2 registered");
+    let resp = http
+        .get(format!("{url}/api/v1/artifacts/{sha2}"))
+        .bearer_auth(ADMIN)
+        .send()
+        .await
+        .expect("artifact");
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(
+        kiln::fleet::sha256_hex(&resp.bytes().await.expect("bytes")),
+        sha2
+    );
+
+    // Device tokens still work and the rollout carries on to complete.
+    let t0 = Instant::now();
+    loop {
+        round(&http, &url, &mut devices).await;
+        let s = admin.rollout_status(r2).await.expect("status");
+        if s.state == RolloutState::Complete {
+            break;
+        }
+        assert_eq!(s.state, RolloutState::Running, "{s:?}");
+        assert!(t0.elapsed() < Duration::from_secs(30), "{s:?}");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    round(&http, &url, &mut devices).await;
+    assert!(
+        devices.iter().all(|d| d.running == Some(2)),
+        "all on v2: {:?}",
+        devices
+            .iter()
+            .map(|d| (d.id.as_str(), d.running))
+            .collect::<Vec<_>>()
+    );
+    let s = admin.rollout_status(r2).await.expect("status");
+    assert_eq!(s.devices.get("2"), Some(&(DEVICES as u64)), "{s:?}");
+    assert!(s.waves.iter().all(|w| w.gate.passed == Some(true)), "{s:?}");
+    server.kill9();
+    eprintln!("[{:5.1}s] done", t_start.elapsed().as_secs_f64());
+}
