@@ -1,7 +1,9 @@
 //! The fleet on a real PostgreSQL: a private cluster on loopback (scripts/pg-test-cluster.sh),
 //! two `kiln serve` processes sharing it and one artifact folder, and simulated devices (the real
-//! agent, kiln_agent::sim) split between the two servers: v1 reaches every device, v2 rolls out in
-//! waves 5,25,100 to Complete, and both servers report the same rollout status.
+//! agent, kiln_agent::sim, with dropped connections, corrupted downloads and crashes) split between
+//! the two servers: v1 reaches every device, v2 rolls out in waves 5,25,100 to Complete, v3 (its
+//! self-test fails on the devices) is aborted in its first wave and v4 (drifting inputs) by its PSI
+//! gate, both with every device back on v2; both servers report the same rollouts and devices.
 //!
 //! Skipped, with a message, when no PostgreSQL binaries are found under
 //! /usr/lib/postgresql/*/bin (scripts/test.sh installs them: apt `postgresql`).
@@ -14,6 +16,7 @@ use kiln_agent::sim::{simulate, SimOptions};
 use kiln_device::testkit::{self, Spec};
 use kiln_runtime::format::{Container, SectionKind};
 use kiln_runtime::sections::{BaselineHead, BaselineHistogram, BaselineTensor, Manifest};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -24,16 +27,21 @@ const MODEL: &str = "kws";
 const BASE: [u32; 4] = [250, 250, 250, 250];
 /// Devices per server.
 const PER_SERVER: usize = 15;
+const DEVICES: usize = 2 * PER_SERVER;
+/// How long the simulated devices run (the four rollouts take about 17 s here).
+const SIM_SECS: u64 = 40;
 
 fn signing_key() -> ed25519_dalek::SigningKey {
     testkit::test_key(7)
 }
 
 /// A testkit artifact with a MANIFEST (name `kws`) and a BASELINE, signed by the trusted key.
+/// Every version carries security counter 1, so the ordered rollbacks to v2 are allowed (a
+/// device never accepts a counter below one it has confirmed).
 fn signed(version: u32) -> Vec<u8> {
     let spec = Spec {
         version,
-        counter: version,
+        counter: 1,
         target: String::new(),
         out_features: 4,
         bad_selftest: false,
@@ -75,7 +83,7 @@ fn signed(version: u32) -> Vec<u8> {
     let plain = write_artifact(
         HeaderFields {
             model_version: version,
-            security_counter: version,
+            security_counter: 1,
             arena_bytes: c.header.arena_bytes,
         },
         &sections,
@@ -233,7 +241,7 @@ impl Drop for Server {
     }
 }
 
-fn rollout(version: u32, waves: &[u8]) -> RolloutRequest {
+fn rollout(version: u32, waves: &[u8], max_psi: f64) -> RolloutRequest {
     RolloutRequest {
         target: ModelRef {
             model: MODEL.into(),
@@ -244,7 +252,7 @@ fn rollout(version: u32, waves: &[u8]) -> RolloutRequest {
         min_devices: 1,
         max_failure_pct: 20.0,
         max_latency_regression_pct: 1000.0,
-        max_psi: 10.0,
+        max_psi,
         wave_wait_s: 1,
     }
 }
@@ -263,8 +271,48 @@ async fn wait_done(admins: &[Client; 2], id: i64, limit: Duration) -> RolloutSta
     }
 }
 
+/// Devices per running version, as a server's device list has them.
+async fn fleet_versions(admin: &Client) -> BTreeMap<String, u64> {
+    let mut m = BTreeMap::new();
+    for d in admin.devices().await.expect("devices") {
+        let k = d
+            .running
+            .map_or_else(|| "none".to_string(), |r| r.version.to_string());
+        *m.entry(k).or_insert(0) += 1;
+    }
+    m
+}
+
+/// Waits until every device runs `version` as both servers see it, or `limit` passes.
+async fn wait_all_on(admins: &[Client; 2], version: u32, limit: Duration) -> BTreeMap<String, u64> {
+    let t0 = Instant::now();
+    let all = Some(&(DEVICES as u64));
+    loop {
+        let a = fleet_versions(&admins[0]).await;
+        let b = fleet_versions(&admins[1]).await;
+        let key = version.to_string();
+        if (a.get(&key) == all && b.get(&key) == all) || t0.elapsed() > limit {
+            assert_eq!(a, b, "both servers list the same devices");
+            return a;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// The rollout as each server reports it: the same, from the one database.
+async fn same_status(admins: &[Client; 2], id: i64) -> RolloutStatus {
+    let a = admins[0].rollout_status(id).await.expect("status a");
+    let b = admins[1].rollout_status(id).await.expect("status b");
+    assert_eq!(
+        serde_json::to_value(&a).expect("json"),
+        serde_json::to_value(&b).expect("json"),
+        "both servers report the same status"
+    );
+    a
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn two_servers_on_postgres_roll_v2_out_in_waves() {
+async fn two_servers_on_postgres_v1_v2_waves_then_failing_v3_and_drifting_v4_are_stopped() {
     if !postgres_installed() {
         eprintln!(
             "skipped: no PostgreSQL binaries under /usr/lib/postgresql/*/bin (apt-get install postgresql; scripts/test.sh installs it)"
@@ -274,7 +322,11 @@ async fn two_servers_on_postgres_roll_v2_out_in_waves() {
     let t0 = Instant::now();
     let work = tempfile::tempdir().expect("tempdir");
     let cluster = Cluster::start(&work.path().join("pg"));
-    eprintln!("postgres: {} ({:?})", cluster.url, t0.elapsed());
+    eprintln!(
+        "[{:5.1}s] postgres at {}",
+        t0.elapsed().as_secs_f64(),
+        cluster.url
+    );
 
     let key = work.path().join("trusted.pub");
     std::fs::write(
@@ -293,22 +345,30 @@ async fn two_servers_on_postgres_roll_v2_out_in_waves() {
         Client::new(&a.url, ADMIN).expect("client"),
         Client::new(&b.url, ADMIN).expect("client"),
     ];
-    // v1 pushed to one server, v2 to the other: one registry.
-    admins[0].push(signed(1)).await.expect("push v1");
-    admins[1].push(signed(2)).await.expect("push v2");
+    // Pushed to one server or the other: one registry.
+    for v in 1..=4 {
+        admins[v as usize % 2].push(signed(v)).await.expect("push");
+    }
     let models = admins[0].models().await.expect("models");
-    assert_eq!(models.len(), 2, "{models:?}");
+    assert_eq!(models.len(), 4, "{models:?}");
+    eprintln!(
+        "[{:5.1}s] two servers up, v1..v4 pushed",
+        t0.elapsed().as_secs_f64()
+    );
 
+    // Half the devices check in with one server, half with the other.
     let sim = |url: String, seed: u64| {
         let opts = SimOptions {
             trusted_keys: vec![testkit::public(&signing_key())],
             faults: Faults {
                 drop: 0.05,
                 corrupt: 0.01,
-                crash: 0.02,
+                crash: 0.05,
                 ..Faults::default()
             },
-            duration: Duration::from_secs(45),
+            fail_version: Some(3),
+            drift_version: Some(4),
+            duration: Duration::from_secs(SIM_SECS),
             max_poll: Duration::from_secs(1),
             seed,
             ..SimOptions::default()
@@ -320,20 +380,24 @@ async fn two_servers_on_postgres_roll_v2_out_in_waves() {
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(
         admins[0].devices().await.expect("devices").len(),
-        2 * PER_SERVER,
+        DEVICES,
         "both servers' devices are in the one database"
     );
 
+    // v1 everywhere.
     let r1 = admins[1]
-        .create_rollout(&rollout(1, &[100]))
+        .create_rollout(&rollout(1, &[100], 10.0))
         .await
         .expect("rollout v1");
     let s1 = wait_done(&admins, r1, Duration::from_secs(20)).await;
     assert_eq!(s1.state, RolloutState::Complete, "{s1:?}");
-    tokio::time::sleep(Duration::from_secs(4)).await;
+    let m = wait_all_on(&admins, 1, Duration::from_secs(15)).await;
+    assert_eq!(m.get("1"), Some(&(DEVICES as u64)), "v1 everywhere: {m:?}");
+    eprintln!("[{:5.1}s] v1 on every device", t0.elapsed().as_secs_f64());
 
+    // v2 in waves 5, 25, 100.
     let r2 = admins[0]
-        .create_rollout(&rollout(2, &[5, 25, 100]))
+        .create_rollout(&rollout(2, &[5, 25, 100], 10.0))
         .await
         .expect("rollout v2");
     let s2 = wait_done(&admins, r2, Duration::from_secs(30)).await;
@@ -345,6 +409,65 @@ async fn two_servers_on_postgres_roll_v2_out_in_waves() {
         b.log()
     );
     assert_eq!(s2.waves.len(), 3, "{s2:?}");
+    assert!(
+        s2.waves.iter().all(|w| w.gate.passed == Some(true)),
+        "{s2:?}"
+    );
+    let m = wait_all_on(&admins, 2, Duration::from_secs(15)).await;
+    assert_eq!(m.get("2"), Some(&(DEVICES as u64)), "v2 everywhere: {m:?}");
+    let s2 = same_status(&admins, r2).await;
+    assert_eq!(s2.state, RolloutState::Complete);
+    assert_eq!(s2.devices.get("2"), Some(&(DEVICES as u64)), "{s2:?}");
+    eprintln!("[{:5.1}s] v2 on every device", t0.elapsed().as_secs_f64());
+
+    // v3 fails its self-test on the devices: aborted in its first wave, and every device that
+    // took it is back on v2.
+    let r3 = admins[1]
+        .create_rollout(&rollout(3, &[20, 60, 100], 10.0))
+        .await
+        .expect("rollout v3");
+    let s3 = wait_done(&admins, r3, Duration::from_secs(20)).await;
+    assert_eq!(s3.state, RolloutState::Aborted, "{s3:?}");
+    assert_eq!(s3.previous, Some(2), "{s3:?}");
+    assert_eq!(
+        s3.waves[0].gate.passed,
+        Some(false),
+        "aborted in the first wave: {s3:?}"
+    );
+    let m = wait_all_on(&admins, 2, Duration::from_secs(15)).await;
+    assert_eq!(
+        m.get("2"),
+        Some(&(DEVICES as u64)),
+        "back on v2 after v3: {m:?}"
+    );
+    let s3 = same_status(&admins, r3).await;
+    assert_eq!(s3.state, RolloutState::Aborted);
+    assert_eq!(s3.devices.get("3"), None, "{s3:?}");
+    eprintln!(
+        "[{:5.1}s] v3 aborted, v2 on every device",
+        t0.elapsed().as_secs_f64()
+    );
+
+    // v4's inputs drift: stopped by max_psi 0.25, and its devices are ordered back to v2.
+    let r4 = admins[0]
+        .create_rollout(&rollout(4, &[20, 60, 100], 0.25))
+        .await
+        .expect("rollout v4");
+    let s4 = wait_done(&admins, r4, Duration::from_secs(20)).await;
+    assert_eq!(s4.state, RolloutState::Aborted, "{s4:?}");
+    let reason = s4.reason.clone().unwrap_or_default();
+    assert!(reason.to_lowercase().contains("psi"), "reason: {reason}");
+    let m = wait_all_on(&admins, 2, Duration::from_secs(15)).await;
+    if m.get("2") != Some(&(DEVICES as u64)) {
+        let s4 = admins[0].rollout_status(r4).await.expect("status v4");
+        let devices = admins[0].devices().await.expect("devices");
+        panic!("back on v2 after v4: {m:?}\n{s4:?}\n{devices:#?}");
+    }
+    same_status(&admins, r4).await;
+    eprintln!(
+        "[{:5.1}s] v4 stopped by PSI, v2 on every device",
+        t0.elapsed().as_secs_f64()
+    );
 
     let ra = sim_a.await.expect("sim a").expect("simulate a");
     let rb = sim_b.await.expect("sim b").expect("simulate b");
@@ -360,19 +483,6 @@ async fn two_servers_on_postgres_roll_v2_out_in_waves() {
             "{r:?}"
         );
     }
-    // The rollout as each server sees it: the same, from the one database.
-    let sa = admins[0].rollout_status(r2).await.expect("status a");
-    let sb = admins[1].rollout_status(r2).await.expect("status b");
-    assert_eq!(
-        serde_json::to_value(&sa).expect("json"),
-        serde_json::to_value(&sb).expect("json")
-    );
-    assert_eq!(sa.state, RolloutState::Complete);
-    assert_eq!(
-        sa.devices.get("2"),
-        Some(&(2 * PER_SERVER as u64)),
-        "{sa:?}"
-    );
     // What the servers counted, and what PostgreSQL logged as errors (deadlocks, bad SQL).
     let http = reqwest::Client::new();
     for server in [&a, &b] {
