@@ -67,11 +67,22 @@ fn wrong() -> ApiErr {
 /// Requires the admin token.
 ///
 /// # Errors
-/// 401 (missing or wrong), 403 (a device's token).
-pub async fn admin(headers: &HeaderMap, admin_token: &str, pool: &AnyPool) -> ApiResult<()> {
+/// 401 (missing or wrong), 403 (the enroll token or a device's token).
+pub async fn admin(
+    headers: &HeaderMap,
+    admin_token: &str,
+    enroll_token: &str,
+    pool: &AnyPool,
+) -> ApiResult<()> {
     let t = bearer(headers)?;
     if same(t, admin_token) {
         return Ok(());
+    }
+    if same(t, enroll_token) {
+        return Err(ApiErr::new(
+            StatusCode::FORBIDDEN,
+            "forbidden: this call needs the admin token, not the enroll token",
+        ));
     }
     if find_device(pool, t).await?.is_some() {
         return Err(ApiErr::new(

@@ -265,7 +265,7 @@ fn json_of<T: serde::de::DeserializeOwned>(body: Result<Bytes, BytesRejection>) 
 }
 
 async fn metrics(State(s): Shared, headers: HeaderMap) -> ApiResult<Response> {
-    auth::admin(&headers, &s.admin_token, &s.pool).await?;
+    auth::admin(&headers, &s.admin_token, &s.enroll_token, &s.pool).await?;
     let m = &s.metrics;
     let mut out = String::new();
     let counters = [
@@ -349,7 +349,7 @@ async fn push(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult<Response> {
-    auth::admin(&headers, &s.admin_token, &s.pool).await?;
+    auth::admin(&headers, &s.admin_token, &s.enroll_token, &s.pool).await?;
     let bytes = body_of(body)?;
     let r = registry::push(&s.pool, &s.store, &s.trusted, "admin", bytes.to_vec()).await?;
     s.metrics.pushes.fetch_add(1, Ordering::Relaxed);
@@ -362,7 +362,7 @@ async fn push(
 }
 
 async fn models(State(s): Shared, headers: HeaderMap) -> ApiResult<Response> {
-    auth::admin(&headers, &s.admin_token, &s.pool).await?;
+    auth::admin(&headers, &s.admin_token, &s.enroll_token, &s.pool).await?;
     Ok(Json(registry::list_models(&s.pool).await?).into_response())
 }
 
@@ -379,7 +379,7 @@ async fn enroll(
 }
 
 async fn devices(State(s): Shared, headers: HeaderMap) -> ApiResult<Response> {
-    auth::admin(&headers, &s.admin_token, &s.pool).await?;
+    auth::admin(&headers, &s.admin_token, &s.enroll_token, &s.pool).await?;
     Ok(Json(registry::list_devices(&s.pool).await?).into_response())
 }
 
@@ -504,7 +504,7 @@ async fn create_rollout(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult<Response> {
-    auth::admin(&headers, &s.admin_token, &s.pool).await?;
+    auth::admin(&headers, &s.admin_token, &s.enroll_token, &s.pool).await?;
     let req: RolloutRequest = json_of(body)?;
     let id = rollout::create(&s.pool, "admin", &req).await?;
     Ok((
@@ -524,7 +524,7 @@ async fn rollout_status(
     headers: HeaderMap,
     UrlPath(id): UrlPath<String>,
 ) -> ApiResult<Response> {
-    auth::admin(&headers, &s.admin_token, &s.pool).await?;
+    auth::admin(&headers, &s.admin_token, &s.enroll_token, &s.pool).await?;
     let id = rollout_id(&id)?;
     Ok(Json(rollout::status(&s.pool, id).await?).into_response())
 }
@@ -534,7 +534,7 @@ async fn rollout_action(
     headers: HeaderMap,
     UrlPath((id, action)): UrlPath<(String, String)>,
 ) -> ApiResult<Response> {
-    auth::admin(&headers, &s.admin_token, &s.pool).await?;
+    auth::admin(&headers, &s.admin_token, &s.enroll_token, &s.pool).await?;
     let id = rollout_id(&id)?;
     Ok(Json(rollout::act(&s.pool, "admin", id, &action).await?).into_response())
 }
@@ -544,7 +544,7 @@ async fn rollback(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult<Response> {
-    auth::admin(&headers, &s.admin_token, &s.pool).await?;
+    auth::admin(&headers, &s.admin_token, &s.enroll_token, &s.pool).await?;
     let req: RollbackRequest = json_of(body)?;
     let id = rollout::rollback(&s.pool, "admin", &req).await?;
     Ok((
