@@ -345,7 +345,11 @@ async fn kill_9_mid_rollout_then_restart_loses_nothing_and_the_rollout_completes
     let devices_before = admin.devices().await.expect("devices");
     let status_before = admin.rollout_status(r2).await.expect("status");
     let r1_before = admin.rollout_status(r1).await.expect("status");
-    assert_eq!(status_before.state, RolloutState::Running, "{status_before:?}");
+    assert_eq!(
+        status_before.state,
+        RolloutState::Running,
+        "{status_before:?}"
+    );
     let on_v2 = devices.iter().filter(|d| d.running == Some(2)).count();
     assert!(on_v2 > 0 && on_v2 < DEVICES, "mid-rollout: {on_v2} on v2");
 
@@ -384,7 +388,10 @@ async fn kill_9_mid_rollout_then_restart_loses_nothing_and_the_rollout_completes
     assert_eq!(status_after.previous, Some(1));
     assert_eq!(status_after.devices, status_before.devices);
     assert_eq!(status_after.waves.len(), 3);
-    assert_eq!(status_after.waves[0], status_before.waves[0], "judged gate kept");
+    assert_eq!(
+        status_after.waves[0], status_before.waves[0],
+        "judged gate kept"
+    );
     assert_eq!(status_after.waves[0].gate.passed, Some(true));
     // The artifacts survived too (a device downloads what it runs).
     let sha2 = models_before

@@ -192,7 +192,10 @@ async fn fifty_simulated_devices_v1_v2_waves_then_failing_v3_and_drifting_v4_are
     assert_eq!(s1.state, RolloutState::Complete, "{s1:?}");
     let m = wait_all_on(&admin, 1, Duration::from_secs(15)).await;
     assert_eq!(m.get("1"), Some(&(DEVICES as u64)), "v1 everywhere: {m:?}");
-    eprintln!("[{:5.1}s] v1 on every device", t_start.elapsed().as_secs_f64());
+    eprintln!(
+        "[{:5.1}s] v1 on every device",
+        t_start.elapsed().as_secs_f64()
+    );
 
     // v2 in waves 5, 25, 100.
     let r2 = admin
@@ -202,10 +205,16 @@ async fn fifty_simulated_devices_v1_v2_waves_then_failing_v3_and_drifting_v4_are
     let s2 = wait_done(&admin, r2, Duration::from_secs(30)).await;
     assert_eq!(s2.state, RolloutState::Complete, "{s2:?}");
     assert_eq!(s2.waves.len(), 3);
-    assert!(s2.waves.iter().all(|w| w.gate.passed == Some(true)), "{s2:?}");
+    assert!(
+        s2.waves.iter().all(|w| w.gate.passed == Some(true)),
+        "{s2:?}"
+    );
     let m = wait_all_on(&admin, 2, Duration::from_secs(15)).await;
     assert_eq!(m.get("2"), Some(&(DEVICES as u64)), "v2 everywhere: {m:?}");
-    eprintln!("[{:5.1}s] v2 on every device", t_start.elapsed().as_secs_f64());
+    eprintln!(
+        "[{:5.1}s] v2 on every device",
+        t_start.elapsed().as_secs_f64()
+    );
 
     // v3 fails its self-test on the devices: aborted in its first wave (20 % of 50 devices, so
     // the first wave is never empty), and every device that took it is back on v2.
@@ -216,19 +225,30 @@ async fn fifty_simulated_devices_v1_v2_waves_then_failing_v3_and_drifting_v4_are
     let s3 = wait_done(&admin, r3, Duration::from_secs(20)).await;
     assert_eq!(s3.state, RolloutState::Aborted, "{s3:?}");
     assert_eq!(s3.previous, Some(2), "{s3:?}");
-    assert_eq!(s3.waves[0].gate.passed, Some(false), "aborted in the first wave: {s3:?}");
+    assert_eq!(
+        s3.waves[0].gate.passed,
+        Some(false),
+        "aborted in the first wave: {s3:?}"
+    );
     assert!(s3.waves[0].gate.failure_pct > 20.0, "{s3:?}");
     assert!(
         s3.waves[1..].iter().all(|w| w.gate.passed.is_none()),
         "later waves never judged: {s3:?}"
     );
     let m = wait_all_on(&admin, 2, Duration::from_secs(15)).await;
-    assert_eq!(m.get("2"), Some(&(DEVICES as u64)), "back on v2 after v3: {m:?}");
+    assert_eq!(
+        m.get("2"),
+        Some(&(DEVICES as u64)),
+        "back on v2 after v3: {m:?}"
+    );
     let s3 = admin.rollout_status(r3).await.expect("status v3");
     assert_eq!(s3.state, RolloutState::Aborted);
     assert_eq!(s3.devices.get("3"), None, "{s3:?}");
     assert_eq!(s3.devices.get("2"), Some(&(DEVICES as u64)), "{s3:?}");
-    eprintln!("[{:5.1}s] v3 aborted, v2 on every device", t_start.elapsed().as_secs_f64());
+    eprintln!(
+        "[{:5.1}s] v3 aborted, v2 on every device",
+        t_start.elapsed().as_secs_f64()
+    );
 
     // v4's inputs drift: stopped by max_psi 0.25, and its devices are ordered back to v2.
     let r4 = admin
@@ -240,13 +260,21 @@ async fn fifty_simulated_devices_v1_v2_waves_then_failing_v3_and_drifting_v4_are
     let reason = s4.reason.clone().unwrap_or_default();
     assert!(reason.to_lowercase().contains("psi"), "reason: {reason}");
     assert!(
-        s4.waves.iter().any(|w| w.gate.passed == Some(false)
-            && w.gate.psi.is_some_and(|p| p > 0.25)),
+        s4.waves
+            .iter()
+            .any(|w| w.gate.passed == Some(false) && w.gate.psi.is_some_and(|p| p > 0.25)),
         "{s4:?}"
     );
     let m = wait_all_on(&admin, 2, Duration::from_secs(15)).await;
-    assert_eq!(m.get("2"), Some(&(DEVICES as u64)), "back on v2 after v4: {m:?}");
-    eprintln!("[{:5.1}s] v4 stopped by PSI, v2 on every device", t_start.elapsed().as_secs_f64());
+    assert_eq!(
+        m.get("2"),
+        Some(&(DEVICES as u64)),
+        "back on v2 after v4: {m:?}"
+    );
+    eprintln!(
+        "[{:5.1}s] v4 stopped by PSI, v2 on every device",
+        t_start.elapsed().as_secs_f64()
+    );
 
     let report = sim.await.expect("sim task").expect("simulate");
     eprintln!(

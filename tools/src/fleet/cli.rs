@@ -228,8 +228,20 @@ async fn run_async(cmd: FleetCommand) -> Result<()> {
             wave_wait_s,
             json,
         } => {
-            let bytes = std::fs::read(&artifact)
-                .with_context(|| format!("cannot read {}", artifact.display()))?;
+            // The server checks the waves too; checking them first keeps a bad command from
+            // registering the artifact and then failing.
+            let increasing = waves.windows(2).all(|p| p[0] < p[1]);
+            if waves.first().is_none_or(|w| *w == 0) || !increasing || waves.last() != Some(&100) {
+                anyhow::bail!(
+                    "--waves {waves:?} refused: give increasing cumulative percentages from 1 to 100 that end at 100, e.g. 5,25,100"
+                );
+            }
+            let bytes = std::fs::read(&artifact).map_err(|e| {
+                anyhow::anyhow!(
+                    "cannot read {}: {e}; hint: give the path of a signed .kiln artifact",
+                    artifact.display()
+                )
+            })?;
             let c = Client::new(&conn.server, &conn.token)?;
             let pushed = c.push(bytes).await?;
             eprintln!(
