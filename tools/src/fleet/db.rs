@@ -3,6 +3,13 @@
 //! BIGINT / DOUBLE PRECISION / TEXT columns, `INSERT … RETURNING id`. Each backend has its own
 //! migration folder (`tools/migrations/sqlite`, `tools/migrations/postgres`) because id columns
 //! are spelled differently.
+//!
+//! PostgreSQL is tested by `tools/tests/fleet_postgres.rs` (PostgreSQL 15 on loopback, started by
+//! `scripts/pg-test-cluster.sh`): two `kiln serve` processes share one database through a full
+//! rollout scenario. Several servers may start at once: sqlx serialises the migrations with an
+//! advisory lock. Every rollout decision is a conditional `UPDATE … WHERE wave = $n AND state =
+//! 'running'` inside a transaction, which is safe under PostgreSQL's default READ COMMITTED: of
+//! two servers judging the same gate, the second sees zero rows changed and leaves it.
 
 use sqlx::any::{AnyPoolOptions, AnyQueryResult};
 use sqlx::AnyPool;
