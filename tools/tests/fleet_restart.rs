@@ -1,7 +1,8 @@
 //! `kill -9` of the real `kiln serve` process in the middle of a rollout, then a restart on the
 //! same data folder: the registry, the devices (and their tokens), the rollout's state, wave and
-//! judged gates survive, and the rollout carries on to complete. Devices are simulated by direct
-//! HTTP check-ins.
+//! judged gates survive, and the rollout carries on to complete. A second `kill -9` lands while
+//! every device checks in as fast as it can; after the restart the server's view of each device
+//! matches what it reports. Devices are simulated by direct HTTP check-ins.
 
 use kiln::artifact::{write_artifact, HeaderFields};
 use kiln::fleet::api::{
@@ -15,6 +16,8 @@ use kiln_runtime::sections::{BaselineHead, BaselineHistogram, BaselineTensor, Ma
 use reqwest::StatusCode;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 const ADMIN: &str = "admin-token-0123456789";
@@ -269,6 +272,54 @@ impl Device {
     }
 }
 
+impl Device {
+    /// One check-in that tolerates a server that is gone: events are kept until a check-in is
+    /// answered, and an assignment is installed only once its download checks out.
+    async fn try_cycle(&mut self, http: &reqwest::Client, url: &str) -> Result<(), String> {
+        let body = CheckIn {
+            running: self.running.map(|version| ModelRef {
+                model: MODEL.into(),
+                version,
+            }),
+            events: self.events.clone(),
+            telemetry: self.running.map(telemetry),
+        };
+        let resp = http
+            .post(format!("{url}/api/v1/checkin"))
+            .bearer_auth(&self.token)
+            .json(&body)
+            .send()
+            .await
+            .map_err(|e| e.to_string())?;
+        if resp.status() != StatusCode::OK {
+            return Err(format!("check-in: {}", resp.status()));
+        }
+        let r: CheckInResponse = resp.json().await.map_err(|e| e.to_string())?;
+        self.events.clear();
+        let Some(a) = r.assignment else {
+            return Ok(());
+        };
+        let resp = http
+            .get(format!("{url}{}", a.url))
+            .bearer_auth(&self.token)
+            .send()
+            .await
+            .map_err(|e| e.to_string())?;
+        if resp.status() != StatusCode::OK {
+            return Err(format!("download: {}", resp.status()));
+        }
+        let bytes = resp.bytes().await.map_err(|e| e.to_string())?;
+        if kiln::fleet::sha256_hex(&bytes) != a.sha256 {
+            return Err("digest mismatch".into());
+        }
+        self.events.push(DeviceEvent::Installed {
+            version: a.target.version,
+        });
+        self.running = Some(a.target.version);
+        Ok(())
+    }
+}
+
 fn rollout(version: u32, waves: &[u8], wave_wait_s: u32) -> RolloutRequest {
     RolloutRequest {
         target: ModelRef {
@@ -322,9 +373,9 @@ async fn kill_9_mid_rollout_then_restart_loses_nothing_and_the_rollout_completes
         RolloutState::Complete
     );
 
-    // v2 in waves 10, 50, 100 with 1 s per wave: run until the first wave passed.
+    // v2 in waves 10, 50, 100 with 2 s per wave: run until the first wave passed.
     let r2 = admin
-        .create_rollout(&rollout(2, &[10, 50, 100], 1))
+        .create_rollout(&rollout(2, &[10, 50, 100], 2))
         .await
         .expect("rollout v2");
     let t0 = Instant::now();
@@ -410,6 +461,61 @@ async fn kill_9_mid_rollout_then_restart_loses_nothing_and_the_rollout_completes
         kiln::fleet::sha256_hex(&resp.bytes().await.expect("bytes")),
         sha2
     );
+
+    // A second kill -9, this time while every device checks in as fast as it can.
+    let stop = Arc::new(AtomicBool::new(false));
+    let load = {
+        let (stop, http, url) = (stop.clone(), http.clone(), url.clone());
+        tokio::spawn(async move {
+            let (mut answered, mut failed) = (0u32, 0u32);
+            while !stop.load(Ordering::Relaxed) {
+                for d in devices.iter_mut() {
+                    match d.try_cycle(&http, &url).await {
+                        Ok(()) => answered += 1,
+                        Err(_) => failed += 1,
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            (devices, answered, failed)
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    server.kill9();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut server = ServeProc::start(&data, &key, port).await;
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    stop.store(true, Ordering::Relaxed);
+    let (mut devices, answered, failed) = load.await.expect("load task");
+    eprintln!(
+        "[{:5.1}s] killed under load: {answered} check-ins answered, {failed} failed",
+        t_start.elapsed().as_secs_f64()
+    );
+    assert!(
+        answered > 0 && failed > 0,
+        "{answered} answered, {failed} failed"
+    );
+    assert_eq!(admin.models().await.expect("models"), models_before);
+    assert_eq!(admin.rollout_status(r1).await.expect("status"), r1_before);
+    let s = admin.rollout_status(r2).await.expect("status");
+    assert!(
+        matches!(s.state, RolloutState::Running | RolloutState::Complete),
+        "{s:?}"
+    );
+    assert_eq!(s.waves[0], status_before.waves[0], "judged gate kept");
+    // What the server has of each device is what the device reported at its last check-in.
+    round(&http, &url, &mut devices).await;
+    let reported: Vec<Option<u32>> = devices.iter().map(|d| d.running).collect();
+    round(&http, &url, &mut devices).await;
+    let listed = admin.devices().await.expect("devices");
+    assert_eq!(listed.len(), DEVICES);
+    for (d, r) in devices.iter().zip(&reported) {
+        let row = listed
+            .iter()
+            .find(|x| x.device_id == d.id)
+            .expect("device kept");
+        assert_eq!(row.running.as_ref().map(|m| m.version), *r, "{}", d.id);
+    }
 
     // Device tokens still work and the rollout carries on to complete.
     let t0 = Instant::now();
