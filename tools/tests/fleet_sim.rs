@@ -175,7 +175,7 @@ async fn fifty_simulated_devices_v1_v2_waves_then_failing_v3_and_drifting_v4_are
         },
         fail_version: Some(3),
         drift_version: Some(4),
-        duration: Duration::from_secs(40),
+        duration: Duration::from_secs(50),
         max_poll: Duration::from_secs(1),
         ..SimOptions::default()
     };
