@@ -55,6 +55,22 @@ enum Step {
         groups: usize,
         act: Activation,
     },
+    /// A conv (one group) or a depthwise conv (multiplier 1) in NHWC as a gather and a matmul,
+    /// so that training runs on gemm: the input `[n, h, w, c]`, seen as `[n, h*w, c]`, is
+    /// gathered at `ids` (for each output position, each filter tap: the input cell, or
+    /// `u32::MAX` for padding, which reads zero) into `[n*oh*ow, taps*c]`, times the filter.
+    Gather {
+        /// `oh * ow * taps` cell indices.
+        ids: Tensor,
+        /// Conv: the OHWI filter as `[o, taps*c]`; depthwise: `[taps, c]`.
+        weights: Tensor,
+        /// `[o]`.
+        bias: Option<Tensor>,
+        /// Filter taps (`kh * kw`).
+        taps: usize,
+        depthwise: bool,
+        act: Activation,
+    },
     FullyConnected {
         /// `[in, out]`.
         weights_t: Tensor,
@@ -275,7 +291,7 @@ impl CandleGraph {
     }
 
     /// As [`CandleGraph::new`], with the conv, depthwise and fully-connected weights and biases
-    /// held as trainable [`Var`]s (see [`distill`]). Tensor ids are those of the graph (normalizing
+    /// held as trainable [`Var`]s (see [`crate::distill`]). Tensor ids are those of the graph (normalizing
     /// keeps them), so the trained weights can be written back with
     /// [`CandleGraph::write_weights`].
     ///
@@ -288,6 +304,11 @@ impl CandleGraph {
     /// The trainable variables (empty unless built by [`CandleGraph::new_trainable`]).
     pub fn vars(&self) -> Vec<Var> {
         self.params.iter().map(|p| p.var.clone()).collect()
+    }
+
+    /// The trainable variables with the IR tensor each one holds.
+    pub fn vars_by_tensor(&self) -> Vec<(TensorId, Var)> {
+        self.params.iter().map(|p| (p.ir, p.var.clone())).collect()
     }
 
     /// Writes the current values of the trainable weights into `g` (the graph this executor was
@@ -462,8 +483,13 @@ impl CandleGraph {
         self.execute_batch(x, 1)
     }
 
+    /// The shape of one input sample (IR layout, first dimension 1).
+    pub fn input_shape(&self) -> &[usize] {
+        &self.input_shape
+    }
+
     /// The tensor id of the logits: the input of a final SOFTMAX, else the graph output.
-    fn logits_id(&self) -> TensorId {
+    pub fn logits_id(&self) -> TensorId {
         match self.ops.last() {
             Some(op) if matches!(op.step, Step::Softmax { .. }) && op.output == self.output => {
                 op.inputs[0]
@@ -484,6 +510,17 @@ impl CandleGraph {
         env[self.logits_id()]
             .clone()
             .ok_or_else(|| anyhow!("the logits are never written"))
+    }
+
+    /// Runs `n` samples at once (`[n, ...]`) and returns every activation (the input, each op's
+    /// output) as `[n, ...]` candle tensors indexed by IR tensor id, differentiable with respect
+    /// to the trainable weights; `None` for constants and unused tensors.
+    ///
+    /// # Errors
+    /// As [`CandleGraph::logits_batch`].
+    pub fn activations_batch(&self, x: &Tensor) -> Result<Vec<Option<Tensor>>> {
+        let n = x.dim(0)?;
+        self.execute_batch(x.clone(), n)
     }
 
     /// With `n > 1`, every activation's first dimension (which must be 1 in the graph) is the
@@ -564,6 +601,32 @@ impl CandleGraph {
                     None => y,
                 };
                 activate(y, *act)?.permute((0, 2, 3, 1))?
+            }
+            Step::Gather {
+                ids,
+                weights,
+                bias,
+                taps,
+                depthwise,
+                act,
+            } => {
+                let (n, h, w, c) = x.dims4()?;
+                let (oh, ow, oc) = (out_shape[1], out_shape[2], out_shape[3]);
+                let cols = x.reshape((n, h * w, c))?.index_select(ids, 1)?;
+                let y = if *depthwise {
+                    cols.reshape((n * oh * ow, *taps, c))?
+                        .broadcast_mul(weights)?
+                        .sum(1)?
+                } else {
+                    cols.reshape((n * oh * ow, taps * c))?
+                        .matmul(&weights.t()?)?
+                };
+                let y = y.reshape((n, oh, ow, oc))?;
+                let y = match bias {
+                    Some(b) => y.broadcast_add(b)?,
+                    None => y,
+                };
+                activate(y, *act)?
             }
             Step::FullyConnected {
                 weights_t,
@@ -774,6 +837,60 @@ fn prepare(
                 kernel = kernel.permute((0, 3, 1, 2))?.contiguous()?;
                 c_in / fs[3]
             };
+            let (top, bottom) = pad_pair(*padding, stride[0], dilation[0], xs[1], kh, out.shape[1]);
+            let (left, right) = pad_pair(*padding, stride[1], dilation[1], xs[2], kw, out.shape[2]);
+            if (!depthwise && groups == 1) || (depthwise && fs[3] == c_in) {
+                // The gathered form (see `Step::Gather`).
+                let (oh, ow) = (out.shape[1], out.shape[2]);
+                let (ih, iw) = (xs[1] as isize, xs[2] as isize);
+                let mut ids = Vec::with_capacity(oh * ow * kh * kw);
+                for oy in 0..oh {
+                    for ox in 0..ow {
+                        for fy in 0..kh {
+                            for fx in 0..kw {
+                                let y = (oy * stride[0] + fy * dilation[0]) as isize - top as isize;
+                                let x = (ox * stride[1] + fx * dilation[1]) as isize - left as isize;
+                                ids.push(if (0..ih).contains(&y) && (0..iw).contains(&x) {
+                                    u32::try_from(y * iw + x)?
+                                } else {
+                                    u32::MAX
+                                });
+                            }
+                        }
+                    }
+                }
+                let len = ids.len();
+                let ids = Tensor::from_vec(ids, len, device)?;
+                let w = constant(g, f)?;
+                let weights = if depthwise {
+                    Tensor::from_vec(w, (kh * kw, c_in), device)?
+                } else {
+                    Tensor::from_vec(w, (fs[0], kh * kw * c_in), device)?
+                };
+                let weights = param(weights, f, ParamLayout::Flat, params)?;
+                let bias = match optional(2) {
+                    Some(b) => {
+                        let v = constant(g, b)?;
+                        if v.len() != out.shape[3] {
+                            bail!("bias has {} values for {} channels", v.len(), out.shape[3]);
+                        }
+                        let t = Tensor::from_vec(v, out.shape[3], device)?;
+                        Some(param(t, b, ParamLayout::Flat, params)?)
+                    }
+                    None => None,
+                };
+                return Ok((
+                    Step::Gather {
+                        ids,
+                        weights,
+                        bias,
+                        taps: kh * kw,
+                        depthwise,
+                        act: *activation,
+                    },
+                    vec![x],
+                ));
+            }
             let square = dilation[0] == dilation[1];
             if square {
                 let layout = if depthwise {
@@ -786,8 +903,6 @@ fn prepare(
                 // The dilated kernel is derived: such a filter stays fixed.
                 kernel = dilate(&kernel, *dilation)?;
             }
-            let (top, bottom) = pad_pair(*padding, stride[0], dilation[0], xs[1], kh, out.shape[1]);
-            let (left, right) = pad_pair(*padding, stride[1], dilation[1], xs[2], kw, out.shape[2]);
             let bias = match optional(2) {
                 Some(b) => {
                     let v = constant(g, b)?;
@@ -1016,183 +1131,6 @@ pub fn calibrate_on(
     )
 }
 
-/// A small deterministic generator (SplitMix64) for the augmentation and the batches.
-struct SplitMix(u64);
-
-impl SplitMix {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n.max(1) as u64) as usize
-    }
-}
-
-/// One NHWC image (`h x w x c`), optionally mirrored horizontally and shifted by `(dy, dx)`
-/// cells, the uncovered border filled with zeros.
-fn augment(img: &[f32], [h, w, c]: [usize; 3], flip: bool, dy: isize, dx: isize) -> Vec<f32> {
-    let mut out = vec![0f32; img.len()];
-    for y in 0..h {
-        let sy = y as isize - dy;
-        if sy < 0 || sy >= h as isize {
-            continue;
-        }
-        for x in 0..w {
-            let mut sx = x as isize - dx;
-            if sx < 0 || sx >= w as isize {
-                continue;
-            }
-            if flip {
-                sx = w as isize - 1 - sx;
-            }
-            let (d, s) = ((y * w + x) * c, ((sy as usize) * w + sx as usize) * c);
-            out[d..d + c].copy_from_slice(&img[s..s + c]);
-        }
-    }
-    out
-}
-
-/// Augmented copies of each calibration image held for distillation (the first unchanged).
-const AUGMENTED_COPIES: usize = 8;
-/// Images per training step.
-const DISTILL_BATCH: usize = 32;
-
-/// Knowledge distillation: trains the conv, depthwise and fully-connected weights and biases of
-/// `student` (a float graph, e.g. a pruned `teacher`) so that its logits — the input of a final
-/// SOFTMAX, else its output — match `teacher`'s on the samples `x` (in the model's input layout,
-/// as calibration data), and returns `student` (normalized) with the trained weights.
-///
-/// The teacher's logits are computed once, on each sample and on `AUGMENTED_COPIES - 1`
-/// augmented copies of it (for NHWC images: random horizontal flips and shifts of up to 2 cells,
-/// seeded, so a run is deterministic). The student is then trained for `steps` steps of Adam
-/// (learning rate `lr` times each weight tensor's RMS, cosine decay to zero) on the mean squared error of the logits over
-/// mini-batches of 32. Runs on the CPU with candle. `progress(done, steps)` follows the steps.
-///
-/// # Errors
-/// The data does not fit the models, the models have several inputs or outputs, logits of
-/// different shapes, an op the candle executor does not run, or a shape whose first dimension is
-/// not a batch of 1.
-pub fn distill(
-    student: &Graph,
-    teacher: &Graph,
-    x: &Array,
-    steps: usize,
-    lr: f64,
-    mut progress: impl FnMut(usize, usize),
-) -> Result<Graph> {
-    let device = Device::Cpu;
-    let mut out = normalize(student)?;
-    if steps == 0 {
-        return Ok(out);
-    }
-    let teacher = CandleGraph::new(teacher, &device)?;
-    let trainee = CandleGraph::new_trainable(&out, &device)?;
-    let data = crate::quantize::calibrate::samples_f32(x)?;
-    let per = trainee.input_elements();
-    if per != teacher.input_elements() {
-        bail!(
-            "the student takes {per} input values, the teacher {}",
-            teacher.input_elements()
-        );
-    }
-    if data.is_empty() || !data.len().is_multiple_of(per) {
-        bail!(
-            "the data has shape {:?}, which is not a whole number of samples of the model's input ({per} values)",
-            x.shape()
-        );
-    }
-    let n = data.len() / per;
-    let shape = trainee.input_shape.clone();
-    let image = (shape.len() == 4).then(|| [shape[1], shape[2], shape[3]]);
-    let mut rng = SplitMix(0x6b69_6c6e);
-    // The pool: each sample, then augmented copies.
-    let copies = if image.is_some() { AUGMENTED_COPIES } else { 1 };
-    let mut pool = Vec::with_capacity(n * copies * per);
-    for copy in 0..copies {
-        for s in 0..n {
-            let img = &data[s * per..(s + 1) * per];
-            match image {
-                Some(hwc) if copy > 0 => {
-                    let flip = rng.below(2) == 1;
-                    let dy = rng.below(5) as isize - 2;
-                    let dx = rng.below(5) as isize - 2;
-                    pool.extend(augment(img, hwc, flip, dy, dx));
-                }
-                _ => pool.extend_from_slice(img),
-            }
-        }
-    }
-    let total = n * copies;
-    let mut batch_shape = shape.clone();
-    let pool = Tensor::from_vec(
-        pool,
-        {
-            batch_shape[0] = total;
-            batch_shape.clone()
-        },
-        &device,
-    )?;
-    // Teacher logits, once.
-    let mut targets = Vec::new();
-    for start in (0..total).step_by(64) {
-        let len = 64.min(total - start);
-        targets.push(teacher.logits_batch(&pool.narrow(0, start, len)?)?);
-    }
-    let targets = Tensor::cat(&targets, 0)?;
-    // One Adam per weight, its step scaled by the weight's RMS: `lr` is a relative step, so
-    // small first-layer weights (raw 0..255 inputs) and large ones move alike.
-    use candle_nn::Optimizer;
-    let mut opts = Vec::new();
-    for var in trainee.vars() {
-        let rms = var
-            .as_tensor()
-            .sqr()?
-            .mean_all()?
-            .sqrt()?
-            .to_scalar::<f32>()? as f64;
-        let scale = if rms > 0.0 { rms } else { 1e-3 };
-        let opt = candle_nn::AdamW::new(
-            vec![var],
-            candle_nn::ParamsAdamW {
-                lr: lr * scale,
-                weight_decay: 0.0,
-                ..Default::default()
-            },
-        )?;
-        opts.push((opt, scale));
-    }
-    let batch = DISTILL_BATCH.min(total);
-    for step in 0..steps {
-        let decay = 0.5 * (1.0 + (std::f64::consts::PI * step as f64 / steps as f64).cos());
-        let idx: Vec<u32> = (0..batch).map(|_| rng.below(total) as u32).collect();
-        let idx = Tensor::from_vec(idx, batch, &device)?;
-        let xb = pool.index_select(&idx, 0)?;
-        let tb = targets.index_select(&idx, 0)?;
-        let yb = trainee.logits_batch(&xb)?;
-        if yb.dims() != tb.dims() {
-            bail!(
-                "the student's logits are {:?}, the teacher's {:?}",
-                yb.dims(),
-                tb.dims()
-            );
-        }
-        let loss = (yb - tb)?.sqr()?.mean_all()?;
-        let grads = loss.backward()?;
-        for (opt, scale) in &mut opts {
-            opt.set_learning_rate(lr * *scale * decay);
-            opt.step(&grads)?;
-        }
-        progress(step + 1, steps);
-    }
-    trainee.write_weights(&mut out)?;
-    Ok(out)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1272,6 +1210,87 @@ mod tests {
                 .sum()
         };
         assert_eq!(y, vec![want(0), want(2)]);
+    }
+
+    #[test]
+    fn gathered_conv_gradient_matches_finite_differences() {
+        // 5x5x2 input, 3x3x2 -> 3 conv, SAME, stride 2, bias, then a depthwise 3x3 (VALID).
+        let x: Vec<f32> = (0..50).map(|v| ((v * 7 % 11) as f32 - 5.0) / 5.0).collect();
+        let w: Vec<f32> = (0..54)
+            .map(|v| ((v * 5 % 13) as f32 - 6.0) / 10.0)
+            .collect();
+        let dw: Vec<f32> = (0..27).map(|v| ((v * 3 % 7) as f32 - 3.0) / 4.0).collect();
+        let g = Graph {
+            name: "conv".into(),
+            tensors: vec![
+                act("x", &[1, 5, 5, 2]),
+                konst("w", &[3, 3, 3, 2], &w),
+                konst("b", &[3], &[0.1, -0.2, 0.3]),
+                act("y", &[1, 3, 3, 3]),
+                konst("dw", &[1, 3, 3, 3], &dw),
+                act("z", &[1, 1, 1, 3]),
+            ],
+            ops: vec![
+                Op {
+                    kind: OpKind::Conv2d {
+                        stride: [2, 2],
+                        dilation: [1, 1],
+                        padding: Padding::Same,
+                        activation: Activation::None,
+                    },
+                    inputs: vec![Some(0), Some(1), Some(2)],
+                    outputs: vec![3],
+                },
+                Op {
+                    kind: OpKind::DepthwiseConv2d {
+                        stride: [1, 1],
+                        dilation: [1, 1],
+                        padding: Padding::Valid,
+                        depth_multiplier: 1,
+                        activation: Activation::None,
+                    },
+                    inputs: vec![Some(3), Some(4), None],
+                    outputs: vec![5],
+                },
+            ],
+            inputs: vec![0],
+            outputs: vec![5],
+        };
+        let loss = |g: &Graph| -> f64 {
+            let e = CandleGraph::new(g, &Device::Cpu).unwrap();
+            e.run(&x).unwrap().iter().map(|v| (*v as f64).powi(2)).sum()
+        };
+        let e = CandleGraph::new_trainable(&g, &Device::Cpu).unwrap();
+        let t = Tensor::from_slice(&x, (1, 5, 5, 2), &Device::Cpu).unwrap();
+        let l = e
+            .logits_batch(&t)
+            .unwrap()
+            .sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap();
+        let grads = l.backward().unwrap();
+        for (id, var) in e.vars_by_tensor() {
+            let grad: Vec<f32> = grads
+                .get(var.as_tensor())
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            let base = dequantized(&g.tensors[id]).unwrap();
+            for (i, &want) in grad.iter().enumerate() {
+                let mut h = g.clone();
+                let mut v = base.clone();
+                v[i] += 1e-2;
+                h.tensors[id].data = Some(v.iter().flat_map(|x| x.to_le_bytes()).collect());
+                let numeric = (loss(&h) - loss(&g)) / 1e-2;
+                assert!(
+                    (numeric - want as f64).abs() <= 2e-2 * numeric.abs().max(1.0),
+                    "tensor {id} element {i}: {numeric} vs {want}"
+                );
+            }
+        }
     }
 
     #[test]

@@ -5,6 +5,7 @@ pub mod artifact;
 pub mod convert;
 pub mod demo;
 pub mod device_link;
+pub mod distill;
 pub mod eval;
 pub mod exec_candle;
 pub mod fleet;

@@ -9,12 +9,15 @@
 //!   really shrink. Recovery: the next conv is refitted by least squares on calibration data so
 //!   that its (pre-activation) output matches the unpruned model's.
 
+use crate::distill::DistillOptions;
+use crate::exec_candle::CandleGraph;
 use crate::ir::{Graph, OpKind, TensorId};
 use crate::lower::{dequantized, normalize, same_padding};
 use crate::npy::Array;
 use crate::passes::{consumers, fuse_activations};
-use crate::quantize::calibrate::{samples_f32, ActivationRunner};
-use anyhow::{bail, Result};
+use crate::quantize::calibrate::samples_f32;
+use anyhow::{anyhow, bail, Result};
+use candle_core::{DType as CDType, Device, Tensor};
 use kiln_runtime::graph::DType;
 use serde::Serialize;
 
@@ -243,15 +246,15 @@ fn keep_channels(t: &mut crate::ir::Tensor, axis: usize, keep: &[usize]) -> Resu
     Ok(())
 }
 
-/// Solves `(A + ridge·I) x = b` for a symmetric positive definite `A` (Cholesky).
-fn solve_spd(a: &[f64], b: &[f64], n: usize, ridge: f64) -> Option<Vec<f64>> {
+/// Cholesky factor `L` (row-major, lower) of `A + ridge·I` for a symmetric positive definite
+/// `A`; `None` if it is not positive definite.
+fn cholesky(a: &[f64], n: usize, ridge: f64) -> Option<Vec<f64>> {
     let mut l = vec![0f64; n * n];
     for i in 0..n {
         for j in 0..=i {
-            let mut s = a[i * n + j] + if i == j { ridge } else { 0.0 };
-            for k in 0..j {
-                s -= l[i * n + k] * l[j * n + k];
-            }
+            let (li, lj) = (&l[i * n..i * n + j], &l[j * n..j * n + j]);
+            let dot: f64 = li.iter().zip(lj).map(|(a, b)| a * b).sum();
+            let s = a[i * n + j] + if i == j { ridge } else { 0.0 } - dot;
             if i == j {
                 if s <= 0.0 {
                     return None;
@@ -262,9 +265,14 @@ fn solve_spd(a: &[f64], b: &[f64], n: usize, ridge: f64) -> Option<Vec<f64>> {
             }
         }
     }
+    Some(l)
+}
+
+/// Solves `L Lᵀ x = b` with a factor from [`cholesky`].
+fn cho_solve(l: &[f64], b: &[f64], n: usize) -> Vec<f64> {
     let mut y = vec![0f64; n];
     for i in 0..n {
-        let s: f64 = (0..i).map(|k| l[i * n + k] * y[k]).sum();
+        let s: f64 = l[i * n..i * n + i].iter().zip(&y).map(|(a, b)| a * b).sum();
         y[i] = (b[i] - s) / l[i * n + i];
     }
     let mut x = vec![0f64; n];
@@ -272,44 +280,59 @@ fn solve_spd(a: &[f64], b: &[f64], n: usize, ridge: f64) -> Option<Vec<f64>> {
         let s: f64 = (i + 1..n).map(|k| l[k * n + i] * x[k]).sum();
         x[i] = (y[i] - s) / l[i * n + i];
     }
-    Some(x)
+    x
 }
 
-/// Tail inputs of every chain and the graph output, per calibration sample, concatenated.
-fn observe(
-    g: &Graph,
-    chains: &[Chain],
-    data: &[f32],
-    per: usize,
-    n: usize,
-) -> Result<(Vec<Vec<f32>>, Vec<f32>)> {
-    let mut runner = ActivationRunner::new(g)?;
-    let tail_inputs: Vec<TensorId> = chains
+/// Solves `(A + ridge·I) x = b` for a symmetric positive definite `A` (Cholesky).
+#[cfg(test)]
+fn solve_spd(a: &[f64], b: &[f64], n: usize, ridge: f64) -> Option<Vec<f64>> {
+    Some(cho_solve(&cholesky(a, n, ridge)?, b, n))
+}
+
+/// Calibration samples used by the structured search and the least-squares refits.
+const MAX_SAMPLES: usize = 128;
+
+/// Runs a batch through `g` with candle and returns the tail input of each chain and the logits
+/// (the input of a final SOFTMAX, else the output). Models that do not run batched are run one
+/// sample at a time.
+fn observe(g: &Graph, chains: &[Chain], x: &Tensor) -> Result<(Vec<Tensor>, Tensor)> {
+    let exec = CandleGraph::new(g, &Device::Cpu)?;
+    let wanted: Vec<TensorId> = chains
         .iter()
         .map(|c| g.ops[c.tail].inputs[0].unwrap_or(usize::MAX))
+        .chain([exec.logits_id()])
         .collect();
-    // Damage is measured before a final SOFTMAX (on the logits), where errors are not squashed.
-    let out = match g.ops.last() {
-        Some(op) if matches!(op.kind, OpKind::Softmax { .. }) => {
-            op.inputs[0].unwrap_or(g.outputs[0])
-        }
-        _ => g.outputs[0],
+    let pick = |env: Vec<Option<Tensor>>| -> Result<Vec<Tensor>> {
+        wanted
+            .iter()
+            .map(|&t| {
+                env.get(t)
+                    .cloned()
+                    .flatten()
+                    .ok_or_else(|| anyhow!("activation {t} is never written"))
+            })
+            .collect()
     };
-    let mut acts: Vec<Vec<f32>> = vec![Vec::new(); chains.len()];
-    let mut outputs = Vec::new();
-    for s in 0..n {
-        runner.run(&data[s * per..(s + 1) * per], |id, v| {
-            for (k, &t) in tail_inputs.iter().enumerate() {
-                if t == id {
-                    acts[k].extend_from_slice(v);
+    let mut got = match exec.activations_batch(x) {
+        Ok(env) => pick(env)?,
+        Err(_) => {
+            let mut parts: Vec<Vec<Tensor>> = vec![Vec::new(); wanted.len()];
+            for s in 0..x.dim(0)? {
+                for (p, t) in parts
+                    .iter_mut()
+                    .zip(pick(exec.activations_batch(&x.narrow(0, s, 1)?)?)?)
+                {
+                    p.push(t);
                 }
             }
-            if id == out {
-                outputs.extend_from_slice(v);
-            }
-        })?;
-    }
-    Ok((acts, outputs))
+            parts
+                .iter()
+                .map(|p| Ok(Tensor::cat(p, 0)?))
+                .collect::<Result<Vec<_>>>()?
+        }
+    };
+    let logits = got.pop().ok_or_else(|| anyhow!("no logits"))?;
+    Ok((got, logits))
 }
 
 /// Removes `remove` output channels of the chain's head (those carrying the least energy into
@@ -320,8 +343,8 @@ fn prune_chain(
     g: &mut Graph,
     original: &Graph,
     chain: &Chain,
-    x_now: &[f32],
-    x_orig: &[f32],
+    x_now: &Tensor,
+    x_orig: &Tensor,
     remove: usize,
 ) -> Result<Option<(String, usize, usize)>> {
     let head = &g.ops[chain.head];
@@ -360,15 +383,14 @@ fn prune_chain(
     // Keep the channels that carry the most energy into the tail's output:
     // E[x_c^2] * sum over the tail's filters of w[.., c]^2.
     let ic = in_shape[3];
-    let mut energy = vec![0f64; ic];
-    for (i, &v) in x_now.iter().enumerate() {
-        energy[i % ic] += (v as f64) * (v as f64);
-    }
+    let energy: Vec<f32> = x_now.sqr()?.sum((0, 1, 2))?.to_vec1()?;
     let mut weight = vec![0f64; ic];
     for (i, &v) in w_now.iter().enumerate() {
         weight[i % ic] += (v as f64) * (v as f64);
     }
-    let mut order: Vec<(f64, usize)> = (0..oc).map(|c| (energy[c] * weight[c], c)).collect();
+    let mut order: Vec<(f64, usize)> = (0..oc)
+        .map(|c| (energy.get(c).copied().unwrap_or(0.0) as f64 * weight[c], c))
+        .collect();
     order.sort_by(|a, b| b.0.total_cmp(&a.0));
     let mut keep: Vec<usize> = order[..oc - remove].iter().map(|&(_, c)| c).collect();
     keep.sort_unstable();
@@ -380,7 +402,7 @@ fn prune_chain(
         dilation,
         padding,
     };
-    let refit = refit_conv(x_now, ic, x_orig, &w_orig, &b_orig, &geometry, &keep);
+    let refit = refit_conv(x_now, x_orig, &w_orig, &b_orig, &geometry, &keep)?;
 
     keep_channels(&mut g.tensors[hw], 0, &keep)?;
     if let Some(b) = hb {
@@ -431,10 +453,10 @@ const STEPS: usize = 8;
 
 /// Removes output channels of prunable conv chains until `mac_fraction` of the model's MACs is
 /// gone. How many channels each chain loses is chosen greedily: each chain's damage (relative
-/// squared error of the model's output on the calibration samples) is measured at every step
+/// squared error of the model's logits on the calibration samples) is measured at every step
 /// of 1/8 of its channels, and the steps with the least damage per MAC saved are taken first.
 /// Each chain's next conv is then refitted by least squares, in order, against the unpruned
-/// model's outputs.
+/// model's outputs. At most 128 calibration samples are used.
 ///
 /// # Errors
 /// No prunable chain, a fraction outside `[0, 1)`, a target no allocation reaches, or
@@ -448,23 +470,58 @@ pub fn prune_structured(
     prune_structured_distilled(g, mac_fraction, calib, 0, progress)
 }
 
-/// Adam learning rate of the distillation step of [`prune_structured_distilled`].
-pub const DISTILL_LR: f64 = 3e-3;
+/// How [`prune_structured_with`] prunes and recovers.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct StructuredOptions {
+    /// Fraction of the model's MACs to remove, in `[0, 1)`.
+    pub mac_fraction: f64,
+    /// Channels to remove from each prunable chain, in graph order, instead of the allocation
+    /// search (`mac_fraction` is then ignored).
+    pub remove: Option<Vec<usize>>,
+    /// Distill every weight, not only those of the pruned convs.
+    pub train_all: bool,
+    /// Recovery by distillation after the least-squares refit (`steps == 0`: none).
+    pub distill: DistillOptions,
+}
 
-/// [`prune_structured`], then, when `distill_steps > 0`, recovery by knowledge distillation:
-/// every conv / depthwise / fully-connected weight of the pruned model is trained for
-/// `distill_steps` steps so that its logits match the unpruned model's on the calibration data
-/// (see [`crate::exec_candle::distill`]). `progress(done, total)` covers both phases.
+/// [`prune_structured`], then, when `distill_steps > 0`, recovery by knowledge distillation with
+/// the default [`DistillOptions`] (see [`prune_structured_with`]).
 ///
 /// # Errors
-/// As [`prune_structured`]; or an op the candle executor does not run (when distilling).
+/// As [`prune_structured_with`].
 pub fn prune_structured_distilled(
     g: &Graph,
     mac_fraction: f64,
     calib: &Array,
     distill_steps: usize,
+    progress: impl FnMut(usize, usize),
+) -> Result<(Graph, PruneReport)> {
+    let options = StructuredOptions {
+        mac_fraction,
+        remove: None,
+        train_all: false,
+        distill: DistillOptions {
+            steps: distill_steps,
+            ..Default::default()
+        },
+    };
+    prune_structured_with(g, &options, calib, progress)
+}
+
+/// [`prune_structured`], then, when `options.distill.steps > 0`, recovery by knowledge
+/// distillation: the pruned model is trained to reproduce the unpruned model on augmented
+/// calibration samples (see [`crate::distill`]). `progress(done, total)` covers both phases.
+///
+/// # Errors
+/// As [`prune_structured`]; or an op the candle executor does not run.
+pub fn prune_structured_with(
+    g: &Graph,
+    options: &StructuredOptions,
+    calib: &Array,
     mut progress: impl FnMut(usize, usize),
 ) -> Result<(Graph, PruneReport)> {
+    let mac_fraction = options.mac_fraction;
+    let distill_steps = options.distill.steps;
     if !(0.0..1.0).contains(&mac_fraction) {
         bail!("sparsity must be in [0, 1), got {mac_fraction}");
     }
@@ -483,80 +540,101 @@ pub fn prune_structured_distilled(
         bail!("no conv in this model can lose output channels (each must feed exactly one conv, possibly through depthwise convs)\nhint: use unstructured pruning (without --structured)");
     }
     let data = samples_f32(calib)?;
-    let per = g.tensors[g.inputs[0]].elements();
+    let in_shape = g.tensors[g.inputs[0]].shape.clone();
+    let per: usize = in_shape.iter().product();
     if data.is_empty() || !data.len().is_multiple_of(per) {
         bail!("calibration data has shape {:?}, which is not a whole number of samples of the model's input ({per} values)", calib.shape());
     }
-    let n = (data.len() / per).min(64);
-    let (acts, reference) = observe(&g, &chains, data, per, n)?;
-    let energy: f64 = reference
-        .iter()
-        .map(|&v| (v as f64).powi(2))
-        .sum::<f64>()
-        .max(1e-30);
+    let n = (data.len() / per).min(MAX_SAMPLES);
+    let mut batch_shape = in_shape;
+    match batch_shape.first_mut() {
+        Some(d) if *d == 1 => *d = n,
+        _ => batch_shape.insert(0, n),
+    }
+    let x = Tensor::from_slice(&data[..n * per], batch_shape.as_slice(), &Device::Cpu)?;
+    let (acts, reference) = observe(&g, &chains, &x)?;
+    let energy = reference.sqr()?.sum_all()?.to_scalar::<f32>()?.max(1e-30) as f64;
     let damage_of = |candidate: &Graph| -> Result<f64> {
-        let (_, out) = observe(candidate, &[], data, per, n)?;
-        Ok(out
-            .iter()
-            .zip(&reference)
-            .map(|(&a, &b)| ((a - b) as f64).powi(2))
-            .sum::<f64>()
-            / energy)
+        let (_, out) = observe(candidate, &[], &x)?;
+        Ok((out - &reference)?.sqr()?.sum_all()?.to_scalar::<f32>()? as f64 / energy)
     };
     let channels: Vec<usize> = chains
         .iter()
         .map(|c| g.tensors[g.ops[c.head].inputs[1].unwrap_or(usize::MAX)].shape[0])
         .collect();
-    // Damage and MACs saved of each chain alone at each step.
-    let total_steps = chains.len() * (STEPS - 2);
-    let mut table = vec![vec![(0.0f64, 0u64); STEPS - 1]; chains.len()];
-    let mut done = 0;
-    for (k, chain) in chains.iter().enumerate() {
-        for (step, entry) in table[k].iter_mut().enumerate().skip(1) {
-            let remove = channels[k] * step / STEPS;
-            let mut candidate = g.clone();
-            prune_chain(&mut candidate, &g, chain, &acts[k], &acts[k], remove)?;
-            *entry = (
-                damage_of(&candidate)?,
-                report.macs_before - graph_macs(&candidate),
-            );
-            done += 1;
-            progress(done, total_steps + chains.len() + distill_steps);
+    let total_steps = if options.remove.is_some() {
+        0
+    } else {
+        chains.len() * (STEPS - 2)
+    };
+    let all = total_steps + chains.len() + distill_steps;
+    let removes: Vec<usize> = match &options.remove {
+        Some(r) => {
+            if r.len() != chains.len() || r.iter().zip(&channels).any(|(&r, &c)| r >= c) {
+                bail!(
+                    "channels to remove {r:?} do not fit the {} prunable convs with {channels:?} channels",
+                    chains.len()
+                );
+            }
+            r.clone()
         }
-    }
-    // Greedy allocation.
-    let target = (report.macs_before as f64 * mac_fraction).ceil() as u64;
-    let mut steps = vec![0usize; chains.len()];
-    let saved =
-        |steps: &[usize]| -> u64 { steps.iter().enumerate().map(|(k, &s)| table[k][s].1).sum() };
-    while saved(&steps) < target {
-        let best = (0..chains.len())
-            .filter(|&k| steps[k] + 1 < STEPS - 1)
-            .map(|k| {
-                let (d0, m0) = table[k][steps[k]];
-                let (d1, m1) = table[k][steps[k] + 1];
-                (
-                    (d1 - d0).max(0.0) / (m1.saturating_sub(m0)).max(1) as f64,
-                    k,
-                )
-            })
-            .min_by(|a, b| a.0.total_cmp(&b.0));
-        match best {
-            Some((_, k)) => steps[k] += 1,
-            None => bail!(
-                "cannot remove {:.0} % of the MACs by pruning channels (at most {:.0} % here)\nhint: ask for less",
-                mac_fraction * 100.0,
-                saved(&steps) as f64 / report.macs_before as f64 * 100.0
-            ),
+        None => {
+            // Damage and MACs saved of each chain alone at each step.
+            let mut table = vec![vec![(0.0f64, 0u64); STEPS - 1]; chains.len()];
+            let mut done = 0;
+            for (k, chain) in chains.iter().enumerate() {
+                for (step, entry) in table[k].iter_mut().enumerate().skip(1) {
+                    let remove = channels[k] * step / STEPS;
+                    let mut candidate = g.clone();
+                    prune_chain(&mut candidate, &g, chain, &acts[k], &acts[k], remove)?;
+                    *entry = (
+                        damage_of(&candidate)?,
+                        report.macs_before - graph_macs(&candidate),
+                    );
+                    done += 1;
+                    progress(done, all);
+                }
+            }
+            // Greedy allocation.
+            let target = (report.macs_before as f64 * mac_fraction).ceil() as u64;
+            let mut steps = vec![0usize; chains.len()];
+            let saved = |steps: &[usize]| -> u64 {
+                steps.iter().enumerate().map(|(k, &s)| table[k][s].1).sum()
+            };
+            while saved(&steps) < target {
+                let best = (0..chains.len())
+                    .filter(|&k| steps[k] + 1 < STEPS - 1)
+                    .map(|k| {
+                        let (d0, m0) = table[k][steps[k]];
+                        let (d1, m1) = table[k][steps[k] + 1];
+                        (
+                            (d1 - d0).max(0.0) / (m1.saturating_sub(m0)).max(1) as f64,
+                            k,
+                        )
+                    })
+                    .min_by(|a, b| a.0.total_cmp(&b.0));
+                match best {
+                    Some((_, k)) => steps[k] += 1,
+                    None => bail!(
+                        "cannot remove {:.0} % of the MACs by pruning channels (at most {:.0} % here)\nhint: ask for less",
+                        mac_fraction * 100.0,
+                        saved(&steps) as f64 / report.macs_before as f64 * 100.0
+                    ),
+                }
+            }
+            steps
+                .iter()
+                .zip(&channels)
+                .map(|(&s, &c)| c * s / STEPS)
+                .collect()
         }
-    }
+    };
     // Apply in order, refitting each tail on the partially pruned model's activations.
     let original = g.clone();
-    let all = total_steps + chains.len() + distill_steps;
     for (k, chain) in chains.iter().enumerate() {
-        let remove = channels[k] * steps[k] / STEPS;
+        let remove = removes[k];
         if remove > 0 {
-            let (now, _) = observe(&g, std::slice::from_ref(chain), data, per, n)?;
+            let (now, _) = observe(&g, std::slice::from_ref(chain), &x)?;
             if let Some(r) = prune_chain(&mut g, &original, chain, &now[0], &acts[k], remove)? {
                 report.channels_removed.push(r);
             }
@@ -565,14 +643,16 @@ pub fn prune_structured_distilled(
     }
     if distill_steps > 0 {
         let before = total_steps + chains.len();
-        g = crate::exec_candle::distill(
-            &g,
-            &original,
-            calib,
-            distill_steps,
-            DISTILL_LR,
-            |d, _| progress(before + d, all),
-        )?;
+        let mut chain_weights = Vec::new();
+        for c in &chains {
+            for &o in std::iter::once(&c.head).chain(&c.middle).chain([&c.tail]) {
+                chain_weights.extend(g.ops[o].inputs.iter().skip(1).flatten());
+            }
+        }
+        let only = (!options.train_all).then_some(chain_weights.as_slice());
+        g = crate::distill::distill_some(&g, &original, calib, &options.distill, only, |d, _| {
+            progress(before + d, all)
+        })?;
     }
     fill_sparsity(&g, &mut report)?;
     Ok((g, report))
@@ -588,113 +668,109 @@ struct TailGeometry<'a> {
     padding: crate::ir::Padding,
 }
 
-/// Least-squares refit of a conv that lost input channels: on sampled output positions, the
-/// new weights over the kept channels (and a bias) minimise the squared error to the original
-/// pre-activation output. Returns `None` if the system is singular.
-fn refit_conv(
-    x_now: &[f32],
-    ic_now: usize,
-    x_orig: &[f32],
+/// Rows of the tail's least-squares problems drawn from the calibration activations.
+const REFIT_ROWS: usize = 8192;
+
+/// Normal equations of a conv refit: the rows are the tail's input patches (`x_now`, channels
+/// `keep`, plus a constant for the bias) at evenly sampled output positions; the targets are the
+/// unpruned tail's pre-activation outputs there (`x_orig` through `w`, `b`). Returns `AᵀA`
+/// (`n x n`), `AᵀY` (one row of `n` per output channel) and `n`. The patches are gathered and
+/// multiplied with candle.
+fn normal_equations(
+    x_now: &Tensor,
+    x_orig: &Tensor,
     w: &[f32],
     b: &[f32],
     geo: &TailGeometry<'_>,
     keep: &[usize],
-) -> Option<(Vec<f32>, Vec<f32>)> {
+) -> Result<(Vec<f64>, Vec<f64>, usize)> {
     let (in_shape, out_shape, w_shape) = (geo.in_shape, geo.out_shape, geo.w_shape);
     let (stride, dilation, padding) = (geo.stride, geo.dilation, geo.padding);
     let (ih, iw, ic) = (in_shape[1], in_shape[2], w_shape[3]);
     let (oh, ow) = (out_shape[1], out_shape[2]);
     let (oc, kh, kw) = (w_shape[0], w_shape[1], w_shape[2]);
-    let samples = x_orig.len() / (ih * iw * ic);
+    let (samples, ic_now) = (x_orig.dim(0)?, x_now.dim(3)?);
     let pad_t = same_padding(padding, stride[0], dilation[0], ih, kh, oh) as isize;
     let pad_l = same_padding(padding, stride[1], dilation[1], iw, kw, ow) as isize;
+    let taps = kh * kw;
+    // Cell indices of each sampled position's patch (u32::MAX reads zero: padding).
+    let total = samples * oh * ow;
+    let step = (total / REFIT_ROWS).max(1);
+    let mut ids = Vec::with_capacity(total.div_ceil(step) * taps);
+    for i in (step - 1..total).step_by(step) {
+        let (s, p) = (i / (oh * ow), i % (oh * ow));
+        let (oy, ox) = (p / ow, p % ow);
+        for fy in 0..kh {
+            for fx in 0..kw {
+                let y = (oy * stride[0]) as isize - pad_t + (fy * dilation[0]) as isize;
+                let xx = (ox * stride[1]) as isize - pad_l + (fx * dilation[1]) as isize;
+                let inside = y >= 0 && (y as usize) < ih && xx >= 0 && (xx as usize) < iw;
+                ids.push(if inside {
+                    u32::try_from((s * ih + y as usize) * iw + xx as usize)?
+                } else {
+                    u32::MAX
+                });
+            }
+        }
+    }
+    let rows = ids.len() / taps;
+    let dev = x_now.device();
+    let ids = Tensor::from_vec(ids, rows * taps, dev)?;
+    let keep_ids: Vec<u32> = keep.iter().map(|&c| c as u32).collect();
     let kc = keep.len();
-    let n = kh * kw * kc + 1;
-    let mut ata = vec![0f64; n * n];
-    let mut aty = vec![0f64; n * oc];
-    // A deterministic subsample of positions keeps the system small and the refit fast.
-    let positions = oh * ow;
-    let step = (positions * samples / 4096).max(1);
-    let mut row = vec![0f64; n];
-    let mut full = vec![0f64; kh * kw * ic];
-    let mut now = vec![0f64; kh * kw * ic_now];
-    let mut idx = 0usize;
-    for s in 0..samples {
-        for p in 0..positions {
-            idx += 1;
-            if !idx.is_multiple_of(step) {
-                continue;
-            }
-            let (oy, ox) = (p / ow, p % ow);
-            let img = &x_orig[s * ih * iw * ic..(s + 1) * ih * iw * ic];
-            let img_now = &x_now[s * ih * iw * ic_now..(s + 1) * ih * iw * ic_now];
-            for fy in 0..kh {
-                for fx in 0..kw {
-                    let y = (oy * stride[0]) as isize - pad_t + (fy * dilation[0]) as isize;
-                    let xx = (ox * stride[1]) as isize - pad_l + (fx * dilation[1]) as isize;
-                    let inside = y >= 0 && (y as usize) < ih && xx >= 0 && (xx as usize) < iw;
-                    for c in 0..ic {
-                        full[(fy * kw + fx) * ic + c] = if inside {
-                            img[((y as usize) * iw + xx as usize) * ic + c] as f64
-                        } else {
-                            0.0
-                        };
-                    }
-                    for c in 0..ic_now {
-                        now[(fy * kw + fx) * ic_now + c] = if inside {
-                            img_now[((y as usize) * iw + xx as usize) * ic_now + c] as f64
-                        } else {
-                            0.0
-                        };
-                    }
-                }
-            }
-            for t in 0..kh * kw {
-                for (j, &c) in keep.iter().enumerate() {
-                    row[t * kc + j] = now[t * ic_now + c];
-                }
-            }
-            row[n - 1] = 1.0;
-            for i in 0..n {
-                if row[i] == 0.0 {
-                    continue;
-                }
-                for j in 0..=i {
-                    ata[i * n + j] += row[i] * row[j];
-                }
-            }
-            for o in 0..oc {
-                let target: f64 = b[o] as f64
-                    + full
-                        .iter()
-                        .zip(&w[o * kh * kw * ic..(o + 1) * kh * kw * ic])
-                        .map(|(&a, &ww)| a * ww as f64)
-                        .sum::<f64>();
-                for i in 0..n {
-                    aty[o * n + i] += row[i] * target;
-                }
-            }
-        }
-    }
-    for i in 0..n {
-        for j in 0..i {
-            ata[j * n + i] = ata[i * n + j];
-        }
-    }
+    let keep_ids = Tensor::from_vec(keep_ids, kc, dev)?;
+    let a = x_now
+        .reshape((samples * ih * iw, ic_now))?
+        .index_select(&keep_ids, 1)?
+        .index_select(&ids, 0)?
+        .reshape((rows, taps * kc))?;
+    let a = Tensor::cat(&[a, Tensor::ones((rows, 1), CDType::F32, dev)?], 1)?;
+    let full = x_orig
+        .reshape((samples * ih * iw, ic))?
+        .index_select(&ids, 0)?
+        .reshape((rows, taps * ic))?;
+    let w = Tensor::from_slice(w, (oc, taps * ic), dev)?;
+    let b = Tensor::from_slice(b, oc, dev)?;
+    let y = full.matmul(&w.t()?)?.broadcast_add(&b)?;
+    // f32 products (candle's f32 gemm is the optimized one), solved in f64.
+    let f64s = |t: Tensor| -> Result<Vec<f64>> {
+        Ok(t.flatten_all()?.to_dtype(CDType::F64)?.to_vec1::<f64>()?)
+    };
+    let ata = f64s(a.t()?.matmul(&a)?)?;
+    let aty = f64s(y.t()?.matmul(&a)?)?;
+    Ok((ata, aty, taps * kc + 1))
+}
+
+/// Least-squares refit of a conv that lost input channels: on sampled output positions, the
+/// new weights over the kept channels (and a bias) minimise the squared error to the original
+/// pre-activation output (with a small ridge). `None` if the system is singular.
+#[allow(clippy::type_complexity)]
+fn refit_conv(
+    x_now: &Tensor,
+    x_orig: &Tensor,
+    w: &[f32],
+    b: &[f32],
+    geo: &TailGeometry<'_>,
+    keep: &[usize],
+) -> Result<Option<(Vec<f32>, Vec<f32>)>> {
+    let (ata, aty, n) = normal_equations(x_now, x_orig, w, b, geo, keep)?;
+    let (oc, taps, kc) = (geo.w_shape[0], geo.w_shape[1] * geo.w_shape[2], keep.len());
     let scale = (0..n).map(|i| ata[i * n + i]).sum::<f64>() / n as f64;
-    let ridge = 1e-4 * scale.max(1e-12);
-    let mut w_new = vec![0f32; oc * kh * kw * kc];
+    let Some(l) = cholesky(&ata, n, 1e-4 * scale.max(1e-12)) else {
+        return Ok(None);
+    };
+    let mut w_new = vec![0f32; oc * taps * kc];
     let mut b_new = vec![0f32; oc];
     for o in 0..oc {
-        let sol = solve_spd(&ata, &aty[o * n..(o + 1) * n], n, ridge)?;
-        for t in 0..kh * kw {
+        let sol = cho_solve(&l, &aty[o * n..(o + 1) * n], n);
+        for t in 0..taps {
             for j in 0..kc {
-                w_new[o * kh * kw * kc + t * kc + j] = sol[t * kc + j] as f32;
+                w_new[o * taps * kc + t * kc + j] = sol[t * kc + j] as f32;
             }
         }
         b_new[o] = sol[n - 1] as f32;
     }
-    Some((w_new, b_new))
+    Ok(Some((w_new, b_new)))
 }
 
 #[cfg(test)]
