@@ -28,7 +28,7 @@ use std::io::{BufReader, ErrorKind, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 const BOARD: &str = "mps2-an386";
@@ -63,6 +63,24 @@ fn board_key(dir: &Path) -> (ed25519_dalek::SigningKey, PathBuf) {
     let key = generate_key().expect("random key");
     let paths = write_key_pair(&name, &key, true).expect("write the board key pair");
     (key, paths.public)
+}
+
+/// The board image and the key it trusts, made once per test process: the tests run in
+/// parallel and must not race on the key files or build the image twice.
+struct Board {
+    key: ed25519_dalek::SigningKey,
+    public: PathBuf,
+    elf: PathBuf,
+}
+
+fn board() -> &'static Board {
+    static BOARD: OnceLock<Board> = OnceLock::new();
+    BOARD.get_or_init(|| {
+        let root = repo_root();
+        let (key, public) = board_key(&root.join("target/firmware/board-qemu-test"));
+        let elf = build_image(&root, &public);
+        Board { key, public, elf }
+    })
 }
 
 /// Builds the board image trusting `public`; returns the ELF's path.
@@ -374,10 +392,7 @@ fn board_takes_an_update_over_uart_and_runs_it() {
         );
         return;
     }
-    let root = repo_root();
-    let key_dir = root.join("target/firmware/board-qemu-test");
-    let (key, public) = board_key(&key_dir);
-    let elf = build_image(&root, &public);
+    let Board { key, elf, .. } = board();
 
     let port = free_port();
     let mut qemu = Qemu::start(&elf, port);
@@ -567,10 +582,8 @@ fn kws_v2_confirmed_tampered_v3_and_downgrade_refused_failing_v4_reverted_infer_
         );
         return;
     }
-    let root = repo_root();
-    let (_key, public) = board_key(&root.join("target/firmware/board-qemu-test"));
+    let Board { public, elf, .. } = board();
     let secret = public.with_extension("key");
-    let elf = build_image(&root, &public);
     let dir = std::env::temp_dir().join(format!("kiln-board-kws-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("temp dir");
     let p = |name: &str| dir.join(name);
