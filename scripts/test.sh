@@ -4,7 +4,7 @@
 #   ./scripts/test.sh
 #
 # Installs what it needs on a fresh Debian machine (apt: qemu-system-arm, binutils-arm-none-eabi,
-# gcc-aarch64-linux-gnu, qemu-user, postgresql; rustup targets through rust-toolchain.toml), then: formatting,
+# gcc-aarch64-linux-gnu, qemu-user, postgresql, chromium; rustup targets through rust-toolchain.toml), then: formatting,
 # clippy, the workspace tests (kernels, format, planner, importers, TFLM golden bit-exactness,
 # malformed-artifact proptests, signing, the update state machine and protocol, the QEMU board),
 # no_std builds for thumbv7em-none-eabihf and thumbv6m-none-eabi, the power-cut walk, the runtime
@@ -26,6 +26,8 @@ command -v aarch64-linux-gnu-gcc >/dev/null || need_apt+=(gcc-aarch64-linux-gnu)
 command -v qemu-aarch64 >/dev/null || need_apt+=(qemu-user)
 # PostgreSQL's server binaries (Debian layout) for tools/tests/fleet_postgres.rs (scripts/pg-test-cluster.sh).
 compgen -G '/usr/lib/postgresql/*/bin/pg_ctl' >/dev/null && compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null || need_apt+=(postgresql)
+# Headless Chromium renders the fleet page in tools/tests/fleet_web.rs.
+[ -x /usr/bin/chromium ] || need_apt+=(chromium)
 if ((${#need_apt[@]})); then
   step "installing ${need_apt[*]} (apt)"
   if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi

@@ -295,6 +295,7 @@ async fn auth_every_endpoint_refuses_missing_wrong_and_other_credentials() {
         ("POST", "/api/v1/checkin".into()),
         ("GET", format!("/api/v1/artifacts/{}", pushed.sha256)),
         ("POST", "/api/v1/rollouts".into()),
+        ("GET", "/api/v1/rollouts".into()),
         ("GET", "/api/v1/rollouts/1".into()),
         ("POST", "/api/v1/rollouts/1/pause".into()),
         ("POST", "/api/v1/rollback".into()),

@@ -243,6 +243,32 @@ pub struct RolloutStatus {
     pub waves: Vec<WaveStatus>,
 }
 
+/// A rollout, as `GET /api/v1/rollouts` (admin) lists it, newest first (no gate is judged for
+/// the list: `GET /api/v1/rollouts/{id}` does that and gives the waves).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RolloutSummary {
+    /// Rollout id.
+    pub id: i64,
+    /// `rollout` or `rollback`.
+    pub kind: String,
+    /// Target version.
+    pub target: ModelRef,
+    /// The version devices go back to when it aborts.
+    pub previous: Option<u32>,
+    /// Cohort; `None` = every device.
+    pub cohort: Option<String>,
+    /// State.
+    pub state: RolloutState,
+    /// The current wave (0-based).
+    pub wave: u32,
+    /// Cumulative percentages per wave.
+    pub waves: Vec<u8>,
+    /// Why it was aborted, if it was.
+    pub reason: Option<String>,
+    /// When it was created (RFC 3339).
+    pub created_at: String,
+}
+
 /// `POST /api/v1/rollback` (admin): every device of the model (in the cohort) goes to `to`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RollbackRequest {

@@ -3,7 +3,7 @@
 
 use super::api::{
     ApiError, DeviceSummary, ModelVersion, PushResponse, RollbackRequest, RolloutRequest,
-    RolloutStatus,
+    RolloutStatus, RolloutSummary,
 };
 use anyhow::{anyhow, Context as _, Result};
 use serde::de::DeserializeOwned;
@@ -88,6 +88,14 @@ impl Client {
             .send(self.http.post(self.url("/api/v1/rollouts")).json(req))
             .await?;
         Ok(c.rollout)
+    }
+
+    /// The newest rollouts, newest first.
+    ///
+    /// # Errors
+    /// Refused or unreachable.
+    pub async fn rollouts(&self) -> Result<Vec<RolloutSummary>> {
+        self.send(self.http.get(self.url("/api/v1/rollouts"))).await
     }
 
     /// A rollout's status.

@@ -10,6 +10,7 @@
 //!   read from and written to the database inside a transaction, so several server instances can
 //!   share one database.
 //! - [`server`]: the axum routes, metrics and graceful shutdown.
+//! - [`web`]: the fleet page at `/` (HTML and a script built in, reading the admin API).
 //! - [`client`]: the admin HTTP client behind the CLI verbs; [`cli`]: the verbs themselves.
 //!
 //! The wire types are [`kiln_agent::api`]; the HTTP API is described in `docs/FLEET_API.md`.
@@ -22,6 +23,7 @@ pub mod registry;
 pub mod rollout;
 pub mod server;
 pub mod store;
+pub mod web;
 
 pub use kiln_agent::api;
 pub use server::{RunningServer, ServerConfig};

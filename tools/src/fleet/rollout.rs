@@ -11,7 +11,8 @@
 
 use super::api::{
     Assignment, CheckIn, CheckInResponse, DeviceEvent, GateFigures, ModelRef, RollbackRequest,
-    RolloutRequest, RolloutState, RolloutStatus, Telemetry, WaveStatus, LATENCY_BUCKETS_US,
+    RolloutRequest, RolloutState, RolloutStatus, RolloutSummary, Telemetry, WaveStatus,
+    LATENCY_BUCKETS_US,
 };
 use super::auth::DeviceRow;
 use super::registry::{audit, Baseline};
@@ -955,6 +956,39 @@ fn state_of(s: &str) -> RolloutState {
         "superseded" => RolloutState::Superseded,
         _ => RolloutState::Aborted,
     }
+}
+
+/// The newest `limit` rollouts, newest first, without judging gates.
+///
+/// # Errors
+/// 500.
+pub async fn list(pool: &AnyPool, limit: i64) -> ApiResult<Vec<RolloutSummary>> {
+    let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+        "SELECT {ROLLOUT_COLUMNS} FROM rollouts ORDER BY id DESC LIMIT $1"
+    )))
+    .bind(limit)
+    .fetch_all(pool)
+    .await?;
+    let mut out = Vec::with_capacity(rows.len());
+    for row in &rows {
+        let r = rollout_from(row)?;
+        out.push(RolloutSummary {
+            id: r.id,
+            target: ModelRef {
+                model: r.model,
+                version: r.version as u32,
+            },
+            kind: r.kind,
+            previous: r.previous.map(|p| p as u32),
+            cohort: r.cohort,
+            state: state_of(&r.state),
+            wave: r.wave as u32,
+            waves: r.waves,
+            reason: r.reason,
+            created_at: super::rfc3339(r.created_at),
+        });
+    }
+    Ok(out)
 }
 
 /// A rollout's status (its gate judged first).

@@ -215,10 +215,11 @@ fn router(state: Arc<AppState>) -> Router {
         .route("/api/v1/devices", get(devices))
         .route("/api/v1/checkin", post(checkin))
         .route("/api/v1/artifacts/{sha256}", get(artifact))
-        .route("/api/v1/rollouts", post(create_rollout))
+        .route("/api/v1/rollouts", post(create_rollout).get(list_rollouts))
         .route("/api/v1/rollouts/{id}", get(rollout_status))
         .route("/api/v1/rollouts/{id}/{action}", post(rollout_action))
         .route("/api/v1/rollback", post(rollback))
+        .merge(super::web::routes())
         .fallback(|| async {
             ApiErr::not_found("no such endpoint; see docs/FLEET_API.md for the API")
         })
@@ -512,6 +513,14 @@ async fn create_rollout(
         Json(serde_json::json!({ "rollout": id })),
     )
         .into_response())
+}
+
+/// Most rollouts `GET /api/v1/rollouts` lists (the newest).
+const ROLLOUT_LIST_LIMIT: i64 = 200;
+
+async fn list_rollouts(State(s): Shared, headers: HeaderMap) -> ApiResult<Response> {
+    auth::admin(&headers, &s.admin_token, &s.enroll_token, &s.pool).await?;
+    Ok(Json(rollout::list(&s.pool, ROLLOUT_LIST_LIMIT).await?).into_response())
 }
 
 fn rollout_id(id: &str) -> ApiResult<i64> {
