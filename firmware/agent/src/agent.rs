@@ -69,6 +69,9 @@ pub struct AgentConfig {
     pub faults: Faults,
     /// Seed of the jitter and fault generator.
     pub seed: u64,
+    /// PEM files' contents whose certificates are trusted, besides the built-in roots, for an
+    /// `https://` server (a private CA, or the server's self-signed certificate).
+    pub ca_certs: Vec<Vec<u8>>,
 }
 
 impl AgentConfig {
@@ -87,6 +90,7 @@ impl AgentConfig {
             max_poll: Duration::from_secs(300),
             faults: Faults::default(),
             seed: seed_from_clock(),
+            ca_certs: Vec::new(),
         }
     }
 }
@@ -351,11 +355,15 @@ impl Agent {
     /// The state directory is unusable, or the HTTP client cannot be built.
     pub fn open(cfg: AgentConfig, dir: &Path) -> Result<Self, AgentError> {
         let store = Store::open(dir)?;
-        let http = reqwest::Client::builder()
+        let mut builder = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(5))
-            .pool_idle_timeout(Duration::from_secs(30))
-            .build()
-            .map_err(http_err)?;
+            .pool_idle_timeout(Duration::from_secs(30));
+        for pem in &cfg.ca_certs {
+            for cert in reqwest::Certificate::from_pem_bundle(pem).map_err(http_err)? {
+                builder = builder.add_root_certificate(cert);
+            }
+        }
+        let http = builder.build().map_err(http_err)?;
         let rng = Rng::new(cfg.seed);
         let mut a = Agent {
             cfg,

@@ -1,5 +1,7 @@
 //! `kiln-agent --server URL --enroll-token E --board B --state-dir DIR --trusted-key K.pub
-//! [--trusted-key K2.pub …] [--socket PATH] [--cohort NAME] [--name NAME]`
+//! [--trusted-key K2.pub …] [--socket PATH] [--cohort NAME] [--name NAME] [--ca-cert PEM]`
+//!
+//! `--ca-cert` (or `KILN_CA_CERT`) also trusts that CA certificate for an `https://` server.
 //!
 //! Polls the fleet server, installs signed models into A/B files in DIR, serves inference on a
 //! Unix socket (default DIR/infer.sock). Stops on Ctrl-C / SIGINT.
@@ -9,7 +11,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 const USAGE: &str = "usage: kiln-agent --server URL --enroll-token E --board B --state-dir DIR \
---trusted-key K.pub [--trusted-key K2.pub ...] [--socket PATH] [--cohort NAME] [--name NAME]";
+--trusted-key K.pub [--trusted-key K2.pub ...] [--socket PATH] [--cohort NAME] [--name NAME] \
+[--ca-cert PEM]";
 
 struct Args {
     server: String,
@@ -20,6 +23,7 @@ struct Args {
     socket: Option<PathBuf>,
     cohort: Option<String>,
     name: Option<String>,
+    ca_cert: Option<PathBuf>,
 }
 
 fn parse() -> Result<Args, String> {
@@ -34,6 +38,7 @@ fn parse() -> Result<Args, String> {
         socket: None,
         cohort: None,
         name: None,
+        ca_cert: std::env::var_os("KILN_CA_CERT").map(PathBuf::from),
     };
     while let Some(flag) = it.next() {
         if flag == "-h" || flag == "--help" {
@@ -51,6 +56,7 @@ fn parse() -> Result<Args, String> {
             "--socket" => a.socket = Some(PathBuf::from(val)),
             "--cohort" => a.cohort = Some(val),
             "--name" => a.name = Some(val),
+            "--ca-cert" => a.ca_cert = Some(PathBuf::from(val)),
             _ => return Err(format!("error: unknown flag {flag}\nhint: {USAGE}")),
         }
     }
@@ -98,6 +104,26 @@ fn main() -> ExitCode {
         }
     }
     let mut cfg = AgentConfig::new(&args.server, &args.enroll_token, &args.board, keys);
+    if let Some(path) = &args.ca_cert {
+        let pem = match std::fs::read(path) {
+            Ok(p) => p,
+            Err(e) => {
+                eprintln!(
+                    "error: cannot read --ca-cert {}: {e}\nhint: give the PEM file of the CA that signed the server's certificate",
+                    path.display()
+                );
+                return ExitCode::from(2);
+            }
+        };
+        if reqwest::Certificate::from_pem_bundle(&pem).map_or(true, |c| c.is_empty()) {
+            eprintln!(
+                "error: --ca-cert {} holds no PEM certificate\nhint: give a file with a `BEGIN CERTIFICATE` block",
+                path.display()
+            );
+            return ExitCode::from(2);
+        }
+        cfg.ca_certs.push(pem);
+    }
     cfg.cohort = args.cohort;
     if let Some(n) = args.name {
         cfg.name = n;

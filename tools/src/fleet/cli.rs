@@ -3,7 +3,7 @@
 
 use super::api::{ModelRef, RollbackRequest, RolloutRequest, RolloutState, RolloutStatus};
 use super::client::Client;
-use super::server::{serve_until_signal, ServerConfig};
+use super::server::{serve_until_signal, ServerConfig, TlsFiles};
 use anyhow::{Context as _, Result};
 use clap::{Args, Subcommand};
 use std::path::PathBuf;
@@ -17,6 +17,20 @@ pub struct Conn {
     /// Admin token.
     #[arg(long, env = "KILN_TOKEN", value_name = "T", hide_env_values = true)]
     pub token: String,
+    /// Also trust this CA certificate (PEM) for an https:// server, e.g. a private CA or the
+    /// server's self-signed certificate.
+    #[arg(long, env = "KILN_CA_CERT", value_name = "PEM")]
+    pub ca_cert: Option<PathBuf>,
+}
+
+impl Conn {
+    /// The admin client for this server, token and CA.
+    ///
+    /// # Errors
+    /// The CA file cannot be read or parsed.
+    pub fn client(&self) -> Result<Client> {
+        Client::with_ca_cert(&self.server, &self.token, self.ca_cert.as_deref())
+    }
 }
 
 /// The fleet verbs.
@@ -25,8 +39,9 @@ pub enum FleetCommand {
     /// Run the fleet server: registry, devices, staged rollouts gated by telemetry.
     ///
     /// SQLite and a local artifact folder in --data-dir by default; --database postgres://… and
-    /// --store URL for larger fleets (several servers may share one database). Pushed artifacts
-    /// must be signed by a --trusted-key. Stops gracefully on SIGTERM or Ctrl-C. The HTTP API is
+    /// --store URL (s3://bucket/prefix) for larger fleets (several servers may share one
+    /// database). Pushed artifacts must be signed by a --trusted-key. HTTPS with --tls-cert and
+    /// --tls-key; the fleet page is at / (it asks for the admin token). Stops gracefully on SIGTERM or Ctrl-C. The HTTP API is
     /// described in docs/FLEET_API.md.
     Serve {
         /// Data folder (SQLite database and artifacts).
@@ -60,6 +75,13 @@ pub enum FleetCommand {
         /// Public key file (.pub) whose signatures are accepted; repeat for several.
         #[arg(long = "trusted-key", value_name = "K.pub", required = true)]
         trusted_keys: Vec<PathBuf>,
+        /// Serve HTTPS with this certificate chain (PEM, server certificate first); needs
+        /// --tls-key.
+        #[arg(long, value_name = "CERT.pem", requires = "tls_key")]
+        tls_cert: Option<PathBuf>,
+        /// The private key (PEM) of --tls-cert.
+        #[arg(long, value_name = "KEY.pem", requires = "tls_cert")]
+        tls_key: Option<PathBuf>,
     },
     /// Push a signed artifact to the registry and start a staged rollout of it.
     ///
@@ -201,6 +223,8 @@ async fn run_async(cmd: FleetCommand) -> Result<()> {
             admin_token,
             enroll_token,
             trusted_keys,
+            tls_cert,
+            tls_key,
         } => {
             let keys = trusted_keys
                 .iter()
@@ -214,7 +238,11 @@ async fn run_async(cmd: FleetCommand) -> Result<()> {
                 enroll_token,
                 trusted_keys: keys,
             };
-            serve_until_signal(config, &listen).await
+            let tls = match (tls_cert, tls_key) {
+                (Some(cert), Some(key)) => Some(TlsFiles { cert, key }),
+                _ => None,
+            };
+            serve_until_signal(config, &listen, tls.as_ref()).await
         }
         FleetCommand::Push {
             artifact,
@@ -242,7 +270,7 @@ async fn run_async(cmd: FleetCommand) -> Result<()> {
                     artifact.display()
                 )
             })?;
-            let c = Client::new(&conn.server, &conn.token)?;
+            let c = conn.client()?;
             let pushed = c.push(bytes).await?;
             eprintln!(
                 "{} {} v{} (sha256 {})",
@@ -284,7 +312,7 @@ async fn run_async(cmd: FleetCommand) -> Result<()> {
                 json,
                 watch,
             } => {
-                let c = Client::new(&conn.server, &conn.token)?;
+                let c = conn.client()?;
                 loop {
                     let s = c.rollout_status(id).await?;
                     print_status(&s);
@@ -309,7 +337,7 @@ async fn run_async(cmd: FleetCommand) -> Result<()> {
             conn,
             json,
         } => {
-            let c = Client::new(&conn.server, &conn.token)?;
+            let c = conn.client()?;
             let id = c
                 .rollback(&RollbackRequest {
                     model: model.clone(),
@@ -324,7 +352,7 @@ async fn run_async(cmd: FleetCommand) -> Result<()> {
             Ok(())
         }
         FleetCommand::Models { conn, json } => {
-            let c = Client::new(&conn.server, &conn.token)?;
+            let c = conn.client()?;
             let models = c.models().await?;
             eprintln!(
                 "{:<24} {:>8} {:>8} {:>10} {:<16} {:<20} SIGNED BY",
@@ -348,7 +376,7 @@ async fn run_async(cmd: FleetCommand) -> Result<()> {
             Ok(())
         }
         FleetCommand::Devices { conn, json } => {
-            let c = Client::new(&conn.server, &conn.token)?;
+            let c = conn.client()?;
             let devices = c.devices().await?;
             eprintln!(
                 "{:<20} {:<16} {:<16} {:<10} {:<20} {:<20} LAST EVENT",
@@ -378,7 +406,7 @@ async fn run_async(cmd: FleetCommand) -> Result<()> {
 }
 
 async fn act(id: i64, conn: Conn, action: &str) -> Result<()> {
-    let c = Client::new(&conn.server, &conn.token)?;
+    let c = conn.client()?;
     let s = c.rollout_action(id, action).await?;
     print_status(&s);
     Ok(())

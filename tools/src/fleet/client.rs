@@ -28,11 +28,28 @@ impl Client {
     /// # Errors
     /// The HTTP client cannot be built.
     pub fn new(server: &str, token: &str) -> Result<Self> {
-        let http = reqwest::Client::builder()
+        Self::with_ca_cert(server, token, None)
+    }
+
+    /// As [`Client::new`], also trusting the CA certificate(s) in the PEM file `ca_cert` (for a
+    /// server with a private CA or a self-signed certificate).
+    ///
+    /// # Errors
+    /// The file cannot be read or holds no PEM certificate; the HTTP client cannot be built.
+    pub fn with_ca_cert(
+        server: &str,
+        token: &str,
+        ca_cert: Option<&std::path::Path>,
+    ) -> Result<Self> {
+        let mut builder = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(10))
-            .timeout(Duration::from_secs(300))
-            .build()
-            .context("cannot build the HTTP client")?;
+            .timeout(Duration::from_secs(300));
+        if let Some(path) = ca_cert {
+            for cert in ca_certificates(path)? {
+                builder = builder.add_root_certificate(cert);
+            }
+        }
+        let http = builder.build().context("cannot build the HTTP client")?;
         Ok(Client {
             base: server.trim_end_matches('/').to_string(),
             token: token.to_string(),
@@ -49,7 +66,7 @@ impl Client {
             .bearer_auth(&self.token)
             .send()
             .await
-            .map_err(|e| anyhow!("cannot reach the server {}: {e}; hint: check --server (or KILN_SERVER) and that `kiln serve` runs", self.base))?;
+            .map_err(|e| anyhow!("cannot reach the server {}: {}; hint: check --server (or KILN_SERVER) and that `kiln serve` runs (for https with a private CA, --ca-cert)", self.base, chain(&e)))?;
         let status = resp.status();
         let bytes = resp
             .bytes()
@@ -145,4 +162,43 @@ impl Client {
     pub async fn devices(&self) -> Result<Vec<DeviceSummary>> {
         self.send(self.http.get(self.url("/api/v1/devices"))).await
     }
+}
+
+/// The certificates of a PEM file, for `--ca-cert` (`KILN_CA_CERT`).
+///
+/// # Errors
+/// The file cannot be read, or it holds no valid PEM certificate.
+pub fn ca_certificates(path: &std::path::Path) -> Result<Vec<reqwest::Certificate>> {
+    let pem = std::fs::read(path).map_err(|e| {
+        anyhow!(
+            "cannot read --ca-cert {}: {e}; hint: give the PEM file of the CA (or self-signed certificate) the server's certificate comes from",
+            path.display()
+        )
+    })?;
+    let certs = reqwest::Certificate::from_pem_bundle(&pem)
+        .ok()
+        .filter(|c| !c.is_empty())
+        .ok_or_else(|| {
+            anyhow!(
+                "--ca-cert {} holds no PEM certificate; hint: give a file with a `BEGIN CERTIFICATE` block",
+                path.display()
+            )
+        })?;
+    Ok(certs)
+}
+
+/// An error and its causes on one line (reqwest's own text leaves out why a request failed,
+/// e.g. the certificate the server presented is not trusted).
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        source = s.source();
+    }
+    out.replace('\n', " ")
 }

@@ -42,6 +42,72 @@ pub struct ServerConfig {
     pub trusted_keys: Vec<[u8; 32]>,
 }
 
+/// `kiln serve --tls-cert CERT.pem --tls-key KEY.pem`: serve HTTPS with this certificate chain
+/// (end-entity first) and its private key (PKCS#8, PKCS#1 or SEC1), both PEM.
+#[derive(Clone, Debug)]
+pub struct TlsFiles {
+    /// The certificate chain.
+    pub cert: PathBuf,
+    /// The private key.
+    pub key: PathBuf,
+}
+
+/// The rustls server configuration for `files` (ring provider, TLS 1.2 and 1.3, ALPN h2 and
+/// http/1.1).
+///
+/// # Errors
+/// A file is missing or unreadable, holds no PEM certificate or key, or the key does not belong
+/// to the certificate; one line that names the file.
+pub fn tls_config(files: &TlsFiles) -> anyhow::Result<rustls::ServerConfig> {
+    use rustls::pki_types::pem::PemObject as _;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let read = |path: &std::path::Path, flag: &str| {
+        std::fs::read(path).map_err(|e| {
+            anyhow::anyhow!(
+                "cannot read {flag} {}: {e}; hint: give a PEM file",
+                path.display()
+            )
+        })
+    };
+    let cert_pem = read(&files.cert, "--tls-cert")?;
+    let certs = CertificateDer::pem_slice_iter(&cert_pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "--tls-cert {} is not a PEM certificate file: {e}",
+                files.cert.display()
+            )
+        })?;
+    if certs.is_empty() {
+        anyhow::bail!(
+            "--tls-cert {} holds no `BEGIN CERTIFICATE` block; hint: give the server's certificate (chain) as PEM",
+            files.cert.display()
+        );
+    }
+    let key_pem = read(&files.key, "--tls-key")?;
+    let key = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| {
+        anyhow::anyhow!(
+            "--tls-key {} holds no PEM private key ({e}); hint: give the key of --tls-cert as PKCS#8, PKCS#1 or SEC1 PEM",
+            files.key.display()
+        )
+    })?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| anyhow::anyhow!("cannot set up TLS: {e}"))?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "--tls-key {} does not fit --tls-cert {}: {e}; hint: give the private key of that certificate",
+                files.key.display(),
+                files.cert.display()
+            )
+        })?;
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(config)
+}
+
 /// Upper bounds (seconds) of the request latency histogram.
 const LATENCY_BOUNDS_S: [f64; 10] = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0];
 
@@ -73,15 +139,18 @@ type Shared = State<Arc<AppState>>;
 pub struct RunningServer {
     /// The address it listens on.
     pub addr: SocketAddr,
+    /// Whether it serves HTTPS.
+    pub tls: bool,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<std::io::Result<()>>,
     pool: AnyPool,
 }
 
 impl RunningServer {
-    /// `http://ADDR`.
+    /// `http://ADDR` (`https://ADDR` with TLS).
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        let scheme = if self.tls { "https" } else { "http" };
+        format!("{scheme}://{}", self.addr)
     }
 
     /// Stops taking requests, lets running ones finish, closes the database.
@@ -110,12 +179,27 @@ impl RunningServer {
     }
 }
 
-/// Opens the database and store and starts serving on `listen` (`127.0.0.1:0` picks a port).
+/// Opens the database and store and starts serving HTTP on `listen` (`127.0.0.1:0` picks a
+/// port).
 ///
 /// # Errors
 /// Bad configuration, the database or store cannot be opened, or the address cannot be bound.
 pub async fn start(config: ServerConfig, listen: &str) -> anyhow::Result<RunningServer> {
+    start_with_tls(config, listen, None).await
+}
+
+/// As [`start`], serving HTTPS when `tls` is given.
+///
+/// # Errors
+/// As [`start`], and the certificate or key cannot be loaded ([`tls_config`]).
+pub async fn start_with_tls(
+    config: ServerConfig,
+    listen: &str,
+    tls: Option<&TlsFiles>,
+) -> anyhow::Result<RunningServer> {
     use anyhow::Context as _;
+    // TLS files first: a bad certificate should not leave a half-created data folder behind.
+    let tls_config = tls.map(tls_config).transpose()?;
     if config.admin_token.len() < 8 || config.enroll_token.len() < 8 {
         anyhow::bail!("--admin-token and --enroll-token need at least 8 characters each; hint: use long random strings");
     }
@@ -154,27 +238,52 @@ pub async fn start(config: ServerConfig, listen: &str) -> anyhow::Result<Running
     let addr = listener.local_addr()?;
     let app = router(state);
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    let task = tokio::spawn(async move {
-        axum::serve(listener, app)
-            .with_graceful_shutdown(async move {
+    let task = match tls_config {
+        None => tokio::spawn(async move {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(async move {
+                    let _ = rx.await;
+                })
+                .await
+        }),
+        Some(tls) => {
+            let std_listener = listener
+                .into_std()
+                .with_context(|| format!("cannot listen on {listen}"))?;
+            let tls = axum_server::tls_rustls::RustlsConfig::from_config(Arc::new(tls));
+            let handle = axum_server::Handle::new();
+            let server = axum_server::from_tcp_rustls(std_listener, tls)
+                .with_context(|| format!("cannot listen on {listen}"))?
+                .handle(handle.clone());
+            tokio::spawn(async move {
                 let _ = rx.await;
-            })
-            .await
-    });
+                handle.graceful_shutdown(Some(GRACEFUL_SHUTDOWN));
+            });
+            tokio::spawn(server.serve(app.into_make_service()))
+        }
+    };
     Ok(RunningServer {
         addr,
+        tls: tls.is_some(),
         stop: Some(tx),
         task,
         pool,
     })
 }
 
+/// How long requests may run on after a TLS server is told to stop.
+const GRACEFUL_SHUTDOWN: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// `kiln serve`: runs until SIGTERM or Ctrl-C, then shuts down gracefully.
 ///
 /// # Errors
 /// As [`start`].
-pub async fn serve_until_signal(config: ServerConfig, listen: &str) -> anyhow::Result<()> {
-    let server = start(config, listen).await?;
+pub async fn serve_until_signal(
+    config: ServerConfig,
+    listen: &str,
+    tls: Option<&TlsFiles>,
+) -> anyhow::Result<()> {
+    let server = start_with_tls(config, listen, tls).await?;
     eprintln!("kiln serve: listening on {}", server.url());
     shutdown_signal().await;
     eprintln!("kiln serve: shutting down");
