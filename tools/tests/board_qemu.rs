@@ -395,7 +395,7 @@ fn board_takes_an_update_over_uart_and_runs_it() {
     let Board { key, elf, .. } = board();
 
     let port = free_port();
-    let mut qemu = Qemu::start(&elf, port);
+    let mut qemu = Qemu::start(elf, port);
     let mut link = Link::connect(port, Duration::from_secs(20));
     let test_started = Instant::now();
 
@@ -442,7 +442,7 @@ fn board_takes_an_update_over_uart_and_runs_it() {
         target: BOARD.into(),
         ..Spec::sized(1, 54_000)
     };
-    let v1 = sign_artifact(&testkit::build(&v1), &key, 1, 0, Some(BOARD)).expect("sign v1");
+    let v1 = sign_artifact(&testkit::build(&v1), key, 1, 0, Some(BOARD)).expect("sign v1");
     let update = send_update(&mut link, &v1);
     let committed_at = Instant::now();
     let slot = match response(&update.commit) {
@@ -506,7 +506,7 @@ fn board_takes_an_update_over_uart_and_runs_it() {
         bad_selftest: true,
         ..Spec::sized(3, 4096)
     };
-    let v3 = sign_artifact(&testkit::build(&v3), &key, 3, 0, Some(BOARD)).expect("sign v3");
+    let v3 = sign_artifact(&testkit::build(&v3), key, 3, 0, Some(BOARD)).expect("sign v3");
     let committed = send_update(&mut link, &v3).commit;
     assert!(
         matches!(response(&committed), Response::Committed { version: 3, .. }),
@@ -637,7 +637,7 @@ fn kws_v2_confirmed_tampered_v3_and_downgrade_refused_failing_v4_reverted_infer_
     sign(&p("bad-selftest.kiln"), "4", &p("v4.kiln"));
 
     let port = free_port();
-    let _qemu = Qemu::start(&elf, port);
+    let _qemu = Qemu::start(elf, port);
     let serial = format!("tcp:127.0.0.1:{port}");
     let flash = |file: &str| {
         kiln(&[
