@@ -4,7 +4,7 @@
 #   ./scripts/test.sh
 #
 # Installs what it needs on a fresh Debian machine (apt: qemu-system-arm, binutils-arm-none-eabi,
-# gcc-aarch64-linux-gnu, qemu-user, postgresql, chromium; rustup targets through rust-toolchain.toml), then: formatting,
+# gcc-aarch64-linux-gnu, qemu-user, postgresql, chromium; pip: onnx, moto[server]; rustup targets through rust-toolchain.toml), then: formatting,
 # clippy, the workspace tests (kernels, format, planner, importers, TFLM golden bit-exactness,
 # malformed-artifact proptests, signing, the update state machine and protocol, the QEMU board),
 # no_std builds for thumbv7em-none-eabihf and thumbv6m-none-eabi, the power-cut walk, the runtime
@@ -45,6 +45,12 @@ rustup target add thumbv7em-none-eabihf thumbv6m-none-eabi aarch64-unknown-linux
 if ! python3 -c "import onnx, sys; sys.exit(0 if onnx.__version__ == '1.22.0' else 1)" 2>/dev/null; then
   step "installing onnx==1.22.0 (pip) for the ONNX backend node tests"
   python3 -m pip install -q --disable-pip-version-check onnx==1.22.0 || echo "warning: pip could not install onnx==1.22.0; the ONNX node tests will say skipped"
+fi
+
+# An S3-compatible server for tools/tests/fleet_s3.rs (`kiln serve --store s3://...`).
+if ! command -v moto_server >/dev/null || ! python3 -c "import moto, sys; sys.exit(0 if moto.__version__ == '5.2.1' else 1)" 2>/dev/null; then
+  step "installing moto[server]==5.2.1 (pip) for the S3 store test"
+  python3 -m pip install -q --disable-pip-version-check 'moto[server]==5.2.1' || echo "warning: pip could not install moto[server]==5.2.1; the S3 store test will say skipped"
 fi
 
 if [ -d "$KILN_TESTDATA/models" ]; then

@@ -221,7 +221,11 @@ pub async fn start_with_tls(
         .unwrap_or_else(|| db::default_url(&config.data_dir));
     let (pool, _backend) = db::connect(&url).await?;
     let store = match &config.store {
-        Some(u) => Store::from_url(u)?,
+        Some(u) => {
+            let store = Store::from_url(u)?;
+            store.check(u).await?;
+            store
+        }
         None => Store::local(&config.data_dir.join("artifacts"))?,
     };
     let state = Arc::new(AppState {
