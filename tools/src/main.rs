@@ -474,6 +474,9 @@ enum Command {
         /// Longest pause between a device's check-ins, seconds.
         #[arg(long, value_name = "SECS", default_value_t = 2.0)]
         max_poll: f64,
+        /// Also trust this CA certificate (PEM) for an https:// server.
+        #[arg(long, env = "KILN_CA_CERT", value_name = "PEM")]
+        ca_cert: Option<PathBuf>,
         /// Print the report as JSON on stdout.
         #[arg(long)]
         json: bool,
@@ -1579,6 +1582,7 @@ fn main() -> ExitCode {
             faults,
             duration,
             max_poll,
+            ca_cert,
             json,
         } => simulate(SimulateArgs {
             server,
@@ -1592,6 +1596,7 @@ fn main() -> ExitCode {
             faults,
             duration,
             max_poll,
+            ca_cert,
             json,
         }),
     };
@@ -1622,6 +1627,7 @@ struct SimulateArgs {
     faults: Option<String>,
     duration: u64,
     max_poll: f64,
+    ca_cert: Option<PathBuf>,
     json: bool,
 }
 
@@ -1665,7 +1671,15 @@ fn simulate(a: SimulateArgs) -> Result<()> {
     if !(a.max_poll > 0.0 && a.max_poll.is_finite()) {
         bail!("--max-poll must be a positive number of seconds");
     }
+    let mut ca_certs = Vec::new();
+    if let Some(path) = &a.ca_cert {
+        // Checked here so a bad file is one line now, not an error in every device.
+        kiln::fleet::client::ca_certificates(path)?;
+        ca_certs
+            .push(std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?);
+    }
     let opts = kiln_agent::sim::SimOptions {
+        ca_certs,
         board: a.board,
         trusted_keys: keys,
         fail_version: a.fail_version,

@@ -1,8 +1,8 @@
 //! `kiln serve --tls-cert/--tls-key` over rustls, with a self-signed certificate made here
 //! (rcgen): bad certificate and key files are refused with one line; a real HTTPS request
 //! trusting the certificate; `kiln push --ca-cert` and `KILN_CA_CERT`; a client that does not
-//! trust it is refused; and the device agent (with its CA set) enrolls and installs a release
-//! over HTTPS.
+//! trust it is refused; and the device agent (with its CA set, and `kiln simulate --ca-cert`)
+//! enrolls and installs a release over HTTPS.
 
 #[path = "common/fleet.rs"]
 mod fleet;
@@ -272,6 +272,32 @@ async fn https_serve_push_with_ca_cert_and_an_agent_over_tls() {
     .ok()
     .json();
     assert_eq!(status["devices"]["1"], 1, "{status}");
+
+    // kiln simulate --ca-cert: three simulated devices (the same agent) over HTTPS.
+    let sim = kiln(
+        &[
+            "simulate",
+            "--server",
+            &url,
+            "--enroll-token",
+            ENROLL,
+            "--devices",
+            "3",
+            "--trusted-key",
+            &s(&key),
+            "--ca-cert",
+            &s(&cert),
+            "--duration",
+            "4",
+            "--max-poll",
+            "0.5",
+            "--json",
+        ],
+        &[],
+    )
+    .ok()
+    .json();
+    assert_eq!(sim["final_versions"]["1"], 3, "{sim}");
     drop(server);
     eprintln!("[{:5.1}s] done", t_start.elapsed().as_secs_f64());
 }

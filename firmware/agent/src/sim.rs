@@ -43,6 +43,8 @@ pub struct SimOptions {
     pub seed: u64,
     /// Cohort of the devices.
     pub cohort: Option<String>,
+    /// PEM certificates the devices trust for an `https://` server ([`AgentConfig::ca_certs`]).
+    pub ca_certs: Vec<Vec<u8>>,
 }
 
 impl Default for SimOptions {
@@ -61,6 +63,7 @@ impl Default for SimOptions {
             state_root: None,
             seed: 1,
             cohort: None,
+            ca_certs: Vec::new(),
         }
     }
 }
@@ -185,6 +188,7 @@ pub async fn simulate(
             AgentConfig::new(server, enroll_token, &opts.board, opts.trusted_keys.clone());
         cfg.name = format!("sim-{i:05}");
         cfg.cohort = opts.cohort.clone();
+        cfg.ca_certs = opts.ca_certs.clone();
         cfg.faults = Faults {
             fail_selftest_version: opts.fail_version,
             ..opts.faults.clone()
