@@ -60,15 +60,16 @@ fn structured_pruning_of_resnet8_keeps_int8_accuracy() {
     let y = read_labels(&data).unwrap();
     let (calib, eval, ye) = (take(&x, 0..100), take(&x, 100..200), &y[100..]);
 
-    // Distillation (100 steps: int8 77 % -> 78 %, see BENCHMARKS.md) costs minutes in the test
-    // profile: off by default here, KILN_DISTILL_STEPS turns it on.
+    // Distillation on the 100 calibration images does not generalise to the other 100 (see
+    // BENCHMARKS.md) and costs minutes in the test profile: off by default here,
+    // KILN_DISTILL_STEPS turns it on.
     let steps: usize = std::env::var("KILN_DISTILL_STEPS")
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(0);
     let t0 = std::time::Instant::now();
     let (pruned, report) =
-        kiln::prune::prune_structured_distilled(&g, 0.27, &calib, steps, |_, _| {}).unwrap();
+        kiln::prune::prune_structured_distilled(&g, 0.25, &calib, steps, |_, _| {}).unwrap();
     eprintln!(
         "pruning + {steps} distillation steps: {:.1} s",
         t0.elapsed().as_secs_f64()
@@ -77,7 +78,7 @@ fn structured_pruning_of_resnet8_keeps_int8_accuracy() {
     let (_, base_int8, base_arena) = int8(&g, &calib, &eval, ye);
     let (pruned_float, pruned_int8, pruned_arena) = int8(&pruned, &calib, &eval, ye);
     eprintln!(
-        "ResNet-8 structured, 27 % of MACs requested: MACs {} -> {} (-{:.1} %), arena {base_arena} -> {pruned_arena} B, int8 top-1 {:.2} % -> {:.2} % (pruned float {:.2} %)",
+        "ResNet-8 structured, 25 % of MACs requested: MACs {} -> {} (-{:.1} %), arena {base_arena} -> {pruned_arena} B, int8 top-1 {:.2} % -> {:.2} % (pruned float {:.2} %)",
         report.macs_before,
         report.macs_after,
         removed * 100.0,
@@ -90,9 +91,9 @@ fn structured_pruning_of_resnet8_keeps_int8_accuracy() {
         "only {:.1} % of MACs removed",
         removed * 100.0
     );
-    // Open: the issue asks for <= 2 pt. Least-squares refit alone loses about 10-15 pt here (see
-    // BENCHMARKS.md); 100 steps of distillation on the 100 calibration images recover part of it
-    // (pruned float ~80 % vs 86 % unpruned). This guards against regressions.
+    // Open: the issue asks for <= 2 pt. The least-squares refits (group OBS channel choice,
+    // head and residual drift compensation) lose about 10 pt here (see BENCHMARKS.md); this
+    // guards against regressions.
     assert!(
         pruned_int8 >= base_int8 - 0.15,
         "pruned int8 {pruned_int8} loses more than 15 pt against {base_int8}"

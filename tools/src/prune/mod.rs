@@ -9,16 +9,20 @@
 //!   really shrink. Recovery: the next conv is refitted by least squares on calibration data so
 //!   that its (pre-activation) output matches the unpruned model's.
 
+mod linalg;
+mod refit;
+
 use crate::distill::DistillOptions;
 use crate::exec_candle::CandleGraph;
 use crate::ir::{Graph, OpKind, TensorId};
-use crate::lower::{dequantized, normalize, same_padding};
+use crate::lower::{dequantized, normalize};
 use crate::npy::Array;
 use crate::passes::{consumers, fuse_activations};
 use crate::quantize::calibrate::samples_f32;
 use anyhow::{anyhow, bail, Result};
-use candle_core::{DType as CDType, Device, Tensor};
-use kiln_runtime::graph::DType;
+use candle_core::{Device, Tensor};
+use kiln_runtime::graph::{Activation, DType};
+use refit::{normal_equations, ConvGeometry};
 use serde::Serialize;
 
 /// What pruning did.
@@ -160,6 +164,9 @@ struct Chain {
     head: usize,
     middle: Vec<usize>,
     tail: usize,
+    /// The other input of the residual ADD that the tail's output (with no activation of its
+    /// own) feeds, if any: the tail's refit then also makes up for that branch's drift.
+    residual: Option<TensorId>,
 }
 
 fn find_chains(g: &Graph) -> Vec<Chain> {
@@ -216,6 +223,7 @@ fn find_chains(g: &Graph) -> Vec<Chain> {
                             head: h,
                             middle,
                             tail: c,
+                            residual: residual_of(g, c, &uses),
                         });
                     }
                     break;
@@ -246,62 +254,49 @@ fn keep_channels(t: &mut crate::ir::Tensor, axis: usize, keep: &[usize]) -> Resu
     Ok(())
 }
 
-/// Cholesky factor `L` (row-major, lower) of `A + ridge·I` for a symmetric positive definite
-/// `A`; `None` if it is not positive definite.
-fn cholesky(a: &[f64], n: usize, ridge: f64) -> Option<Vec<f64>> {
-    let mut l = vec![0f64; n * n];
-    for i in 0..n {
-        for j in 0..=i {
-            let (li, lj) = (&l[i * n..i * n + j], &l[j * n..j * n + j]);
-            let dot: f64 = li.iter().zip(lj).map(|(a, b)| a * b).sum();
-            let s = a[i * n + j] + if i == j { ridge } else { 0.0 } - dot;
-            if i == j {
-                if s <= 0.0 {
-                    return None;
-                }
-                l[i * n + i] = s.sqrt();
-            } else {
-                l[i * n + j] = s / l[j * n + j];
-            }
-        }
+/// The other input of the ADD that conv `tail`'s output alone feeds, when `tail` has no
+/// activation of its own and that input is an activation of the same shape.
+fn residual_of(g: &Graph, tail: usize, uses: &[usize]) -> Option<TensorId> {
+    let OpKind::Conv2d {
+        activation: Activation::None,
+        ..
+    } = g.ops[tail].kind
+    else {
+        return None;
+    };
+    let out = *g.ops[tail].outputs.first()?;
+    if uses[out] != 1 || g.outputs.contains(&out) {
+        return None;
     }
-    Some(l)
+    let add = g.ops.iter().find(|o| o.inputs.contains(&Some(out)))?;
+    let OpKind::Add { .. } = add.kind else {
+        return None;
+    };
+    let other: Vec<TensorId> = add
+        .inputs
+        .iter()
+        .flatten()
+        .copied()
+        .filter(|&t| t != out)
+        .collect();
+    match other[..] {
+        [r] if g.tensors[r].data.is_none() && g.tensors[r].shape == g.tensors[out].shape => Some(r),
+        _ => None,
+    }
 }
 
-/// Solves `L Lᵀ x = b` with a factor from [`cholesky`].
-fn cho_solve(l: &[f64], b: &[f64], n: usize) -> Vec<f64> {
-    let mut y = vec![0f64; n];
-    for i in 0..n {
-        let s: f64 = l[i * n..i * n + i].iter().zip(&y).map(|(a, b)| a * b).sum();
-        y[i] = (b[i] - s) / l[i * n + i];
-    }
-    let mut x = vec![0f64; n];
-    for i in (0..n).rev() {
-        let s: f64 = (i + 1..n).map(|k| l[k * n + i] * x[k]).sum();
-        x[i] = (y[i] - s) / l[i * n + i];
-    }
-    x
-}
-
-/// Solves `(A + ridge·I) x = b` for a symmetric positive definite `A` (Cholesky).
-#[cfg(test)]
-fn solve_spd(a: &[f64], b: &[f64], n: usize, ridge: f64) -> Option<Vec<f64>> {
-    Some(cho_solve(&cholesky(a, n, ridge)?, b, n))
-}
+/// Channel steps of the allocation search (sixteenths of a conv's output channels).
+const STEPS: usize = 16;
 
 /// Calibration samples used by the structured search and the least-squares refits.
 const MAX_SAMPLES: usize = 128;
 
-/// Runs a batch through `g` with candle and returns the tail input of each chain and the logits
-/// (the input of a final SOFTMAX, else the output). Models that do not run batched are run one
+/// Runs a batch through `g` with candle and returns the activations `ids` and the logits (the
+/// input of a final SOFTMAX, else the output). Models that do not run batched are run one
 /// sample at a time.
-fn observe(g: &Graph, chains: &[Chain], x: &Tensor) -> Result<(Vec<Tensor>, Tensor)> {
+fn observe(g: &Graph, ids: &[TensorId], x: &Tensor) -> Result<(Vec<Tensor>, Tensor)> {
     let exec = CandleGraph::new(g, &Device::Cpu)?;
-    let wanted: Vec<TensorId> = chains
-        .iter()
-        .map(|c| g.ops[c.tail].inputs[0].unwrap_or(usize::MAX))
-        .chain([exec.logits_id()])
-        .collect();
+    let wanted: Vec<TensorId> = ids.iter().copied().chain([exec.logits_id()]).collect();
     let pick = |env: Vec<Option<Tensor>>| -> Result<Vec<Tensor>> {
         wanted
             .iter()
@@ -335,128 +330,241 @@ fn observe(g: &Graph, chains: &[Chain], x: &Tensor) -> Result<(Vec<Tensor>, Tens
     Ok((got, logits))
 }
 
-/// Removes `remove` output channels of the chain's head (those carrying the least energy into
-/// the tail), the matching depthwise channels, and refits the tail: its rows come from `x_now`
-/// (the tail's input in the graph as it is now) and its targets from the unpruned model's input
-/// `x_orig` and weights `original`.
-fn prune_chain(
+/// The activations a chain's refits read: the head's input, the tail's input and the residual.
+struct ChainActs {
+    head_in: Tensor,
+    tail_in: Tensor,
+    residual: Option<Tensor>,
+}
+
+fn chain_ids(g: &Graph, chain: &Chain) -> Vec<TensorId> {
+    let input = |op: usize| g.ops[op].inputs[0].unwrap_or(usize::MAX);
+    [input(chain.head), input(chain.tail)]
+        .into_iter()
+        .chain(chain.residual)
+        .collect()
+}
+
+fn chain_acts(chain: &Chain, got: &mut impl Iterator<Item = Tensor>) -> Result<ChainActs> {
+    let mut next = || got.next().ok_or_else(|| anyhow!("missing activation"));
+    Ok(ChainActs {
+        head_in: next()?,
+        tail_in: next()?,
+        residual: chain.residual.map(|_| next()).transpose()?,
+    })
+}
+
+/// Weights and bias of conv `op` in `g` as f32 (a missing bias reads as zeros).
+fn conv_params(g: &Graph, op: usize) -> Result<(Vec<f32>, Vec<f32>)> {
+    let w = g.ops[op].inputs[1].ok_or_else(|| anyhow!("conv without a filter"))?;
+    let b = match g.ops[op].inputs.get(2).and_then(|t| *t) {
+        Some(b) => f32_data(&g.tensors[b])?,
+        None => vec![0.0; g.tensors[w].shape[0]],
+    };
+    Ok((f32_data(&g.tensors[w])?, b))
+}
+
+/// Sets the bias of conv `op`, adding a bias tensor if it has none.
+fn set_bias(g: &mut Graph, op: usize, values: &[f32]) {
+    match g.ops[op].inputs.get(2).and_then(|t| *t) {
+        Some(b) => set_f32(&mut g.tensors[b], values),
+        None => {
+            let w = g.ops[op].inputs[1].unwrap_or(usize::MAX);
+            g.tensors.push(crate::ir::Tensor {
+                name: format!("{}/refit_bias", g.tensors[w].name),
+                dtype: DType::F32,
+                shape: vec![values.len()],
+                data: None,
+                quant: None,
+            });
+            let id = g.tensors.len() - 1;
+            set_f32(&mut g.tensors[id], values);
+            let op = &mut g.ops[op];
+            op.inputs.resize(3, None);
+            op.inputs[2] = Some(id);
+        }
+    }
+}
+
+/// The refit geometry of conv `op` (shapes of the unpruned model).
+fn geometry(original: &Graph, op: usize) -> Result<ConvGeometry> {
+    let o = &original.ops[op];
+    let shape = |t: Option<TensorId>| -> Result<Vec<usize>> {
+        let t = t.ok_or_else(|| anyhow!("conv without an input"))?;
+        Ok(original.tensors[t].shape.clone())
+    };
+    ConvGeometry::of(
+        &o.kind,
+        &shape(o.inputs[0])?,
+        &shape(o.outputs.first().copied())?,
+        &shape(o.inputs.get(1).and_then(|t| *t))?,
+    )
+    .ok_or_else(|| anyhow!("only plain convs are refitted"))
+}
+
+/// How a chain is pruned: its channels in the order they go, and the tail's refitted features
+/// (`taps·channels` weights and a bias per output) after each number of removals asked for.
+struct ChainFit {
+    order: Vec<usize>,
+    channels: usize,
+    taps: usize,
+    n: usize,
+    weights: Vec<(usize, Vec<f64>)>,
+}
+
+/// Prepares pruning `chain` in `g`: when the head's input has drifted from the unpruned
+/// model's (an earlier chain was pruned), the head is refitted in place by least squares to the
+/// unpruned head's output. Then the tail's least-squares problem — its input patches in `g`
+/// against the unpruned tail's output, plus the drift of the residual branch it is added to —
+/// is solved, and channels are removed greedily by group Optimal Brain Surgeon, which picks the
+/// channel whose loss the others make up for best and refits them exactly. `counts` are the
+/// numbers of removed channels whose refitted weights are kept.
+fn fit_chain(
     g: &mut Graph,
     original: &Graph,
     chain: &Chain,
-    x_now: &Tensor,
-    x_orig: &Tensor,
-    remove: usize,
-) -> Result<Option<(String, usize, usize)>> {
-    let head = &g.ops[chain.head];
-    let (hw, hb) = (
-        head.inputs[1].unwrap_or(usize::MAX),
-        head.inputs.get(2).and_then(|t| *t),
+    x: &Tensor,
+    orig: &ChainActs,
+    counts: &[usize],
+    shrink: f64,
+) -> Result<ChainFit> {
+    let ids = chain_ids(g, chain);
+    let (now, _) = observe(g, &ids[..1], x)?;
+    let drift = (&now[0] - &orig.head_in)?
+        .abs()?
+        .max_all()?
+        .to_scalar::<f32>()?;
+    if drift > 0.0 {
+        let geo = geometry(original, chain.head)?;
+        let (w, b) = conv_params(original, chain.head)?;
+        let (mut ata, mut aty, n) = normal_equations(&now[0], &orig.head_in, &w, &b, &geo, None)?;
+        let (w_now, b_now) = conv_params(g, chain.head)?;
+        refit::shrink_toward(
+            &mut ata,
+            &mut aty,
+            n,
+            &refit::to_features(&w_now, &b_now),
+            shrink,
+        );
+        let l = linalg::cholesky(&ata, n, 0.0)
+            .ok_or_else(|| anyhow!("the refit of a pruned conv's input layer is singular"))?;
+        let solved: Vec<f64> = aty
+            .chunks(n)
+            .flat_map(|row| linalg::cho_solve(&l, row, n))
+            .collect();
+        let channels = now[0].dim(3)?;
+        let all: Vec<usize> = (0..channels).collect();
+        let (filter, bias) = refit::to_filter(&solved, n, geo.taps(), channels, &all);
+        let hw = g.ops[chain.head].inputs[1].unwrap_or(usize::MAX);
+        set_f32(&mut g.tensors[hw], &filter);
+        set_bias(g, chain.head, &bias);
+    }
+    let (now, _) = observe(g, &ids[1..], x)?;
+    let correction = match (&orig.residual, now.get(1)) {
+        (Some(r_orig), Some(r_now)) => Some((r_orig - r_now)?),
+        _ => None,
+    };
+    let geo = geometry(original, chain.tail)?;
+    let (w, b) = conv_params(original, chain.tail)?;
+    let (mut ata, mut aty, n) =
+        normal_equations(&now[0], &orig.tail_in, &w, &b, &geo, correction.as_ref())?;
+    let (w_now, b_now) = conv_params(g, chain.tail)?;
+    refit::shrink_toward(
+        &mut ata,
+        &mut aty,
+        n,
+        &refit::to_features(&w_now, &b_now),
+        shrink,
     );
-    let oc = g.tensors[hw].shape[0];
-    if remove == 0 || remove >= oc {
-        return Ok(None);
-    }
-    let tail = g.ops[chain.tail].clone();
-    let tw = tail.inputs[1].unwrap_or(usize::MAX);
-    let tb = tail.inputs.get(2).and_then(|t| *t);
-    let w_now = f32_data(&g.tensors[tw])?;
-    let w_orig = f32_data(&original.tensors[tw])?;
-    let b_orig: Vec<f32> = match tb {
-        Some(b) => f32_data(&original.tensors[b])?,
-        None => vec![0.0; original.tensors[tw].shape[0]],
-    };
-    let in_shape = g.tensors[tail.inputs[0].unwrap_or(usize::MAX)]
-        .shape
-        .clone();
-    let out_shape = g.tensors[tail.outputs[0]].shape.clone();
-    let w_shape = g.tensors[tw].shape.clone();
-    let w_orig_shape = original.tensors[tw].shape.clone();
-    let OpKind::Conv2d {
-        stride,
-        dilation,
-        padding,
-        ..
-    } = tail.kind
-    else {
-        return Ok(None);
-    };
-    // Keep the channels that carry the most energy into the tail's output:
-    // E[x_c^2] * sum over the tail's filters of w[.., c]^2.
-    let ic = in_shape[3];
-    let energy: Vec<f32> = x_now.sqr()?.sum((0, 1, 2))?.to_vec1()?;
-    let mut weight = vec![0f64; ic];
-    for (i, &v) in w_now.iter().enumerate() {
-        weight[i % ic] += (v as f64) * (v as f64);
-    }
-    let mut order: Vec<(f64, usize)> = (0..oc)
-        .map(|c| (energy.get(c).copied().unwrap_or(0.0) as f64 * weight[c], c))
+    let mut h_inv = linalg::spd_inverse(&ata, n, 0.0)
+        .ok_or_else(|| anyhow!("the refit of a pruned conv's consumer is singular"))?;
+    let mut solved: Vec<f64> = aty
+        .chunks(n)
+        .flat_map(|row| {
+            (0..n)
+                .map(|i| (0..n).map(|j| h_inv[i * n + j] * row[j]).sum::<f64>())
+                .collect::<Vec<_>>()
+        })
         .collect();
-    order.sort_by(|a, b| b.0.total_cmp(&a.0));
-    let mut keep: Vec<usize> = order[..oc - remove].iter().map(|&(_, c)| c).collect();
-    keep.sort_unstable();
-    let geometry = TailGeometry {
-        in_shape: &in_shape,
-        out_shape: &out_shape,
-        w_shape: &w_orig_shape,
-        stride,
-        dilation,
-        padding,
-    };
-    let refit = refit_conv(x_now, x_orig, &w_orig, &b_orig, &geometry, &keep)?;
-
-    keep_channels(&mut g.tensors[hw], 0, &keep)?;
-    if let Some(b) = hb {
-        keep_channels(&mut g.tensors[b], 0, &keep)?;
-    }
-    let mut t = g.ops[chain.head].outputs[0];
-    g.tensors[t].shape[3] = keep.len();
-    for &m in &chain.middle {
-        let mw = g.ops[m].inputs[1].unwrap_or(usize::MAX);
-        keep_channels(&mut g.tensors[mw], 3, &keep)?;
-        if let Some(b) = g.ops[m].inputs.get(2).and_then(|t| *t) {
-            keep_channels(&mut g.tensors[b], 0, &keep)?;
+    let channels = now[0].dim(3)?;
+    let taps = geo.taps();
+    let mut alive = vec![true; channels];
+    let mut order = Vec::new();
+    let mut wanted = counts.to_vec();
+    wanted.sort_unstable();
+    wanted.dedup();
+    let mut weights = Vec::with_capacity(wanted.len());
+    for count in wanted {
+        if count > order.len() {
+            let more = count - order.len();
+            order.extend(
+                linalg::remove_channels_obs(&mut h_inv, &mut solved, n, taps, &mut alive, more)
+                    .into_iter()
+                    .map(|(c, _)| c),
+            );
         }
-        t = g.ops[m].outputs[0];
-        g.tensors[t].shape[3] = keep.len();
-    }
-    match refit {
-        Some((w_new, b_new)) => {
-            let mut shape = w_shape.clone();
-            shape[3] = keep.len();
-            g.tensors[tw].shape = shape;
-            set_f32(&mut g.tensors[tw], &w_new);
-            match tb {
-                Some(b) => set_f32(&mut g.tensors[b], &b_new),
-                None => {
-                    g.tensors.push(crate::ir::Tensor {
-                        name: format!("{}/refit_bias", g.tensors[tw].name),
-                        dtype: DType::F32,
-                        shape: vec![b_new.len()],
-                        data: None,
-                        quant: None,
-                    });
-                    let id = g.tensors.len() - 1;
-                    set_f32(&mut g.tensors[id], &b_new);
-                    let tail_op = &mut g.ops[chain.tail];
-                    tail_op.inputs.resize(3, None);
-                    tail_op.inputs[2] = Some(id);
-                }
-            }
+        if order.len() == count {
+            weights.push((count, solved.clone()));
         }
-        None => keep_channels(&mut g.tensors[tw], 3, &keep)?,
     }
-    Ok(Some((g.tensors[hw].name.clone(), oc, remove)))
+    Ok(ChainFit {
+        order,
+        channels,
+        taps,
+        n,
+        weights,
+    })
 }
 
-/// Channel steps of the allocation search (eighths of a conv's output channels).
-const STEPS: usize = 8;
+/// Removes the first `count` channels of `fit` from the chain's head (and its depthwise convs)
+/// and writes the tail's refitted weights; with `count == 0` only the refit. Returns the head's
+/// name, its channels and how many were removed.
+fn apply_chain(
+    g: &mut Graph,
+    chain: &Chain,
+    fit: &ChainFit,
+    count: usize,
+) -> Result<(String, usize, usize)> {
+    let w = fit
+        .weights
+        .iter()
+        .find(|(c, _)| *c == count)
+        .map(|(_, w)| w)
+        .ok_or_else(|| anyhow!("no refit for {count} removed channels"))?;
+    let removed = &fit.order[..count];
+    let keep: Vec<usize> = (0..fit.channels).filter(|c| !removed.contains(c)).collect();
+    let (filter, bias) = refit::to_filter(w, fit.n, fit.taps, fit.channels, &keep);
+    let hw = g.ops[chain.head].inputs[1].unwrap_or(usize::MAX);
+    if count > 0 {
+        keep_channels(&mut g.tensors[hw], 0, &keep)?;
+        if let Some(b) = g.ops[chain.head].inputs.get(2).and_then(|t| *t) {
+            keep_channels(&mut g.tensors[b], 0, &keep)?;
+        }
+        let mut t = g.ops[chain.head].outputs[0];
+        g.tensors[t].shape[3] = keep.len();
+        for &m in &chain.middle {
+            let mw = g.ops[m].inputs[1].unwrap_or(usize::MAX);
+            keep_channels(&mut g.tensors[mw], 3, &keep)?;
+            if let Some(b) = g.ops[m].inputs.get(2).and_then(|t| *t) {
+                keep_channels(&mut g.tensors[b], 0, &keep)?;
+            }
+            t = g.ops[m].outputs[0];
+            g.tensors[t].shape[3] = keep.len();
+        }
+    }
+    let tw = g.ops[chain.tail].inputs[1].unwrap_or(usize::MAX);
+    g.tensors[tw].shape[3] = keep.len();
+    set_f32(&mut g.tensors[tw], &filter);
+    set_bias(g, chain.tail, &bias);
+    Ok((g.tensors[hw].name.clone(), fit.channels, count))
+}
 
 /// Removes output channels of prunable conv chains until `mac_fraction` of the model's MACs is
 /// gone. How many channels each chain loses is chosen greedily: each chain's damage (relative
 /// squared error of the model's logits on the calibration samples) is measured at every step
-/// of 1/8 of its channels, and the steps with the least damage per MAC saved are taken first.
-/// Each chain's next conv is then refitted by least squares, in order, against the unpruned
-/// model's outputs. At most 128 calibration samples are used.
+/// of 1/16 of its channels, and the steps with the least damage per MAC saved are taken first.
+/// Which channels go, and the refit of the convs around them, come from least squares against
+/// the unpruned model (see `fit_chain`). At most 128 calibration samples are used.
 ///
 /// # Errors
 /// No prunable chain, a fraction outside `[0, 1)`, a target no allocation reaches, or
@@ -471,7 +579,7 @@ pub fn prune_structured(
 }
 
 /// How [`prune_structured_with`] prunes and recovers.
-#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct StructuredOptions {
     /// Fraction of the model's MACs to remove, in `[0, 1)`.
     pub mac_fraction: f64,
@@ -480,8 +588,31 @@ pub struct StructuredOptions {
     pub remove: Option<Vec<usize>>,
     /// Distill every weight, not only those of the pruned convs.
     pub train_all: bool,
+    /// Strength of the refits' pull toward the current weights (a fraction of the mean
+    /// diagonal of the normal equations; see [`StructuredOptions::DEFAULT_SHRINK`]).
+    pub shrink: f64,
+    /// Also refit on the calibration samples mirrored left to right (images).
+    pub flip: bool,
     /// Recovery by distillation after the least-squares refit (`steps == 0`: none).
     pub distill: DistillOptions,
+}
+
+impl StructuredOptions {
+    /// The default pull of the refits toward the current weights.
+    pub const DEFAULT_SHRINK: f64 = 1e-4;
+}
+
+impl Default for StructuredOptions {
+    fn default() -> Self {
+        Self {
+            mac_fraction: 0.0,
+            remove: None,
+            train_all: false,
+            shrink: Self::DEFAULT_SHRINK,
+            flip: false,
+            distill: DistillOptions::default(),
+        }
+    }
 }
 
 /// [`prune_structured`], then, when `distill_steps > 0`, recovery by knowledge distillation with
@@ -498,14 +629,21 @@ pub fn prune_structured_distilled(
 ) -> Result<(Graph, PruneReport)> {
     let options = StructuredOptions {
         mac_fraction,
-        remove: None,
-        train_all: false,
         distill: DistillOptions {
             steps: distill_steps,
             ..Default::default()
         },
+        ..Default::default()
     };
     prune_structured_with(g, &options, calib, progress)
+}
+
+/// Channel counts each chain may lose in the allocation search.
+fn step_counts(channels: usize) -> Vec<usize> {
+    let mut counts: Vec<usize> = (1..STEPS - 1).map(|s| channels * s / STEPS).collect();
+    counts.retain(|&c| c > 0 && c < channels);
+    counts.dedup();
+    counts
 }
 
 /// [`prune_structured`], then, when `options.distill.steps > 0`, recovery by knowledge
@@ -551,8 +689,19 @@ pub fn prune_structured_with(
         Some(d) if *d == 1 => *d = n,
         _ => batch_shape.insert(0, n),
     }
-    let x = Tensor::from_slice(&data[..n * per], batch_shape.as_slice(), &Device::Cpu)?;
-    let (acts, reference) = observe(&g, &chains, &x)?;
+    let mut x = Tensor::from_slice(&data[..n * per], batch_shape.as_slice(), &Device::Cpu)?;
+    if options.flip && x.rank() == 4 {
+        let w = x.dim(2)?;
+        let reversed = Tensor::from_vec((0..w as u32).rev().collect::<Vec<_>>(), w, &Device::Cpu)?;
+        x = Tensor::cat(&[&x, &x.index_select(&reversed, 2)?], 0)?;
+    }
+    let ids: Vec<TensorId> = chains.iter().flat_map(|c| chain_ids(&g, c)).collect();
+    let (got, reference) = observe(&g, &ids, &x)?;
+    let mut got = got.into_iter();
+    let acts: Vec<ChainActs> = chains
+        .iter()
+        .map(|c| chain_acts(c, &mut got))
+        .collect::<Result<_>>()?;
     let energy = reference.sqr()?.sum_all()?.to_scalar::<f32>()?.max(1e-30) as f64;
     let damage_of = |candidate: &Graph| -> Result<f64> {
         let (_, out) = observe(candidate, &[], &x)?;
@@ -562,12 +711,12 @@ pub fn prune_structured_with(
         .iter()
         .map(|c| g.tensors[g.ops[c.head].inputs[1].unwrap_or(usize::MAX)].shape[0])
         .collect();
-    let total_steps = if options.remove.is_some() {
-        0
-    } else {
-        chains.len() * (STEPS - 2)
+    let original = g.clone();
+    let search_steps: usize = match options.remove {
+        Some(_) => 0,
+        None => channels.iter().map(|&c| step_counts(c).len()).sum(),
     };
-    let all = total_steps + chains.len() + distill_steps;
+    let all = search_steps + chains.len() + distill_steps;
     let removes: Vec<usize> = match &options.remove {
         Some(r) => {
             if r.len() != chains.len() || r.iter().zip(&channels).any(|(&r, &c)| r >= c) {
@@ -579,34 +728,47 @@ pub fn prune_structured_with(
             r.clone()
         }
         None => {
-            // Damage and MACs saved of each chain alone at each step.
-            let mut table = vec![vec![(0.0f64, 0u64); STEPS - 1]; chains.len()];
+            // Damage and MACs saved of each chain alone at each step (entry 0: untouched).
+            let mut table: Vec<Vec<(usize, f64, u64)>> = Vec::with_capacity(chains.len());
             let mut done = 0;
             for (k, chain) in chains.iter().enumerate() {
-                for (step, entry) in table[k].iter_mut().enumerate().skip(1) {
-                    let remove = channels[k] * step / STEPS;
-                    let mut candidate = g.clone();
-                    prune_chain(&mut candidate, &g, chain, &acts[k], &acts[k], remove)?;
-                    *entry = (
+                let counts = step_counts(channels[k]);
+                let mut base = g.clone();
+                let fit = fit_chain(
+                    &mut base,
+                    &original,
+                    chain,
+                    &x,
+                    &acts[k],
+                    &counts,
+                    options.shrink,
+                )?;
+                let mut row = vec![(0, 0.0, 0)];
+                for &count in &counts {
+                    let mut candidate = base.clone();
+                    apply_chain(&mut candidate, chain, &fit, count)?;
+                    row.push((
+                        count,
                         damage_of(&candidate)?,
                         report.macs_before - graph_macs(&candidate),
-                    );
+                    ));
                     done += 1;
                     progress(done, all);
                 }
+                table.push(row);
             }
             // Greedy allocation.
             let target = (report.macs_before as f64 * mac_fraction).ceil() as u64;
             let mut steps = vec![0usize; chains.len()];
             let saved = |steps: &[usize]| -> u64 {
-                steps.iter().enumerate().map(|(k, &s)| table[k][s].1).sum()
+                steps.iter().enumerate().map(|(k, &s)| table[k][s].2).sum()
             };
             while saved(&steps) < target {
                 let best = (0..chains.len())
-                    .filter(|&k| steps[k] + 1 < STEPS - 1)
+                    .filter(|&k| steps[k] + 1 < table[k].len())
                     .map(|k| {
-                        let (d0, m0) = table[k][steps[k]];
-                        let (d1, m1) = table[k][steps[k] + 1];
+                        let (_, d0, m0) = table[k][steps[k]];
+                        let (_, d1, m1) = table[k][steps[k] + 1];
                         (
                             (d1 - d0).max(0.0) / (m1.saturating_sub(m0)).max(1) as f64,
                             k,
@@ -622,27 +784,56 @@ pub fn prune_structured_with(
                     ),
                 }
             }
+            // The last steps may overshoot: give back the costliest steps the target does not need.
+            loop {
+                let undo = (0..chains.len())
+                    .filter(|&k| steps[k] > 0)
+                    .filter(|&k| {
+                        let mut fewer = steps.clone();
+                        fewer[k] -= 1;
+                        saved(&fewer) >= target
+                    })
+                    .max_by(|&a, &b| {
+                        let gain = |k: usize| table[k][steps[k]].1 - table[k][steps[k] - 1].1;
+                        gain(a).total_cmp(&gain(b))
+                    });
+                match undo {
+                    Some(k) => steps[k] -= 1,
+                    None => break,
+                }
+            }
             steps
                 .iter()
-                .zip(&channels)
-                .map(|(&s, &c)| c * s / STEPS)
+                .enumerate()
+                .map(|(k, &s)| table[k][s].0)
                 .collect()
         }
     };
-    // Apply in order, refitting each tail on the partially pruned model's activations.
-    let original = g.clone();
+    // Apply in graph order, each chain refitted on the partially pruned model's activations;
+    // chains that lose nothing are still refitted once something upstream was pruned.
+    let mut pruned_upstream = false;
     for (k, chain) in chains.iter().enumerate() {
         let remove = removes[k];
-        if remove > 0 {
-            let (now, _) = observe(&g, std::slice::from_ref(chain), &x)?;
-            if let Some(r) = prune_chain(&mut g, &original, chain, &now[0], &acts[k], remove)? {
+        if remove > 0 || pruned_upstream {
+            let fit = fit_chain(
+                &mut g,
+                &original,
+                chain,
+                &x,
+                &acts[k],
+                &[remove],
+                options.shrink,
+            )?;
+            let r = apply_chain(&mut g, chain, &fit, remove)?;
+            if remove > 0 {
                 report.channels_removed.push(r);
+                pruned_upstream = true;
             }
         }
-        progress(total_steps + k + 1, all);
+        progress(search_steps + k + 1, all);
     }
     if distill_steps > 0 {
-        let before = total_steps + chains.len();
+        let before = search_steps + chains.len();
         let mut chain_weights = Vec::new();
         for c in &chains {
             for &o in std::iter::once(&c.head).chain(&c.middle).chain([&c.tail]) {
@@ -656,131 +847,4 @@ pub fn prune_structured_with(
     }
     fill_sparsity(&g, &mut report)?;
     Ok((g, report))
-}
-
-/// Geometry of the conv being refitted (shapes of the unpruned model).
-struct TailGeometry<'a> {
-    in_shape: &'a [usize],
-    out_shape: &'a [usize],
-    w_shape: &'a [usize],
-    stride: [usize; 2],
-    dilation: [usize; 2],
-    padding: crate::ir::Padding,
-}
-
-/// Rows of the tail's least-squares problems drawn from the calibration activations.
-const REFIT_ROWS: usize = 8192;
-
-/// Normal equations of a conv refit: the rows are the tail's input patches (`x_now`, channels
-/// `keep`, plus a constant for the bias) at evenly sampled output positions; the targets are the
-/// unpruned tail's pre-activation outputs there (`x_orig` through `w`, `b`). Returns `AᵀA`
-/// (`n x n`), `AᵀY` (one row of `n` per output channel) and `n`. The patches are gathered and
-/// multiplied with candle.
-fn normal_equations(
-    x_now: &Tensor,
-    x_orig: &Tensor,
-    w: &[f32],
-    b: &[f32],
-    geo: &TailGeometry<'_>,
-    keep: &[usize],
-) -> Result<(Vec<f64>, Vec<f64>, usize)> {
-    let (in_shape, out_shape, w_shape) = (geo.in_shape, geo.out_shape, geo.w_shape);
-    let (stride, dilation, padding) = (geo.stride, geo.dilation, geo.padding);
-    let (ih, iw, ic) = (in_shape[1], in_shape[2], w_shape[3]);
-    let (oh, ow) = (out_shape[1], out_shape[2]);
-    let (oc, kh, kw) = (w_shape[0], w_shape[1], w_shape[2]);
-    let (samples, ic_now) = (x_orig.dim(0)?, x_now.dim(3)?);
-    let pad_t = same_padding(padding, stride[0], dilation[0], ih, kh, oh) as isize;
-    let pad_l = same_padding(padding, stride[1], dilation[1], iw, kw, ow) as isize;
-    let taps = kh * kw;
-    // Cell indices of each sampled position's patch (u32::MAX reads zero: padding).
-    let total = samples * oh * ow;
-    let step = (total / REFIT_ROWS).max(1);
-    let mut ids = Vec::with_capacity(total.div_ceil(step) * taps);
-    for i in (step - 1..total).step_by(step) {
-        let (s, p) = (i / (oh * ow), i % (oh * ow));
-        let (oy, ox) = (p / ow, p % ow);
-        for fy in 0..kh {
-            for fx in 0..kw {
-                let y = (oy * stride[0]) as isize - pad_t + (fy * dilation[0]) as isize;
-                let xx = (ox * stride[1]) as isize - pad_l + (fx * dilation[1]) as isize;
-                let inside = y >= 0 && (y as usize) < ih && xx >= 0 && (xx as usize) < iw;
-                ids.push(if inside {
-                    u32::try_from((s * ih + y as usize) * iw + xx as usize)?
-                } else {
-                    u32::MAX
-                });
-            }
-        }
-    }
-    let rows = ids.len() / taps;
-    let dev = x_now.device();
-    let ids = Tensor::from_vec(ids, rows * taps, dev)?;
-    let keep_ids: Vec<u32> = keep.iter().map(|&c| c as u32).collect();
-    let kc = keep.len();
-    let keep_ids = Tensor::from_vec(keep_ids, kc, dev)?;
-    let a = x_now
-        .reshape((samples * ih * iw, ic_now))?
-        .index_select(&keep_ids, 1)?
-        .index_select(&ids, 0)?
-        .reshape((rows, taps * kc))?;
-    let a = Tensor::cat(&[a, Tensor::ones((rows, 1), CDType::F32, dev)?], 1)?;
-    let full = x_orig
-        .reshape((samples * ih * iw, ic))?
-        .index_select(&ids, 0)?
-        .reshape((rows, taps * ic))?;
-    let w = Tensor::from_slice(w, (oc, taps * ic), dev)?;
-    let b = Tensor::from_slice(b, oc, dev)?;
-    let y = full.matmul(&w.t()?)?.broadcast_add(&b)?;
-    // f32 products (candle's f32 gemm is the optimized one), solved in f64.
-    let f64s = |t: Tensor| -> Result<Vec<f64>> {
-        Ok(t.flatten_all()?.to_dtype(CDType::F64)?.to_vec1::<f64>()?)
-    };
-    let ata = f64s(a.t()?.matmul(&a)?)?;
-    let aty = f64s(y.t()?.matmul(&a)?)?;
-    Ok((ata, aty, taps * kc + 1))
-}
-
-/// Least-squares refit of a conv that lost input channels: on sampled output positions, the
-/// new weights over the kept channels (and a bias) minimise the squared error to the original
-/// pre-activation output (with a small ridge). `None` if the system is singular.
-#[allow(clippy::type_complexity)]
-fn refit_conv(
-    x_now: &Tensor,
-    x_orig: &Tensor,
-    w: &[f32],
-    b: &[f32],
-    geo: &TailGeometry<'_>,
-    keep: &[usize],
-) -> Result<Option<(Vec<f32>, Vec<f32>)>> {
-    let (ata, aty, n) = normal_equations(x_now, x_orig, w, b, geo, keep)?;
-    let (oc, taps, kc) = (geo.w_shape[0], geo.w_shape[1] * geo.w_shape[2], keep.len());
-    let scale = (0..n).map(|i| ata[i * n + i]).sum::<f64>() / n as f64;
-    let Some(l) = cholesky(&ata, n, 1e-4 * scale.max(1e-12)) else {
-        return Ok(None);
-    };
-    let mut w_new = vec![0f32; oc * taps * kc];
-    let mut b_new = vec![0f32; oc];
-    for o in 0..oc {
-        let sol = cho_solve(&l, &aty[o * n..(o + 1) * n], n);
-        for t in 0..taps {
-            for j in 0..kc {
-                w_new[o * taps * kc + t * kc + j] = sol[t * kc + j] as f32;
-            }
-        }
-        b_new[o] = sol[n - 1] as f32;
-    }
-    Ok(Some((w_new, b_new)))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn cholesky_solves_a_small_system() {
-        // [[4, 2], [2, 3]] x = [2, 1] -> x = [0.5, 0]
-        let x = solve_spd(&[4.0, 2.0, 2.0, 3.0], &[2.0, 1.0], 2, 0.0).unwrap();
-        assert!((x[0] - 0.5).abs() < 1e-12 && x[1].abs() < 1e-12);
-    }
 }
