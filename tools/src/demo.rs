@@ -32,7 +32,7 @@ use kiln_runtime::sections::Manifest;
 use npyz::WriterBuilder;
 use serde::Serialize;
 use std::path::{Path, PathBuf};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// Image side.
 pub const SIDE: usize = 16;
@@ -61,6 +61,9 @@ pub struct DemoOptions {
     pub epochs: usize,
     /// Calibration samples (the first training images).
     pub calibration: usize,
+    /// Then push the int8 artifact to a simulated fleet through an embedded `kiln serve`
+    /// (see [`crate::demo_fleet`]).
+    pub fleet: bool,
 }
 
 impl Default for DemoOptions {
@@ -74,6 +77,7 @@ impl Default for DemoOptions {
             test: 500,
             epochs: 6,
             calibration: 200,
+            fleet: true,
         }
     }
 }
@@ -143,6 +147,8 @@ pub struct DemoReport {
     pub int8_layers: Vec<LayerRow>,
     /// Seconds per stage: data, training, export, int8, fp16, total.
     pub seconds: serde_json::Value,
+    /// The fleet rollouts, with [`DemoOptions::fleet`].
+    pub fleet: Option<crate::demo_fleet::FleetReport>,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -731,6 +737,9 @@ pub fn render(r: &DemoReport) -> String {
         int8.map(|a| a.path.display().to_string()).unwrap_or_default(),
         r.out.join("test.npz").display()
     );
+    if let Some(f) = &r.fleet {
+        s += &crate::demo_fleet::render(f);
+    }
     s
 }
 
@@ -817,6 +826,7 @@ pub fn run(opts: &DemoOptions) -> Result<DemoReport> {
     let source = serde_json::json!({ "format": "kiln-demo", "sha256": sha256_hex(&float_bytes) });
     let mut rows = vec![row(float_path, "f32", &float_bytes, float_accuracy)?];
     let mut int8_layers = Vec::new();
+    let mut int8_artifact = Vec::new();
     let mut seconds = vec![
         ("data", t_data),
         ("training", training.seconds),
@@ -864,9 +874,25 @@ pub fn run(opts: &DemoOptions) -> Result<DemoReport> {
         rows.push(row(path, name, &q.artifact, acc)?);
         if precision == Precision::Int8 {
             int8_layers = q.report.layers.clone();
+            int8_artifact = q.artifact.clone();
         }
         seconds.push((name, t.elapsed().as_secs_f64()));
     }
+    // (e) The fleet: sign, push, roll out to simulated devices, and a rollback.
+    let fleet = if opts.fleet {
+        let t = Instant::now();
+        let b = bar(0, "fleet", opts.quiet);
+        b.enable_steady_tick(Duration::from_millis(200));
+        let report = crate::demo_fleet::run(&int8_artifact, "kiln-demo-int8", &opts.out, |what| {
+            b.set_message(what.to_string())
+        })
+        .context("the demo fleet failed")?;
+        b.finish_and_clear();
+        seconds.push(("fleet", t.elapsed().as_secs_f64()));
+        Some(report)
+    } else {
+        None
+    };
     seconds.push(("total", started.elapsed().as_secs_f64()));
 
     let report = DemoReport {
@@ -880,6 +906,7 @@ pub fn run(opts: &DemoOptions) -> Result<DemoReport> {
         pruning,
         artifacts: rows,
         int8_layers,
+        fleet,
         seconds: serde_json::Value::Object(
             seconds
                 .into_iter()

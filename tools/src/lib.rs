@@ -4,6 +4,7 @@
 pub mod artifact;
 pub mod convert;
 pub mod demo;
+pub mod demo_fleet;
 pub mod device_link;
 pub mod distill;
 pub mod eval;

@@ -22,13 +22,19 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Run Kiln end to end on a synthetic data set: train, export, quantize, report.
+    /// Run Kiln end to end on a synthetic data set: train, export, quantize, roll out, report.
     ///
     /// Needs nothing outside the repository. Generates 16x16 images of four shapes (seeded),
     /// trains a small CNN with candle on the CPU, exports it as a float .kiln, quantizes it to int8
     /// and fp16 (calibration on training images, accuracy on the test images, 1 pt accuracy gate,
     /// self-test vectors), and prints one row per artifact and the int8 per-layer table. Writes
     /// demo-float.kiln, demo-int8.kiln, demo-fp16.kiln, test.npz and calib.npz into --out.
+    ///
+    /// Then the fleet (about 30 s; --no-fleet skips it): the int8 artifact is signed with a new
+    /// key (demo-signing.key/.pub), pushed to an embedded `kiln serve` (--out/fleet/server), and
+    /// rolled out to 24 simulated devices running the real agent and runtime, with faults
+    /// injected: v1 to all, v2 in waves 25,100, and a v3 whose self-test fails on the devices,
+    /// which the first wave's gate stops and rolls back.
     Demo {
         /// Output folder.
         #[arg(long, value_name = "DIR", default_value = "demo-out")]
@@ -36,6 +42,9 @@ enum Command {
         /// Print the report as JSON on stdout.
         #[arg(long)]
         json: bool,
+        /// Skip the fleet part (signing, an embedded `kiln serve`, simulated devices, rollouts).
+        #[arg(long)]
+        no_fleet: bool,
     },
     /// Convert a TFLite or ONNX model into a .kiln artifact, as it is (no calibration).
     ///
@@ -1386,9 +1395,14 @@ fn infer(a: InferArgs<'_>) -> Result<()> {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Demo { out, json } => kiln::demo::run(&kiln::demo::DemoOptions {
+        Command::Demo {
             out,
             json,
+            no_fleet,
+        } => kiln::demo::run(&kiln::demo::DemoOptions {
+            out,
+            json,
+            fleet: !no_fleet,
             ..Default::default()
         })
         .map(drop),

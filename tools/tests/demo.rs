@@ -105,5 +105,23 @@ fn demo_trains_quantizes_and_writes_self_testing_artifacts() {
         assert_eq!(json["source"]["format"], "kiln-demo");
         assert_eq!(json["source"]["sha256"], float_sha.as_str());
     }
+
+    // The fleet: v1 and v2 complete, v3 (self-test fails on the devices) stopped in its first
+    // wave, every device back on v2 and never without a verified model.
+    let fleet = report.fleet.as_ref().expect("the fleet part ran");
+    let states: Vec<_> = fleet.rollouts.iter().map(|r| r.state).collect();
+    use kiln::fleet::api::RolloutState::{Aborted, Complete};
+    assert_eq!(states, [Complete, Complete, Aborted], "{fleet:?}");
+    let v3 = &fleet.rollouts[2];
+    assert_eq!(v3.waves[0].gate.passed, Some(false), "{v3:?}");
+    assert!(v3.waves[1..].iter().all(|w| w.gate.passed.is_none()));
+    assert_eq!(
+        fleet.final_versions.get("2"),
+        Some(&(kiln::demo_fleet::DEVICES as u64)),
+        "{fleet:?}"
+    );
+    assert!(fleet.selftest_failures > 0);
+    assert!(fleet.invariant_violations.is_empty(), "{fleet:?}");
+    assert!(out.join("demo-signing.pub").is_file());
     let _ = std::fs::remove_dir_all(&out);
 }
