@@ -11,6 +11,8 @@
 #[cfg(feature = "std")]
 extern crate std;
 
+#[cfg(feature = "candle")]
+pub mod candle_backend;
 pub mod error;
 pub mod format;
 pub mod graph;

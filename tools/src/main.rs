@@ -96,6 +96,11 @@ enum Command {
         /// Print a JSON summary on stdout.
         #[arg(long)]
         json: bool,
+        /// Where to run it: `portable` (kiln-runtime's kernels, what devices run; bit-exact with
+        /// TFLM for int8) or `candle` (kiln-runtime's candle backend: f32 / f16 compute on a
+        /// candle device; int8 models within a quantization step or two of `portable`).
+        #[arg(long, value_enum, default_value = "portable")]
+        backend: RunBackend,
     },
     /// Show what an artifact holds: arena, weights, MACs, the per-op table and the manifest.
     ///
@@ -585,18 +590,37 @@ fn convert(a: ConvertArgs<'_>) -> Result<()> {
     Ok(())
 }
 
-fn run(model: &Path, input: &Path, output: Option<&Path>, json: bool) -> Result<()> {
+/// Where `kiln run` executes a model.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum RunBackend {
+    /// kiln-runtime's portable kernels.
+    Portable,
+    /// kiln-runtime's candle backend.
+    Candle,
+}
+
+fn run(
+    model: &Path,
+    input: &Path,
+    output: Option<&Path>,
+    json: bool,
+    backend: RunBackend,
+) -> Result<()> {
     let artifact = read(model)?;
     let x = npy::read_input(input)?;
     let bar = progress(0, "running");
     let mut started = false;
-    let result = runner::run_batch(&artifact, &x, |done| {
+    let step = |done: usize| {
         if !started {
             started = true;
             bar.set_length(x.shape().first().copied().unwrap_or(1) as u64);
         }
         bar.set_position(done as u64);
-    })
+    };
+    let result = match backend {
+        RunBackend::Portable => runner::run_batch(&artifact, &x, step),
+        RunBackend::Candle => runner::run_batch_candle(&artifact, &x, step),
+    }
     .with_context(|| format!("cannot run {} on {}", model.display(), input.display()))?;
     bar.finish_and_clear();
     if let Some(out) = output {
@@ -1428,7 +1452,8 @@ fn main() -> ExitCode {
             input,
             output,
             json,
-        } => run(&model, &input, output.as_deref(), json),
+            backend,
+        } => run(&model, &input, output.as_deref(), json, backend),
         Command::Inspect { model, json } => inspect(&model, json),
         Command::Quantize {
             model,
