@@ -2,6 +2,7 @@
 //! and memory planning, the artifact writer, evaluation, and the helpers behind the CLI.
 
 pub mod artifact;
+pub mod bench;
 pub mod convert;
 pub mod demo;
 pub mod demo_fleet;

@@ -102,6 +102,30 @@ enum Command {
         #[arg(long, value_enum, default_value = "portable")]
         backend: RunBackend,
     },
+    /// Measure how fast an artifact runs: median and p99 latency of one inference on this
+    /// machine, single thread.
+    ///
+    /// The input is the artifact's first self-test case (zeros if it has none). Warm-up runs
+    /// come first; then each of --runs inferences is timed on its own. `--backend candle` times
+    /// kiln-runtime's candle backend on the CPU instead of the portable kernels.
+    ///
+    /// Example: kiln bench kws.kiln --runs 500 --json
+    Bench {
+        /// The artifact.
+        model: PathBuf,
+        /// Where to run: `host` (this machine).
+        #[arg(long, value_enum, default_value = "host")]
+        target: BenchTarget,
+        /// Timed inferences.
+        #[arg(long, default_value_t = 200)]
+        runs: usize,
+        /// `portable` (the kernels devices run) or `candle`.
+        #[arg(long, value_enum, default_value = "portable")]
+        backend: RunBackend,
+        /// Print the figures as JSON on stdout.
+        #[arg(long)]
+        json: bool,
+    },
     /// Show what an artifact holds: arena, weights, MACs, the per-op table and the manifest.
     ///
     /// The artifact is validated exactly as a device would validate it before anything is shown.
@@ -585,6 +609,52 @@ fn convert(a: ConvertArgs<'_>) -> Result<()> {
             converted.lowered.liveness_lower_bound,
             report.weights_bytes,
             converted.self_tests
+        );
+    }
+    Ok(())
+}
+
+/// Where `kiln bench` measures.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum BenchTarget {
+    /// This machine, one thread.
+    Host,
+}
+
+fn bench(
+    model: &Path,
+    target: BenchTarget,
+    runs: usize,
+    backend: RunBackend,
+    json: bool,
+) -> Result<()> {
+    let BenchTarget::Host = target;
+    let artifact = read(model)?;
+    let bar = progress(0, "benchmarking");
+    let backend = match backend {
+        RunBackend::Portable => kiln::bench::Backend::Portable,
+        RunBackend::Candle => kiln::bench::Backend::Candle,
+    };
+    let r = kiln::bench::bench_host(&artifact, runs, backend, |done, total| {
+        bar.set_length(total as u64);
+        bar.set_position(done as u64);
+    })?;
+    bar.finish_and_clear();
+    if json {
+        println!("{}", serde_json::to_string_pretty(&r)?);
+    } else {
+        eprintln!(
+            "{}: {} runs on the host ({:?} backend{}): median {:.1} us, p99 {:.1} us, min {:.1} us; {} MACs ({:.0} MACs/us at the median), arena {} bytes",
+            model.display(),
+            r.runs,
+            r.backend,
+            if r.selftest_input { ", self-test input" } else { ", zero input" },
+            r.median_us,
+            r.p99_us,
+            r.min_us,
+            r.macs,
+            r.macs_per_us,
+            r.arena_bytes
         );
     }
     Ok(())
@@ -1455,6 +1525,13 @@ fn main() -> ExitCode {
             backend,
         } => run(&model, &input, output.as_deref(), json, backend),
         Command::Inspect { model, json } => inspect(&model, json),
+        Command::Bench {
+            model,
+            target,
+            runs,
+            backend,
+            json,
+        } => bench(&model, target, runs, backend, json),
         Command::Quantize {
             model,
             output,

@@ -1,0 +1,174 @@
+//! `kiln bench --target host`: single-thread latency of one inference on this machine.
+//!
+//! The input is the artifact's first SELFTEST case (real data the model was calibrated on), or
+//! zeros when it has none. After warm-up runs, every run is timed on its own; the report gives
+//! the median and the 99th percentile (nearest rank) in microseconds, with the model's MACs and
+//! arena so that figures of different models can be compared.
+
+use crate::artifact::AlignedBytes;
+use anyhow::{bail, Context, Result};
+use kiln_runtime::format::SectionKind;
+use kiln_runtime::sections::{SelfTestCase, SelfTestHead};
+use kiln_runtime::{Interpreter, Model};
+use serde::Serialize;
+use std::time::Instant;
+
+/// Where the host bench runs the model.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Backend {
+    /// kiln-runtime's kernels (what devices run).
+    Portable,
+    /// kiln-runtime's candle backend on the CPU.
+    Candle,
+}
+
+/// What `kiln bench --target host` measured.
+#[derive(Clone, Debug, Serialize)]
+pub struct HostBench {
+    /// Always `host`.
+    pub target: &'static str,
+    /// The backend.
+    pub backend: Backend,
+    /// Timed runs.
+    pub runs: usize,
+    /// Median latency of one inference, microseconds.
+    pub median_us: f64,
+    /// 99th percentile (nearest rank), microseconds.
+    pub p99_us: f64,
+    /// Fastest run, microseconds.
+    pub min_us: f64,
+    /// Mean, microseconds.
+    pub mean_us: f64,
+    /// Multiply-accumulates of one inference.
+    pub macs: u64,
+    /// MACs per microsecond at the median (millions of MACs per second).
+    pub macs_per_us: f64,
+    /// Arena the artifact plans.
+    pub arena_bytes: usize,
+    /// Whether the input was the artifact's first self-test case (else zeros).
+    pub selftest_input: bool,
+}
+
+/// The raw input bytes of the first SELFTEST case, if the artifact has one.
+fn selftest_input(model: &Model<'_>) -> Option<Vec<u8>> {
+    let bytes = model.container().section(SectionKind::SelfTest)?;
+    let (head, rest): (SelfTestHead, &[u8]) = postcard::take_from_bytes(bytes).ok()?;
+    if head.count == 0 {
+        return None;
+    }
+    let (case, _): (SelfTestCase<'_>, &[u8]) = postcard::take_from_bytes(rest).ok()?;
+    Some(case.inputs.to_vec())
+}
+
+/// Nearest-rank percentile of sorted values.
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+/// Times `runs` inferences of `artifact` (after `runs / 10 + 3` warm-up runs), calling
+/// `progress(done, total)` as it goes.
+///
+/// # Errors
+/// An invalid artifact, `runs == 0`, or a model the backend cannot run.
+pub fn bench_host(
+    artifact: &[u8],
+    runs: usize,
+    backend: Backend,
+    mut progress: impl FnMut(usize, usize),
+) -> Result<HostBench> {
+    if runs == 0 {
+        bail!("--runs must be at least 1");
+    }
+    let report = crate::inspect::inspect(artifact)?;
+    let bytes = AlignedBytes::new(artifact);
+    let model = Model::load(bytes.as_slice())?;
+    let input = selftest_input(&model);
+    let mut arena = AlignedBytes::zeroed(model.arena_bytes());
+    let mut interp = Interpreter::new(model, arena.as_mut_slice())?;
+    let mut at = 0;
+    for i in 0..model.inputs().len() {
+        let dst = interp.input_bytes_mut(i)?;
+        match &input {
+            Some(src) => {
+                let part = src
+                    .get(at..at + dst.len())
+                    .context("the artifact's self-test input does not fit its graph inputs")?;
+                dst.copy_from_slice(part);
+            }
+            None => dst.fill(0),
+        }
+        at += dst.len();
+    }
+    let inputs: Vec<Vec<u8>> = (0..model.inputs().len())
+        .map(|i| interp.input_bytes_mut(i).map(|b| b.to_vec()))
+        .collect::<Result<_, _>>()?;
+    let candle = match backend {
+        Backend::Candle => Some(kiln_runtime::candle_backend::CandleModel::new(
+            &model,
+            &candle_core::Device::Cpu,
+        )?),
+        Backend::Portable => None,
+    };
+    let refs: Vec<&[u8]> = inputs.iter().map(Vec::as_slice).collect();
+    let mut once = || -> Result<()> {
+        match &candle {
+            Some(c) => {
+                c.run(&refs)?;
+            }
+            None => interp.invoke()?,
+        }
+        Ok(())
+    };
+    let warmup = runs / 10 + 3;
+    let total = warmup + runs;
+    for w in 0..warmup {
+        once()?;
+        progress(w + 1, total);
+    }
+    let mut times = Vec::with_capacity(runs);
+    for r in 0..runs {
+        let t = Instant::now();
+        once()?;
+        times.push(t.elapsed().as_secs_f64() * 1e6);
+        progress(warmup + r + 1, total);
+    }
+    times.sort_by(f64::total_cmp);
+    let median = percentile(&times, 50.0);
+    Ok(HostBench {
+        target: "host",
+        backend,
+        runs,
+        median_us: median,
+        p99_us: percentile(&times, 99.0),
+        min_us: times[0],
+        mean_us: times.iter().sum::<f64>() / runs as f64,
+        macs: report.macs,
+        macs_per_us: if median > 0.0 {
+            report.macs as f64 / median
+        } else {
+            0.0
+        },
+        arena_bytes: report.arena_bytes,
+        selftest_input: input.is_some(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::percentile;
+
+    #[test]
+    fn nearest_rank_percentiles() {
+        let v: Vec<f64> = (1..=100).map(f64::from).collect();
+        assert_eq!(percentile(&v, 50.0), 50.0);
+        assert_eq!(percentile(&v, 99.0), 99.0);
+        assert_eq!(percentile(&v, 100.0), 100.0);
+        assert_eq!(percentile(&[7.0], 99.0), 7.0);
+        assert_eq!(percentile(&[], 50.0), 0.0);
+    }
+}
