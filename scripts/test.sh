@@ -9,7 +9,9 @@
 # malformed-artifact proptests, signing, the update state machine and protocol, the QEMU board),
 # no_std builds for thumbv7em-none-eabihf and thumbv6m-none-eabi, the power-cut walk, the runtime
 # and device tests on aarch64 under qemu-aarch64, a proof that no allocator is linked, and the
-# runtime's SELFTEST vectors run bit-exact on a Cortex-M4 under QEMU.
+# runtime's SELFTEST vectors run bit-exact on a Cortex-M4 under QEMU (KWS on both Cortex-M builds,
+# ResNet-8 and VWW with the DSP fast paths), and the fast paths bit for bit against the portable
+# kernels on the M4 (firmware/kernel-check).
 # Test data is read from KILN_TESTDATA (default ../shared/testdata); tests that need it say
 # "skipped" when it is absent.
 set -euo pipefail
@@ -96,6 +98,22 @@ if [ -d "$KILN_TESTDATA/models" ]; then
     echo "$target: no allocator symbols; $(arm-none-eabi-size "$elf" | tail -1 | awk '{print ".text " $1 " B, .bss " $3 " B"}')"
     timeout 120 qemu-system-arm -cpu cortex-m4 -machine mps2-an386 -nographic -monitor none \
       -semihosting-config enable=on,target=native -kernel "$elf"
+  done
+fi
+
+step "Cortex-M4 DSP fast paths vs the portable kernels under QEMU: seeded random and MLPerf Tiny shapes, bit for bit"
+(cd firmware/kernel-check && CARGO_TARGET_DIR="$ROOT/target/firmware" cargo build -q --release --target thumbv7em-none-eabihf)
+timeout 120 qemu-system-arm -cpu cortex-m4 -machine mps2-an386 -nographic -monitor none \
+  -semihosting-config enable=on,target=native -kernel "$ROOT/target/firmware/thumbv7em-none-eabihf/release/kiln-kernel-check"
+if [ -d "$KILN_TESTDATA/models" ]; then
+  step "ResNet-8 and VWW self-tests (TFLM-exact outputs) with the DSP fast paths on a Cortex-M4 under QEMU"
+  for m in pretrainedResnet_quant vww_96_int8; do
+    cargo run -q -p kiln -- convert "$KILN_TESTDATA/models/mlperf-tiny/$m.tflite" -o "$work/$m.kiln" \
+      --selftest "$KILN_TESTDATA/golden/$m.npz" --selftest-count 2
+    (cd firmware/runtime-check && KILN_CHECK_MODEL="$work/$m.kiln" CARGO_TARGET_DIR="$ROOT/target/firmware" \
+      cargo build -q --release --target thumbv7em-none-eabihf)
+    timeout 120 qemu-system-arm -cpu cortex-m4 -machine mps2-an386 -nographic -monitor none \
+      -semihosting-config enable=on,target=native -kernel "$ROOT/target/firmware/thumbv7em-none-eabihf/release/kiln-runtime-check"
   done
 fi
 

@@ -143,7 +143,27 @@ fn debug_check<A, F, B, O>(
 /// and `|input - input_zero_point| <= 255`, so `|acc| <= 32640 * filter_h * filter_w *
 /// filter_in_c`, which fits `i32` for up to 65 793 taps per output. Beyond that (and for the bias
 /// add) the sums wrap, as TFLM's do, rather than panic.
+///
+/// On Cortex-M4/M7 (the `dsp` target feature) this runs the DSP fast path of
+/// [`super::arch::cortex_m`], which is bit-exact with the portable body; elsewhere, or with the
+/// `portable-kernels` feature, the portable body.
 pub fn conv2d_i8(
+    g: &ConvGeometry,
+    q: &QuantizedOutput<'_>,
+    input: &[i8],
+    filter: &[i8],
+    bias: Option<&[i32]>,
+    output: &mut [i8],
+) {
+    #[cfg(kiln_dsp_kernels)]
+    super::arch::cortex_m::conv2d_i8(g, q, input, filter, bias, output);
+    #[cfg(not(kiln_dsp_kernels))]
+    conv2d_i8_portable(g, q, input, filter, bias, output);
+}
+
+/// The portable body of [`conv2d_i8`]: the reference loop nest above, on every target. Fast
+/// paths are tested byte for byte against it.
+pub fn conv2d_i8_portable(
     g: &ConvGeometry,
     q: &QuantizedOutput<'_>,
     input: &[i8],

@@ -117,7 +117,27 @@ fn for_each_chunk<A: Copy, W: Copy, Acc: Copy>(
 /// `128 * 255 = 32640` in magnitude, so `|acc| <= 32640 * filter_h * filter_w`, which fits `i32`
 /// for windows of up to 65 793 taps. Beyond that (and for the bias add) the sums wrap, as
 /// TFLM's do, rather than panic.
+///
+/// On Cortex-M4/M7 (the `dsp` target feature) this runs the DSP fast path of
+/// [`super::arch::cortex_m`], which is bit-exact with the portable body; elsewhere, or with the
+/// `portable-kernels` feature, the portable body.
 pub fn depthwise_conv2d_i8(
+    g: &ConvGeometry,
+    q: &QuantizedOutput<'_>,
+    input: &[i8],
+    filter: &[i8],
+    bias: Option<&[i32]>,
+    output: &mut [i8],
+) {
+    #[cfg(kiln_dsp_kernels)]
+    super::arch::cortex_m::depthwise_conv2d_i8(g, q, input, filter, bias, output);
+    #[cfg(not(kiln_dsp_kernels))]
+    depthwise_conv2d_i8_portable(g, q, input, filter, bias, output);
+}
+
+/// The portable body of [`depthwise_conv2d_i8`], on every target. Fast paths are tested byte for
+/// byte against it.
+pub fn depthwise_conv2d_i8_portable(
     g: &ConvGeometry,
     q: &QuantizedOutput<'_>,
     input: &[i8],

@@ -44,7 +44,27 @@ fn debug_check<A, W, B, O>(
 /// Accumulator bound: both factors are at most 255 in magnitude, so `|acc| <= 65025 *
 /// in_features`, which fits `i32` for up to 33 025 input features. Beyond that (and for the bias
 /// add) the sums wrap, as TFLM's do, rather than panic.
+///
+/// On Cortex-M4/M7 (the `dsp` target feature) this runs the DSP fast path of
+/// [`super::arch::cortex_m`], which is bit-exact with the portable body; elsewhere, or with the
+/// `portable-kernels` feature, the portable body.
 pub fn fully_connected_i8(
+    g: &FullyConnectedGeometry,
+    q: &QuantizedOutput<'_>,
+    input: &[i8],
+    weights: &[i8],
+    bias: Option<&[i32]>,
+    output: &mut [i8],
+) {
+    #[cfg(kiln_dsp_kernels)]
+    super::arch::cortex_m::fully_connected_i8(g, q, input, weights, bias, output);
+    #[cfg(not(kiln_dsp_kernels))]
+    fully_connected_i8_portable(g, q, input, weights, bias, output);
+}
+
+/// The portable body of [`fully_connected_i8`], on every target. Fast paths are tested byte for
+/// byte against it.
+pub fn fully_connected_i8_portable(
     g: &FullyConnectedGeometry,
     q: &QuantizedOutput<'_>,
     input: &[i8],

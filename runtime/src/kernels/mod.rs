@@ -9,6 +9,7 @@
 use crate::graph::Activation;
 
 pub mod activation;
+pub mod arch;
 pub mod binary;
 pub mod concat;
 pub mod conv;

@@ -1,0 +1,20 @@
+//! Fast paths behind the portable kernels: same signatures, bit-exact with them.
+//!
+//! The public kernels (`conv::conv2d_i8`, `depthwise::depthwise_conv2d_i8`,
+//! `fully_connected::fully_connected_i8`) pick a body at compile time: on a Cortex-M with the DSP
+//! extension (`thumbv7em-*`: Cortex-M4/M7; `runtime/build.rs` sets `cfg(kiln_dsp_kernels)`, as
+//! `cfg(target_feature = "dsp")` is unstable for ARM) the bodies of [`cortex_m`], elsewhere (or with the
+//! `portable-kernels` feature) the portable reference bodies (`*_portable`), which stay public
+//! so that tests and the bare-metal check image can compare the two byte for byte.
+//!
+//! [`cortex_m`] is compiled on every target: on ARM with DSP its primitives (SXTB16,
+//! SXTAB16, SMLAD, SMLABB, SMLATT) are `asm!`, elsewhere they are emulated in plain Rust with the instructions'
+//! exact semantics, so the host test suite checks the fast paths' data layout, tails and
+//! arithmetic, and `firmware/kernel-check` checks the real instructions under QEMU. The design
+//! is written down in `docs/KERNELS.md`.
+
+pub mod cortex_m;
+
+/// True when this build runs the Cortex-M DSP fast paths (ARM with the `dsp` target feature and
+/// without the `portable-kernels` feature).
+pub const CORTEX_M_DSP: bool = cfg!(kiln_dsp_kernels);
