@@ -39,8 +39,19 @@ pub const MAX_PATCH: usize = 640;
 /// words).
 pub const MAX_FC_FEATURES: usize = 2 * MAX_PATCH;
 
-/// The DSP instructions used, one function each.
+/// The DSP instructions used, one function each, and the few loops written as one `asm!` block.
 mod dsp {
+    /// The packed weights of one 3x3 depthwise window for 4 channels (`words[2t]` = SXTB16,
+    /// `words[2t + 1]` = SXTB16 ROR #8 of tap `t`'s 4 weights, taps in row-major order), and
+    /// `row`, the input's row stride in bytes. `repr(C)`: the `asm!` window reads `row` at byte
+    /// offset 72.
+    #[repr(C)]
+    #[derive(Clone, Copy, Default)]
+    pub struct Window3x3 {
+        pub words: [u32; 18],
+        pub row: u32,
+    }
+
     #[cfg(kiln_arm_dsp)]
     pub use self::asm_impl::*;
     #[cfg(not(kiln_arm_dsp))]
@@ -202,6 +213,181 @@ mod dsp {
             }
             [a00, a01, a10, a11]
         }
+
+        /// Three depthwise taps of one filter row for 4 channels: `acc[j] += (x[t * step + j] +
+        /// off) * w[t * step + j]` for taps `t` in 0..3 and channels `j` in 0..4, `pair` =
+        /// `off` in both halves. `x` and `w` start at the first tap's 4 channels; `step` (the
+        /// channel count, the distance between horizontally adjacent taps in both) is at least 4.
+        #[inline(always)]
+        pub fn row3(acc: &mut [i32; 4], x: &[i8], w: &[i8], step: usize, pair: u32) {
+            // The reads below: bytes [t * step, t * step + 4) of x and w for t in 0..3 (panics
+            // here, before any read, if a slice is shorter).
+            let _ = (&x[2 * step..][..4], &w[2 * step..][..4]);
+            let [mut a0, mut a1, mut a2, mut a3] = *acc;
+            // SAFETY: reads the three 4-byte words at x, x + step, x + 2 * step and the same
+            // offsets of w (LDR, unaligned allowed on ARMv7-M; register offset with LSL #1 is
+            // 2 * step), all inside the slices checked above. Writes only the accumulators and
+            // four scratch registers (`out`: distinct from every input); SMLABB/SMLATT may set
+            // the sticky Q flag (flags not preserved); no stack, no memory writes.
+            unsafe {
+                asm!(
+                    "ldr     {t0}, [{x}]",
+                    "ldr     {t1}, [{w}]",
+                    "sxtab16 {t2}, {pair}, {t0}",
+                    "sxtab16 {t0}, {pair}, {t0}, ror #8",
+                    "sxtb16  {t3}, {t1}",
+                    "sxtb16  {t1}, {t1}, ror #8",
+                    "smlabb  {a0}, {t2}, {t3}, {a0}",
+                    "smlatt  {a2}, {t2}, {t3}, {a2}",
+                    "smlabb  {a1}, {t0}, {t1}, {a1}",
+                    "smlatt  {a3}, {t0}, {t1}, {a3}",
+                    "ldr     {t0}, [{x}, {step}]",
+                    "ldr     {t1}, [{w}, {step}]",
+                    "sxtab16 {t2}, {pair}, {t0}",
+                    "sxtab16 {t0}, {pair}, {t0}, ror #8",
+                    "sxtb16  {t3}, {t1}",
+                    "sxtb16  {t1}, {t1}, ror #8",
+                    "smlabb  {a0}, {t2}, {t3}, {a0}",
+                    "smlatt  {a2}, {t2}, {t3}, {a2}",
+                    "smlabb  {a1}, {t0}, {t1}, {a1}",
+                    "smlatt  {a3}, {t0}, {t1}, {a3}",
+                    "ldr     {t0}, [{x}, {step}, lsl #1]",
+                    "ldr     {t1}, [{w}, {step}, lsl #1]",
+                    "sxtab16 {t2}, {pair}, {t0}",
+                    "sxtab16 {t0}, {pair}, {t0}, ror #8",
+                    "sxtb16  {t3}, {t1}",
+                    "sxtb16  {t1}, {t1}, ror #8",
+                    "smlabb  {a0}, {t2}, {t3}, {a0}",
+                    "smlatt  {a2}, {t2}, {t3}, {a2}",
+                    "smlabb  {a1}, {t0}, {t1}, {a1}",
+                    "smlatt  {a3}, {t0}, {t1}, {a3}",
+                    a0 = inout(reg) a0,
+                    a1 = inout(reg) a1,
+                    a2 = inout(reg) a2,
+                    a3 = inout(reg) a3,
+                    x = in(reg) x.as_ptr(),
+                    w = in(reg) w.as_ptr(),
+                    step = in(reg) step,
+                    pair = in(reg) pair,
+                    t0 = out(reg) _,
+                    t1 = out(reg) _,
+                    t2 = out(reg) _,
+                    t3 = out(reg) _,
+                    options(nostack, readonly),
+                );
+            }
+            *acc = [a0, a1, a2, a3];
+        }
+
+        /// One interior 3x3 depthwise window for 4 channels: `acc[j] = sum over taps (fy, fx)
+        /// of (x[fy * w.row + fx * step + j] + off) * weight`, with the weights pre-packed in `w`.
+        #[inline(always)]
+        pub fn window3x3(x: &[i8], w: &super::Window3x3, step: usize, pair: u32) -> [i32; 4] {
+            // The reads below: 4 bytes at fy * row + fx * step for fy, fx in 0..3 (panics here,
+            // before any read, if `x` is shorter than the last of them).
+            let _ = &x[2 * w.row as usize + 2 * step..][..4];
+            let (mut a0, mut a1, mut a2, mut a3) = (0i32, 0i32, 0i32, 0i32);
+            // SAFETY: reads the 9 input words checked above (row base advanced by `w.row`,
+            // read from the struct at offset 72, which is the value the check used; LDR allows
+            // unaligned addresses on ARMv7-M) and words 0..19 of `w` (LDRD needs word alignment:
+            // `w` is `repr(C)` of u32). Writes only the accumulators, the row pointer (discarded)
+            // and four scratch registers (`out`: distinct from every input); SMLABB/SMLATT may
+            // set the sticky Q flag; no stack, no memory writes.
+            unsafe {
+                asm!(
+                    "ldr     {t0}, [{x}]",
+                    "ldrd    {u0}, {u1}, [{w}, #0]",
+                    "sxtab16 {t1}, {pair}, {t0}",
+                    "sxtab16 {t0}, {pair}, {t0}, ror #8",
+                    "smlabb  {a0}, {t1}, {u0}, {a0}",
+                    "smlatt  {a2}, {t1}, {u0}, {a2}",
+                    "smlabb  {a1}, {t0}, {u1}, {a1}",
+                    "smlatt  {a3}, {t0}, {u1}, {a3}",
+                    "ldr     {t0}, [{x}, {step}]",
+                    "ldrd    {u0}, {u1}, [{w}, #8]",
+                    "sxtab16 {t1}, {pair}, {t0}",
+                    "sxtab16 {t0}, {pair}, {t0}, ror #8",
+                    "smlabb  {a0}, {t1}, {u0}, {a0}",
+                    "smlatt  {a2}, {t1}, {u0}, {a2}",
+                    "smlabb  {a1}, {t0}, {u1}, {a1}",
+                    "smlatt  {a3}, {t0}, {u1}, {a3}",
+                    "ldr     {t0}, [{x}, {step}, lsl #1]",
+                    "ldrd    {u0}, {u1}, [{w}, #16]",
+                    "sxtab16 {t1}, {pair}, {t0}",
+                    "sxtab16 {t0}, {pair}, {t0}, ror #8",
+                    "smlabb  {a0}, {t1}, {u0}, {a0}",
+                    "smlatt  {a2}, {t1}, {u0}, {a2}",
+                    "smlabb  {a1}, {t0}, {u1}, {a1}",
+                    "smlatt  {a3}, {t0}, {u1}, {a3}",
+                    "ldr     {u0}, [{w}, #72]",
+                    "add     {x}, {x}, {u0}",
+                    "ldr     {t0}, [{x}]",
+                    "ldrd    {u0}, {u1}, [{w}, #24]",
+                    "sxtab16 {t1}, {pair}, {t0}",
+                    "sxtab16 {t0}, {pair}, {t0}, ror #8",
+                    "smlabb  {a0}, {t1}, {u0}, {a0}",
+                    "smlatt  {a2}, {t1}, {u0}, {a2}",
+                    "smlabb  {a1}, {t0}, {u1}, {a1}",
+                    "smlatt  {a3}, {t0}, {u1}, {a3}",
+                    "ldr     {t0}, [{x}, {step}]",
+                    "ldrd    {u0}, {u1}, [{w}, #32]",
+                    "sxtab16 {t1}, {pair}, {t0}",
+                    "sxtab16 {t0}, {pair}, {t0}, ror #8",
+                    "smlabb  {a0}, {t1}, {u0}, {a0}",
+                    "smlatt  {a2}, {t1}, {u0}, {a2}",
+                    "smlabb  {a1}, {t0}, {u1}, {a1}",
+                    "smlatt  {a3}, {t0}, {u1}, {a3}",
+                    "ldr     {t0}, [{x}, {step}, lsl #1]",
+                    "ldrd    {u0}, {u1}, [{w}, #40]",
+                    "sxtab16 {t1}, {pair}, {t0}",
+                    "sxtab16 {t0}, {pair}, {t0}, ror #8",
+                    "smlabb  {a0}, {t1}, {u0}, {a0}",
+                    "smlatt  {a2}, {t1}, {u0}, {a2}",
+                    "smlabb  {a1}, {t0}, {u1}, {a1}",
+                    "smlatt  {a3}, {t0}, {u1}, {a3}",
+                    "ldr     {u0}, [{w}, #72]",
+                    "add     {x}, {x}, {u0}",
+                    "ldr     {t0}, [{x}]",
+                    "ldrd    {u0}, {u1}, [{w}, #48]",
+                    "sxtab16 {t1}, {pair}, {t0}",
+                    "sxtab16 {t0}, {pair}, {t0}, ror #8",
+                    "smlabb  {a0}, {t1}, {u0}, {a0}",
+                    "smlatt  {a2}, {t1}, {u0}, {a2}",
+                    "smlabb  {a1}, {t0}, {u1}, {a1}",
+                    "smlatt  {a3}, {t0}, {u1}, {a3}",
+                    "ldr     {t0}, [{x}, {step}]",
+                    "ldrd    {u0}, {u1}, [{w}, #56]",
+                    "sxtab16 {t1}, {pair}, {t0}",
+                    "sxtab16 {t0}, {pair}, {t0}, ror #8",
+                    "smlabb  {a0}, {t1}, {u0}, {a0}",
+                    "smlatt  {a2}, {t1}, {u0}, {a2}",
+                    "smlabb  {a1}, {t0}, {u1}, {a1}",
+                    "smlatt  {a3}, {t0}, {u1}, {a3}",
+                    "ldr     {t0}, [{x}, {step}, lsl #1]",
+                    "ldrd    {u0}, {u1}, [{w}, #64]",
+                    "sxtab16 {t1}, {pair}, {t0}",
+                    "sxtab16 {t0}, {pair}, {t0}, ror #8",
+                    "smlabb  {a0}, {t1}, {u0}, {a0}",
+                    "smlatt  {a2}, {t1}, {u0}, {a2}",
+                    "smlabb  {a1}, {t0}, {u1}, {a1}",
+                    "smlatt  {a3}, {t0}, {u1}, {a3}",
+                    a0 = inout(reg) a0,
+                    a1 = inout(reg) a1,
+                    a2 = inout(reg) a2,
+                    a3 = inout(reg) a3,
+                    x = inout(reg) x.as_ptr() => _,
+                    w = in(reg) w as *const super::Window3x3,
+                    step = in(reg) step,
+                    pair = in(reg) pair,
+                    t0 = out(reg) _,
+                    t1 = out(reg) _,
+                    u0 = out(reg) _,
+                    u1 = out(reg) _,
+                    options(nostack, readonly),
+                );
+            }
+            [a0, a1, a2, a3]
+        }
     }
 
     /// The instructions' semantics in plain Rust (ARMv7-M ARM, A7.7), for other targets.
@@ -247,6 +433,39 @@ mod dsp {
             acc.wrapping_add(hi(a) * hi(b))
         }
 
+        /// One interior 3x3 depthwise window (see the `asm!` version).
+        pub fn window3x3(x: &[i8], w: &super::Window3x3, step: usize, pair: u32) -> [i32; 4] {
+            let mut acc = [0i32; 4];
+            for t in 0..9 {
+                let at = (t / 3) * w.row as usize + (t % 3) * step;
+                let xv = &x[at..][..4];
+                let xv = u32::from_le_bytes([xv[0] as u8, xv[1] as u8, xv[2] as u8, xv[3] as u8]);
+                let (xa, xb) = (sxtab16(pair, xv), sxtab16_ror8(pair, xv));
+                let (wa, wb) = (w.words[2 * t], w.words[2 * t + 1]);
+                acc[0] = smlabb(xa, wa, acc[0]);
+                acc[2] = smlatt(xa, wa, acc[2]);
+                acc[1] = smlabb(xb, wb, acc[1]);
+                acc[3] = smlatt(xb, wb, acc[3]);
+            }
+            acc
+        }
+
+        /// Three depthwise taps of one filter row (see the `asm!` version).
+        pub fn row3(acc: &mut [i32; 4], x: &[i8], w: &[i8], step: usize, pair: u32) {
+            for t in 0..3 {
+                let xv = &x[t * step..][..4];
+                let wv = &w[t * step..][..4];
+                let xv = u32::from_le_bytes([xv[0] as u8, xv[1] as u8, xv[2] as u8, xv[3] as u8]);
+                let wv = u32::from_le_bytes([wv[0] as u8, wv[1] as u8, wv[2] as u8, wv[3] as u8]);
+                let (xa, xb) = (sxtab16(pair, xv), sxtab16_ror8(pair, xv));
+                let (wa, wb) = (sxtb16(wv), sxtb16_ror8(wv));
+                acc[0] = smlabb(xa, wa, acc[0]);
+                acc[2] = smlatt(xa, wa, acc[2]);
+                acc[1] = smlabb(xb, wb, acc[1]);
+                acc[3] = smlatt(xb, wb, acc[3]);
+            }
+        }
+
         /// The 2x2 CONV_2D block (see the `asm!` version), group by group.
         pub fn block_2x2(x: &[u32], w0: &[i8], w1: &[i8]) -> [i32; 4] {
             let mut a = [0i32; 4];
@@ -268,7 +487,10 @@ mod dsp {
     }
 }
 
-use dsp::{block_2x2, smlabb, smlad, smlatt, sxtab16, sxtab16_ror8, sxtb16, sxtb16_ror8};
+use dsp::{
+    block_2x2, row3, smlabb, smlad, smlatt, sxtab16, sxtab16_ror8, sxtb16, sxtb16_ror8, window3x3,
+    Window3x3,
+};
 
 /// The first four int8 of `b` as one little-endian word: one unaligned LDR on ARMv7-M (which
 /// allows unaligned word loads; LLVM does not merge four byte loads into one by itself).
@@ -319,22 +541,31 @@ pub fn requantize(acc: i32, r: Requant, output_zero_point: i32, clamp: ClampI8) 
 }
 
 /// Output channels whose requantization is decoded at once (a stack array of [`Channel`]s:
-/// 28 bytes each).
-const CHANNELS: usize = 32;
+/// 24 bytes each).
+const CHANNELS: usize = 64;
+
+/// True when every requantization entry is in the range [`Channel`] handles (multiplier not
+/// `i32::MIN`, shift in `-31..=30`: every valid TFLite model). Kernels run the portable body
+/// otherwise.
+fn usual_requant(q: &QuantizedOutput<'_>) -> bool {
+    q.requant
+        .iter()
+        .all(|r| r.multiplier != i32::MIN && (-31..=30).contains(&r.shift))
+}
 
 /// One output channel's bias and requantization, decoded once per kernel call and applied to
-/// every output of the channel: [`requantize`] with the shift split and the rounding mask
-/// prepared. Unusual parameters (multiplier `i32::MIN`, shift outside `-31..=30`) are flagged
-/// `general` and keep [`conv::requantize`].
+/// every output of the channel: [`requantize`] with the left shift as a multiplier, and the
+/// rounding right shift's mask prepared. Only for [`usual_requant`] parameters.
 #[derive(Clone, Copy, Default)]
 struct Channel {
     bias: i32,
+    /// `2^left_shift` (wrapping: `i32::MIN` for 31), so that `acc * scale` is TFLM's
+    /// `acc * (1 << left_shift)`.
+    scale: i32,
     multiplier: i32,
-    left: u32,
     right: u32,
     mask: i32,
     half: i32,
-    general: bool,
 }
 
 /// The output stage shared by all channels: zero point and clamp.
@@ -355,30 +586,25 @@ impl OutputStage {
     }
 }
 
-/// The requantization of output channel `oc` (per-tensor when `q.requant` has one entry).
-#[inline(always)]
-fn requant_of(q: &QuantizedOutput<'_>, oc: usize) -> Requant {
-    if q.requant.len() > 1 {
-        q.requant[oc]
-    } else {
-        q.requant[0]
-    }
-}
-
 impl Channel {
+    /// Channel `oc` of `q` (per-tensor when `q.requant` has one entry); `q` must pass
+    /// [`usual_requant`].
     fn new(oc: usize, bias: Option<&[i32]>, q: &QuantizedOutput<'_>) -> Self {
-        let r = requant_of(q, oc);
-        let general = r.multiplier == i32::MIN || !(-31..=30).contains(&r.shift);
-        let right = if general { 0 } else { (-r.shift).max(0) as u32 };
+        let r = if q.requant.len() > 1 {
+            q.requant[oc]
+        } else {
+            q.requant[0]
+        };
+        debug_assert!(r.multiplier != i32::MIN && (-31..=30).contains(&r.shift));
+        let right = (-r.shift).clamp(0, 31) as u32;
         let mask = ((1u64 << right) - 1) as i32;
         Channel {
             bias: bias.map_or(0, |b| b[oc]),
+            scale: 1i32.wrapping_shl(r.shift.clamp(0, 31) as u32),
             multiplier: r.multiplier,
-            left: r.shift.max(0) as u32,
             right,
             mask,
             half: mask >> 1,
-            general,
         }
     }
 
@@ -389,17 +615,14 @@ impl Channel {
         }
     }
 
-    /// The output byte of accumulator `acc` (bias not yet added) of output channel `oc`
-    /// (this channel): exactly `conv::requantize(acc + bias, ...)`. `high` is [`requantize`]'s
-    /// high multiply; the rounding right shift is `crate::quant::rounding_divide_by_pot` with its
-    /// mask precomputed (`threshold = half + (high < 0)`).
+    /// The output byte of accumulator `acc` (bias not yet added): exactly
+    /// `conv::requantize(acc + bias, ...)`. `high` is [`requantize`]'s high multiply (the
+    /// multiplier is not `i32::MIN`, so it never saturates); the rounding right shift is
+    /// `crate::quant::rounding_divide_by_pot` with its mask precomputed (`threshold = half +
+    /// (high < 0)`).
     #[inline(always)]
-    fn apply(&self, acc: i32, o: OutputStage, q: &QuantizedOutput<'_>, oc: usize) -> i8 {
-        let acc = acc.wrapping_add(self.bias);
-        if self.general {
-            return conv::requantize(acc, requant_of(q, oc), o.zero_point, q.clamp);
-        }
-        let x = acc.wrapping_shl(self.left);
+    fn apply(&self, acc: i32, o: OutputStage) -> i8 {
+        let x = acc.wrapping_add(self.bias).wrapping_mul(self.scale);
         let high = ((i64::from(x) * i64::from(self.multiplier) + (1i64 << 30)) >> 31) as i32;
         let threshold = self.half - (high >> 31);
         let v = (high >> self.right) + i32::from((high & self.mask) > threshold);
@@ -508,7 +731,15 @@ pub fn conv2d_i8(
 ) {
     let k = g.filter_h * g.filter_w * g.filter_in_c;
     let off = match input_offset(q.input_zero_point) {
-        Some(off) if g.filter_in_c == g.in_c && k <= MAX_PATCH && k > 0 && g.out_c > 0 => off,
+        Some(off)
+            if g.filter_in_c == g.in_c
+                && k <= MAX_PATCH
+                && k > 0
+                && g.out_c > 0
+                && usual_requant(q) =>
+        {
+            off
+        }
         _ => return conv::conv2d_i8_portable(g, q, input, filter, bias, output),
     };
     debug_assert_eq!(filter.len(), g.out_c * k);
@@ -535,12 +766,15 @@ pub fn conv2d_i8(
             }
             let body = &buf[..whole];
             let base = p * out_c + oc_lo;
-            let mut j = 0;
-            while j < n {
-                let j1 = if j + 1 < n { j + 1 } else { j };
-                let (oc, oc1) = (oc_lo + j, oc_lo + j1);
-                let w0 = &filter[oc * k..][..k];
-                let w1 = &filter[oc1 * k..][..k];
+            // Weight rows of this chunk in pairs (the last alone when `n` is odd).
+            let rows = &filter[oc_lo * k..(oc_lo + n) * k];
+            for ((j, ws), ch) in (0..n)
+                .step_by(2)
+                .zip(rows.chunks(2 * k))
+                .zip(channels.chunks(2))
+            {
+                let (w0, w1) = ws.split_at(k);
+                let w1 = if w1.is_empty() { w0 } else { w1 };
                 let [mut a00, mut a01, mut a10, mut a11] = block_2x2(body, w0, w1);
                 for t in whole..k {
                     let (x0, x1) = (get(&buf, t, 0), get(&buf, t, 1));
@@ -550,14 +784,17 @@ pub fn conv2d_i8(
                     a10 = a10.wrapping_add(x0 * v1);
                     a11 = a11.wrapping_add(x1 * v1);
                 }
-                let (c0, c1) = (channels[j], channels[j1]);
-                output[base + j] = c0.apply(a00, stage, q, oc);
-                output[base + j1] = c1.apply(a10, stage, q, oc1);
+                let c0 = ch[0];
+                output[base + j] = c0.apply(a00, stage);
                 if two {
-                    output[base + out_c + j] = c0.apply(a01, stage, q, oc);
-                    output[base + out_c + j1] = c1.apply(a11, stage, q, oc1);
+                    output[base + out_c + j] = c0.apply(a01, stage);
                 }
-                j += 2;
+                if let Some(c1) = ch.get(1) {
+                    output[base + j + 1] = c1.apply(a10, stage);
+                    if two {
+                        output[base + out_c + j + 1] = c1.apply(a11, stage);
+                    }
+                }
             }
             p += 2;
         }
@@ -581,7 +818,12 @@ pub fn depthwise_conv2d_i8(
     output: &mut [i8],
 ) {
     let off = match input_offset(q.input_zero_point) {
-        Some(off) if g.depth_multiplier == 1 && g.in_c.is_multiple_of(4) && g.out_c == g.in_c => {
+        Some(off)
+            if g.depth_multiplier == 1
+                && g.in_c.is_multiple_of(4)
+                && g.out_c == g.in_c
+                && usual_requant(q) =>
+        {
             off
         }
         _ => return depthwise::depthwise_conv2d_i8_portable(g, q, input, filter, bias, output),
@@ -591,11 +833,29 @@ pub fn depthwise_conv2d_i8(
     let c = g.in_c;
     let stage = OutputStage::new(q);
     let (xs, ws) = (g.dilation_w * c, c);
+    // 3x3 windows without dilation whose 9 taps are all in the image run the unrolled window
+    // with weights packed once per 4 channels; the others sum their in-image taps row by row.
+    let window3 = g.filter_h == 3
+        && g.filter_w == 3
+        && g.dilation_h == 1
+        && g.dilation_w == 1
+        && g.in_w * c <= u32::MAX as usize;
     // Channels in groups of 4 (outer loop: their requantization decoded once), then every
     // output pixel with 4 accumulators in registers over its in-image taps.
     let mut c0 = 0;
     while c0 < c {
         let ch = [0, 1, 2, 3].map(|j| Channel::new(c0 + j, bias, q));
+        let mut win = Window3x3 {
+            words: [0; 18],
+            row: (g.in_w * c) as u32,
+        };
+        if window3 {
+            for t in 0..9 {
+                let w = word(&filter[t * c + c0..]);
+                win.words[2 * t] = sxtb16(w);
+                win.words[2 * t + 1] = sxtb16_ror8(w);
+            }
+        }
         let mut out_at = c0;
         for b in 0..g.batch {
             for oy in 0..g.out_h {
@@ -605,12 +865,27 @@ pub fn depthwise_conv2d_i8(
                     let in_x0 = (ox * g.stride_w) as isize - g.pad_left as isize;
                     let (fx0, fx1) = tap_range(in_x0, g.dilation_w, g.filter_w, g.in_w);
                     let (mut a0, mut a1, mut a2, mut a3) = (0i32, 0i32, 0i32, 0i32);
-                    if fx1 > fx0 {
+                    if window3 && fy1 - fy0 == 3 && fx1 - fx0 == 3 {
+                        // Interior 3x3 window: the unrolled, pre-packed `asm!` window.
+                        let iy = (in_y0 + (g.dilation_h * fy0) as isize) as usize;
+                        let ix = (in_x0 + (g.dilation_w * fx0) as isize) as usize;
+                        let x = &input[((b * g.in_h + iy) * g.in_w + ix) * c + c0..];
+                        [a0, a1, a2, a3] = window3x3(x, &win, c, pair);
+                    }
+                    // All three taps of a row in the image, adjacent: the unrolled row.
+                    let row_of_3 = fx1 - fx0 == 3 && g.dilation_w == 1;
+                    if fx1 > fx0 && !(window3 && fy1 - fy0 == 3 && fx1 - fx0 == 3) {
                         let ix0 = (in_x0 + (g.dilation_w * fx0) as isize) as usize;
                         for fy in fy0..fy1 {
                             let iy = (in_y0 + (g.dilation_h * fy) as isize) as usize;
                             let x_row = &input[((b * g.in_h + iy) * g.in_w + ix0) * c + c0..];
                             let w_row = &filter[(fy * g.filter_w + fx0) * c + c0..];
+                            if row_of_3 {
+                                let mut acc = [a0, a1, a2, a3];
+                                row3(&mut acc, x_row, w_row, c, pair);
+                                [a0, a1, a2, a3] = acc;
+                                continue;
+                            }
                             for (x, w) in x_row.chunks(xs).zip(w_row.chunks(ws)).take(fx1 - fx0) {
                                 let (x, w) = (word(x), word(w));
                                 let (xa, xb) = (sxtab16(pair, x), sxtab16_ror8(pair, x));
@@ -623,10 +898,10 @@ pub fn depthwise_conv2d_i8(
                         }
                     }
                     let out = &mut output[out_at..][..4];
-                    out[0] = ch[0].apply(a0, stage, q, c0);
-                    out[1] = ch[1].apply(a1, stage, q, c0 + 1);
-                    out[2] = ch[2].apply(a2, stage, q, c0 + 2);
-                    out[3] = ch[3].apply(a3, stage, q, c0 + 3);
+                    out[0] = ch[0].apply(a0, stage);
+                    out[1] = ch[1].apply(a1, stage);
+                    out[2] = ch[2].apply(a2, stage);
+                    out[3] = ch[3].apply(a3, stage);
                     out_at += c;
                 }
             }
@@ -651,7 +926,14 @@ pub fn fully_connected_i8(
 ) {
     let n = g.in_features;
     let off = match input_offset(q.input_zero_point) {
-        Some(off) if q.filter_zero_point == 0 && n <= MAX_FC_FEATURES && g.out_features > 0 => off,
+        Some(off)
+            if q.filter_zero_point == 0
+                && n <= MAX_FC_FEATURES
+                && g.out_features > 0
+                && usual_requant(q) =>
+        {
+            off
+        }
         _ => {
             return fully_connected::fully_connected_i8_portable(g, q, input, weights, bias, output)
         }
@@ -694,9 +976,9 @@ pub fn fully_connected_i8(
                 a0 = a0.wrapping_add(xv * i32::from(w0[whole + j]));
                 a1 = a1.wrapping_add(xv * i32::from(w1[whole + j]));
             }
-            out[o] = Channel::new(o, bias, q).apply(a0, stage, q, o);
+            out[o] = Channel::new(o, bias, q).apply(a0, stage);
             if o1 != o {
-                out[o1] = Channel::new(o1, bias, q).apply(a1, stage, q, o1);
+                out[o1] = Channel::new(o1, bias, q).apply(a1, stage);
             }
             o += 2;
         }
@@ -860,11 +1142,11 @@ mod tests {
             r in prop_oneof![
                 requant(),
                 (any::<i32>(), -31i32..=30).prop_map(|(multiplier, shift)| Requant { multiplier, shift }),
-                (-31i32..=30).prop_map(|shift| Requant { multiplier: i32::MIN, shift }),
             ],
             zp in zero_point(),
             clamp in clamp(),
         ) {
+            prop_assume!(r.multiplier != i32::MIN);
             let b = bias.map(|b| [b]);
             let rq = [r];
             let q = QuantizedOutput {
@@ -875,7 +1157,7 @@ mod tests {
                 clamp,
             };
             let want = conv::requantize(acc.wrapping_add(bias.unwrap_or(0)), r, zp, clamp);
-            let got = Channel::new(0, b.as_ref().map(|b| &b[..]), &q).apply(acc, OutputStage::new(&q), &q, 0);
+            let got = Channel::new(0, b.as_ref().map(|b| &b[..]), &q).apply(acc, OutputStage::new(&q));
             prop_assert_eq!(got, want);
         }
     }
