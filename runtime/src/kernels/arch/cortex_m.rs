@@ -664,6 +664,8 @@ fn fill_column(g: &ConvGeometry, input: &[i8], off: i32, p: usize, col: usize, b
     let in_x0 = (ox * g.stride_w) as isize - g.pad_left as isize;
     let pair = offset_pair(off);
     let mut k0 = 0;
+    // Staging of the generic path: `staged` elements of the group starting at element `group`.
+    let (mut stage, mut staged, mut group) = ([0i32; 4], 0usize, 0usize);
     for fy in 0..g.filter_h {
         let iy = in_y0 + (g.dilation_h * fy) as isize;
         for fx in 0..g.filter_w {
@@ -694,22 +696,36 @@ fn fill_column(g: &ConvGeometry, input: &[i8], off: i32, p: usize, col: usize, b
                     }
                 }
             } else {
+                // Channel counts that are not a multiple of 4 (first layers: 1 or 3): elements
+                // are staged 4 at a time and stored as their two packed words.
+                let mut emit = |v: i32| {
+                    stage[staged] = v;
+                    staged += 1;
+                    if staged == 4 {
+                        buf[group + col] = pack(stage[0], stage[2]);
+                        buf[group + 2 + col] = pack(stage[1], stage[3]);
+                        group += 4;
+                        staged = 0;
+                    }
+                };
                 match x {
-                    Some(x) => {
-                        for (j, &v) in x.iter().enumerate() {
-                            put(buf, k0 + j, col, i32::from(v) + off);
-                        }
-                    }
-                    None => {
-                        for j in 0..fic {
-                            put(buf, k0 + j, col, 0);
-                        }
-                    }
+                    Some(x) => x.iter().for_each(|&v| emit(i32::from(v) + off)),
+                    None => (0..fic).for_each(|_| emit(0)),
                 }
             }
             k0 += fic;
         }
     }
+    // The last, partial group (patch length not a multiple of 4): element by element.
+    for (j, &v) in stage[..staged].iter().enumerate() {
+        put(buf, group + j, col, v);
+    }
+}
+
+/// Two int16 values as one word, `lo` in the low half.
+#[inline(always)]
+fn pack(lo: i32, hi: i32) -> u32 {
+    (lo as u32 & 0xffff) | ((hi as u32) << 16)
 }
 
 /// int8 CONV_2D, Cortex-M DSP body: bit-exact with [`conv::conv2d_i8_portable`].
@@ -750,6 +766,7 @@ pub fn conv2d_i8(
     let stage = OutputStage::new(q);
     let mut buf = [0u32; MAX_PATCH];
     let mut channels = [Channel::default(); CHANNELS];
+    let (mut acc, mut acc1) = ([0i32; CHANNELS], [0i32; CHANNELS]);
     // Output channels in chunks of CHANNELS (their requantization decoded once); each chunk
     // walks all pixel pairs (re-packing a pair's patches costs far less than its MACs).
     let mut oc_lo = 0;
@@ -766,15 +783,14 @@ pub fn conv2d_i8(
             }
             let body = &buf[..whole];
             let base = p * out_c + oc_lo;
-            // Weight rows of this chunk in pairs (the last alone when `n` is odd).
+            // Weight rows of this chunk in pairs (the last paired with itself when `n` is
+            // odd); raw sums go to `acc` (column 0) and `acc1` (column 1), requantized below.
             let rows = &filter[oc_lo * k..(oc_lo + n) * k];
-            for ((j, ws), ch) in (0..n)
-                .step_by(2)
-                .zip(rows.chunks(2 * k))
-                .zip(channels.chunks(2))
-            {
-                let (w0, w1) = ws.split_at(k);
-                let w1 = if w1.is_empty() { w0 } else { w1 };
+            let mut j = 0;
+            while j < n {
+                let j1 = if j + 1 < n { j + 1 } else { j };
+                let w0 = &rows[j * k..][..k];
+                let w1 = &rows[j1 * k..][..k];
                 let [mut a00, mut a01, mut a10, mut a11] = block_2x2(body, w0, w1);
                 for t in whole..k {
                     let (x0, x1) = (get(&buf, t, 0), get(&buf, t, 1));
@@ -784,16 +800,21 @@ pub fn conv2d_i8(
                     a10 = a10.wrapping_add(x0 * v1);
                     a11 = a11.wrapping_add(x1 * v1);
                 }
-                let c0 = ch[0];
-                output[base + j] = c0.apply(a00, stage);
-                if two {
-                    output[base + out_c + j] = c0.apply(a01, stage);
-                }
-                if let Some(c1) = ch.get(1) {
-                    output[base + j + 1] = c1.apply(a10, stage);
-                    if two {
-                        output[base + out_c + j + 1] = c1.apply(a11, stage);
-                    }
+                // When j1 == j the second pair of writes repeats the first (same weights).
+                acc[j] = a00;
+                acc1[j] = a01;
+                acc[j1] = a10;
+                acc1[j1] = a11;
+                j += 2;
+            }
+            let out = &mut output[base..][..n];
+            for ((o, &a), ch) in out.iter_mut().zip(&acc[..n]).zip(channels.iter()) {
+                *o = ch.apply(a, stage);
+            }
+            if two {
+                let out = &mut output[base + out_c..][..n];
+                for ((o, &a), ch) in out.iter_mut().zip(&acc1[..n]).zip(channels.iter()) {
+                    *o = ch.apply(a, stage);
                 }
             }
             p += 2;
