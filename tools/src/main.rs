@@ -473,8 +473,9 @@ enum Command {
     /// its own A/B state directory, self-tests, confirms or reverts, runs inference traffic and
     /// reports telemetry. Faults: drop=P (requests fail, downloads drop midway), corrupt=P
     /// (a flipped byte: the SHA-256 check catches it), crash=P (an install aborts midway and
-    /// the device restarts from its persisted state). Prints devices per version over time, and
-    /// fails when a device was ever left without a verified model.
+    /// the device restarts from its persisted state). Prints devices per version over time,
+    /// the check-ins answered per second and their round-trip percentiles (p50, p90, p99,
+    /// p99.9), and fails when a device was ever left without a verified model.
     ///
     /// Example: `kiln simulate --server http://127.0.0.1:8080 --enroll-token E --devices 100
     /// --trusted-key release.pub --faults drop=0.05,corrupt=0.01,crash=0.01 --duration 60`
@@ -1836,6 +1837,17 @@ fn simulate(a: SimulateArgs) -> Result<()> {
                 .collect();
             eprintln!("{:>7.1}s  {}", s.t_s, v.join("  "));
         }
+        let l = &report.checkin_latency;
+        eprintln!(
+            "check-ins {} ({:.1}/s)  round trip ms: p50 {:.2}  p90 {:.2}  p99 {:.2}  p99.9 {:.2}  max {:.2}",
+            report.checkins,
+            report.checkins_per_s,
+            l.p50_ms,
+            l.p90_ms,
+            l.p99_ms,
+            l.p999_ms,
+            l.max_ms
+        );
         eprintln!(
             "installs {}  install failures {}  self-test failures {}  rollbacks {}  crashes {}  \
              digest mismatches {}  http errors {}  resumed downloads {}  inferences {}",

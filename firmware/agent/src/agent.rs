@@ -314,9 +314,100 @@ impl Shared {
     }
 }
 
+/// Round-trip times in microseconds, in log-linear buckets: exact below 32 µs, then 16 buckets
+/// per doubling, so a bucket is at most 1/16 (6.25 %) of its lower bound wide. Used by the
+/// simulator for check-in latency percentiles.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LatencyHist {
+    counts: Vec<u64>,
+    max_us: u64,
+}
+
+/// Sub-buckets per doubling in [`LatencyHist`] (a power of two).
+const HIST_SUB: u64 = 16;
+const HIST_SUB_BITS: u32 = HIST_SUB.trailing_zeros();
+
+impl LatencyHist {
+    fn index(us: u64) -> usize {
+        if us < 2 * HIST_SUB {
+            return us as usize;
+        }
+        // `msb >= HIST_SUB_BITS + 1`, so `shift >= 1` and `sub` is in `0..HIST_SUB`.
+        let msb = 63 - us.leading_zeros();
+        let shift = msb - HIST_SUB_BITS;
+        let sub = (us >> shift) - HIST_SUB;
+        (HIST_SUB * u64::from(shift + 1) + sub) as usize
+    }
+
+    /// The largest value that falls in bucket `i`.
+    fn upper(i: usize) -> u64 {
+        let i = i as u64;
+        if i < 2 * HIST_SUB {
+            return i;
+        }
+        let shift = (i / HIST_SUB - 1) as u32;
+        let lower = (HIST_SUB + i % HIST_SUB) << shift;
+        lower + (1u64 << shift) - 1
+    }
+
+    /// Counts one round trip.
+    pub fn record(&mut self, d: Duration) {
+        let us = u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
+        let i = Self::index(us);
+        if self.counts.len() <= i {
+            self.counts.resize(i + 1, 0);
+        }
+        self.counts[i] += 1;
+        self.max_us = self.max_us.max(us);
+    }
+
+    /// Adds another histogram's counts.
+    pub fn merge(&mut self, o: &LatencyHist) {
+        if self.counts.len() < o.counts.len() {
+            self.counts.resize(o.counts.len(), 0);
+        }
+        for (a, b) in self.counts.iter_mut().zip(&o.counts) {
+            *a += b;
+        }
+        self.max_us = self.max_us.max(o.max_us);
+    }
+
+    /// Round trips counted.
+    pub fn count(&self) -> u64 {
+        self.counts.iter().sum()
+    }
+
+    /// The longest round trip, µs.
+    pub fn max_us(&self) -> u64 {
+        self.max_us
+    }
+
+    /// The `q`-quantile (`0..=1`) in µs: the upper bound of the bucket it falls in (so at most
+    /// 6.25 % above the true value), capped at the maximum seen. `None` when empty.
+    pub fn quantile_us(&self, q: f64) -> Option<u64> {
+        let total = self.count();
+        if total == 0 {
+            return None;
+        }
+        let rank = ((q.clamp(0.0, 1.0) * total as f64).ceil() as u64).clamp(1, total);
+        let mut seen = 0;
+        for (i, &c) in self.counts.iter().enumerate() {
+            seen += c;
+            if seen >= rank {
+                return Some(Self::upper(i).min(self.max_us));
+            }
+        }
+        Some(self.max_us)
+    }
+}
+
 /// Counters of what an agent did (for the simulator's report).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Counters {
+    /// Check-ins the server answered (2xx).
+    pub checkins: u64,
+    /// Their round-trip times (request sent to answer parsed).
+    pub checkin_latency: LatencyHist,
     /// Confirmed installs.
     pub installs: u64,
     /// Refused artifacts (verification, policy).
@@ -595,8 +686,13 @@ impl Agent {
             telemetry: telemetry.clone(),
         };
         let sent = body.events.len();
+        let t0 = Instant::now();
         let resp: CheckInResponse = match self.post("/api/v1/checkin", &token, &body).await {
-            Ok(r) => r,
+            Ok(r) => {
+                self.counters.checkins += 1;
+                self.counters.checkin_latency.record(t0.elapsed());
+                r
+            }
             Err(e) => {
                 if let Some(t) = telemetry {
                     self.shared.restore_window(t);
@@ -933,5 +1029,48 @@ impl Agent {
                 _ = tokio::time::sleep(pause) => {}
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::LatencyHist;
+    use std::time::Duration;
+
+    #[test]
+    fn latency_buckets_are_contiguous_and_narrow() {
+        let mut prev_upper = None;
+        for i in 0..600 {
+            let up = LatencyHist::upper(i);
+            if let Some(p) = prev_upper {
+                assert_eq!(LatencyHist::index(p + 1), i, "bucket {i} starts after {p}");
+            }
+            assert_eq!(LatencyHist::index(up), i);
+            let lower = prev_upper.map_or(0, |p| p + 1);
+            assert!(
+                (up - lower) * 16 <= lower.max(16),
+                "bucket {i}: {lower}..={up}"
+            );
+            prev_upper = Some(up);
+        }
+    }
+
+    #[test]
+    fn latency_quantiles() {
+        let mut h = LatencyHist::default();
+        assert_eq!(h.quantile_us(0.5), None);
+        for ms in 1..=100u64 {
+            h.record(Duration::from_millis(ms));
+        }
+        let p50 = h.quantile_us(0.5).unwrap_or(0);
+        let p99 = h.quantile_us(0.99).unwrap_or(0);
+        assert!((50_000..=53_125).contains(&p50), "{p50}");
+        assert!((99_000..=100_000).contains(&p99), "{p99}");
+        assert_eq!(h.quantile_us(1.0), Some(100_000));
+        let mut m = LatencyHist::default();
+        m.merge(&h);
+        m.merge(&h);
+        assert_eq!(m.count(), 200);
+        assert_eq!(m.quantile_us(0.5), h.quantile_us(0.5));
     }
 }

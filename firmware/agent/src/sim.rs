@@ -7,9 +7,10 @@
 //! `fail_version` (that version's self-test fails on every device), `drift_version` (inference
 //! traffic on that version is drawn outside the BASELINE range).
 
-use crate::agent::{Agent, AgentConfig, Counters, Faults, Rng};
+use crate::agent::{Agent, AgentConfig, Counters, Faults, LatencyHist, Rng};
 use serde::Serialize;
 use std::collections::BTreeMap;
+use std::future::Future;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -33,6 +34,9 @@ pub struct SimOptions {
     pub max_poll: Duration,
     /// Shortest pause.
     pub min_poll: Duration,
+    /// Devices start (enroll) at random moments spread over this long, as a fleet that boots
+    /// over time does, instead of all at once.
+    pub ramp: Duration,
     /// Inferences a device runs per check-in cycle.
     pub inferences_per_cycle: u32,
     /// Timeline sampling period.
@@ -58,6 +62,7 @@ impl Default for SimOptions {
             duration: Duration::from_secs(30),
             max_poll: Duration::from_secs(2),
             min_poll: Duration::from_millis(200),
+            ramp: Duration::from_secs(1),
             inferences_per_cycle: 4,
             sample_every: Duration::from_secs(1),
             state_root: None,
@@ -88,6 +93,12 @@ pub struct SimReport {
     pub timeline: Vec<Sample>,
     /// Devices per version at the end.
     pub final_versions: BTreeMap<String, u64>,
+    /// Check-ins the server answered.
+    pub checkins: u64,
+    /// Answered check-ins per second over the run.
+    pub checkins_per_s: f64,
+    /// Check-in round trips (request sent to answer parsed), as the devices saw them.
+    pub checkin_latency: LatencySummary,
     /// Confirmed installs.
     pub installs: u64,
     /// Refused artifacts.
@@ -108,6 +119,36 @@ pub struct SimReport {
     pub inferences: u64,
     /// Breaches of "a device that had a verified model always has one" (should be empty).
     pub invariant_violations: Vec<String>,
+}
+
+/// Percentiles of round-trip times, in milliseconds (each the upper bound of a bucket at most
+/// 6.25 % wide, see [`LatencyHist`]).
+#[derive(Clone, Debug, Default, Serialize, PartialEq)]
+pub struct LatencySummary {
+    /// Median.
+    pub p50_ms: f64,
+    /// 90th percentile.
+    pub p90_ms: f64,
+    /// 99th percentile.
+    pub p99_ms: f64,
+    /// 99.9th percentile.
+    pub p999_ms: f64,
+    /// Longest.
+    pub max_ms: f64,
+}
+
+impl LatencySummary {
+    /// The percentiles of `h` (zeros when it is empty).
+    pub fn of(h: &LatencyHist) -> Self {
+        let ms = |q: f64| h.quantile_us(q).unwrap_or(0) as f64 / 1000.0;
+        LatencySummary {
+            p50_ms: ms(0.5),
+            p90_ms: ms(0.9),
+            p99_ms: ms(0.99),
+            p999_ms: ms(0.999),
+            max_ms: h.max_us() as f64 / 1000.0,
+        }
+    }
 }
 
 /// Simulation errors.
@@ -137,6 +178,8 @@ struct Board {
 }
 
 fn add(a: &mut Counters, b: &Counters) {
+    a.checkins += b.checkins;
+    a.checkin_latency.merge(&b.checkin_latency);
     a.installs += b.installs;
     a.install_failures += b.install_failures;
     a.selftest_failures += b.selftest_failures;
@@ -165,6 +208,21 @@ pub async fn simulate(
     n: usize,
     opts: SimOptions,
 ) -> Result<SimReport, SimError> {
+    simulate_until(server, enroll_token, n, opts, std::future::pending()).await
+}
+
+/// Runs `n` devices against `server` until `stop` resolves or `opts.duration` passes, whichever
+/// comes first (a test stops the fleet as soon as it has seen what it waited for).
+///
+/// # Errors
+/// The state directories cannot be created, or an agent cannot open its state.
+pub async fn simulate_until(
+    server: &str,
+    enroll_token: &str,
+    n: usize,
+    opts: SimOptions,
+    stop: impl Future<Output = ()>,
+) -> Result<SimReport, SimError> {
     let temp;
     let root = match &opts.state_root {
         Some(r) => {
@@ -182,7 +240,9 @@ pub async fn simulate(
     }));
     let start = Instant::now();
     let deadline = start + opts.duration;
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut tasks = Vec::with_capacity(n);
+    let mut ramp_rng = Rng::new(opts.seed ^ 0x5EED_7A3B);
     for i in 0..n {
         let mut cfg =
             AgentConfig::new(server, enroll_token, &opts.board, opts.trusted_keys.clone());
@@ -204,13 +264,19 @@ pub async fn simulate(
             reason: e.to_string(),
         })?;
         let board = board.clone();
-        let drift = opts.drift_version;
-        let per_cycle = opts.inferences_per_cycle;
+        let run = Run {
+            deadline,
+            stop: stop_rx.clone(),
+            drift: opts.drift_version,
+            per_cycle: opts.inferences_per_cycle,
+            delay: opts.ramp.mul_f64(ramp_rng.f64()),
+        };
         tasks.push(tokio::spawn(async move {
-            device(i, agent, cfg, dir, board, deadline, drift, per_cycle).await
+            device(i, agent, cfg, dir, board, run).await
         }));
     }
     let mut timeline = Vec::new();
+    tokio::pin!(stop);
     loop {
         if let Ok(b) = board.lock() {
             timeline.push(Sample {
@@ -221,20 +287,28 @@ pub async fn simulate(
         if Instant::now() >= deadline {
             break;
         }
-        tokio::time::sleep(opts.sample_every.min(deadline - Instant::now())).await;
+        tokio::select! {
+            () = &mut stop => break,
+            () = tokio::time::sleep(opts.sample_every.min(deadline.saturating_duration_since(Instant::now()))) => {}
+        }
     }
+    let _ = stop_tx.send(true);
     for t in tasks {
-        // Each device stops by the deadline (plus at most one bounded request).
+        // Each device stops at the signal or the deadline (plus at most one bounded request).
         let _ = tokio::time::timeout(Duration::from_secs(60), t).await;
     }
+    let duration_s = start.elapsed().as_secs_f64();
     let b = board.lock().map_err(|_| SimError::Agent {
         device: 0,
         reason: "a device task panicked".into(),
     })?;
     Ok(SimReport {
         devices: n as u64,
-        duration_s: start.elapsed().as_secs_f64(),
+        duration_s,
         final_versions: census(&b.versions),
+        checkins: b.counters.checkins,
+        checkins_per_s: b.counters.checkins as f64 / duration_s.max(1e-9),
+        checkin_latency: LatencySummary::of(&b.counters.checkin_latency),
         timeline,
         installs: b.counters.installs,
         install_failures: b.counters.install_failures,
@@ -249,22 +323,43 @@ pub async fn simulate(
     })
 }
 
-#[allow(clippy::too_many_arguments)]
+/// How one simulated device runs.
+struct Run {
+    deadline: Instant,
+    stop: tokio::sync::watch::Receiver<bool>,
+    drift: Option<u32>,
+    per_cycle: u32,
+    /// Pause before the first check-in.
+    delay: Duration,
+}
+
+impl Run {
+    /// Sleeps `d` (cut short by the deadline); `false` when the device must stop.
+    async fn sleep(&mut self, d: Duration) -> bool {
+        let left = self.deadline.saturating_duration_since(Instant::now());
+        tokio::select! {
+            _ = self.stop.wait_for(|s| *s) => return false,
+            () = tokio::time::sleep(d.min(left)) => {}
+        }
+        Instant::now() < self.deadline && !*self.stop.borrow()
+    }
+}
+
 async fn device(
     i: usize,
     mut agent: Agent,
     cfg: AgentConfig,
     dir: PathBuf,
     board: Arc<Mutex<Board>>,
-    deadline: Instant,
-    drift: Option<u32>,
-    per_cycle: u32,
+    mut run: Run,
 ) {
     let mut rng = Rng::new(cfg.seed ^ 0xD1F7);
     let mut had_model = agent.running().is_some();
     let mut failures = 0u32;
     let mut inferences = 0u64;
-    while Instant::now() < deadline {
+    let (drift, per_cycle) = (run.drift, run.per_cycle);
+    let mut go = run.sleep(run.delay).await;
+    while go {
         let r = agent.cycle().await;
         let mut crashed = false;
         let pause = match r {
@@ -328,8 +423,7 @@ async fn device(
                 *v = running.as_ref().map(|m| m.version);
             }
         }
-        let left = deadline.saturating_duration_since(Instant::now());
-        tokio::time::sleep(pause.min(left)).await;
+        go = run.sleep(pause).await;
     }
     if let Ok(mut b) = board.lock() {
         add(&mut b.counters, &agent.counters);

@@ -111,16 +111,19 @@ pub fn enroll(headers: &HeaderMap, enroll_token: &str, admin_token: &str) -> Api
     Err(wrong())
 }
 
-/// Requires a device token.
+/// Requires a device token, looked up on `db` (the pool, or a connection the caller holds).
 ///
 /// # Errors
 /// 401 (missing or wrong), 403 (the admin or enroll token).
-pub async fn device(
+pub async fn device<'e, E>(
     headers: &HeaderMap,
-    pool: &AnyPool,
+    db: E,
     admin_token: &str,
     enroll_token: &str,
-) -> ApiResult<DeviceRow> {
+) -> ApiResult<DeviceRow>
+where
+    E: sqlx::Executor<'e, Database = sqlx::Any>,
+{
     let t = bearer(headers)?;
     if same(t, admin_token) || same(t, enroll_token) {
         return Err(ApiErr::new(
@@ -128,7 +131,7 @@ pub async fn device(
             "forbidden: this call needs a device token (from POST /api/v1/enroll)",
         ));
     }
-    find_device(pool, t).await?.ok_or_else(wrong)
+    find_device(db, t).await?.ok_or_else(wrong)
 }
 
 /// Admin or device.
@@ -154,13 +157,16 @@ pub async fn admin_or_device(
 ///
 /// # Errors
 /// The database fails.
-pub async fn find_device(pool: &AnyPool, token: &str) -> ApiResult<Option<DeviceRow>> {
+pub async fn find_device<'e, E>(db: E, token: &str) -> ApiResult<Option<DeviceRow>>
+where
+    E: sqlx::Executor<'e, Database = sqlx::Any>,
+{
     type Row = (String, String, String, Option<String>, Option<i64>);
     let row: Option<Row> = sqlx::query_as(
         "SELECT id, board, cohort, running_model, running_version FROM devices WHERE token_sha256 = $1",
     )
     .bind(sha256_hex(token.as_bytes()))
-    .fetch_optional(pool)
+    .fetch_optional(db)
     .await?;
     Ok(row.map(
         |(id, board, cohort, running_model, running_version)| DeviceRow {

@@ -8,6 +8,12 @@
 //! Wave membership: a device's bucket for a rollout is `SHA-256("{device}/{rollout}") mod 100`;
 //! it is in wave `i` when `bucket < waves[i]`, and it is offered the new version when it is in the
 //! rollout's current wave (waves are cumulative).
+//!
+//! Gates read per-wave aggregates, not the telemetry: `rollout_devices` holds each device's first
+//! wave and whether it reported on the new version or failed it, `rollout_stats` the telemetry
+//! summed per first wave. A check-in adds to them in its transaction (a few rows), so judging a
+//! gate reads one count over the rollout's devices and a few dozen sums, however large the fleet.
+//! A server judges a rollout from check-ins at most every [`JUDGE_EVERY`] ([`JudgeClock`]).
 
 use super::api::{
     Assignment, CheckIn, CheckInResponse, DeviceEvent, GateFigures, ModelRef, RollbackRequest,
@@ -18,13 +24,51 @@ use super::auth::DeviceRow;
 use super::registry::{audit, Baseline};
 use super::{now, ApiErr, ApiResult};
 use sha2::Digest as _;
-use sqlx::{AnyConnection, AnyPool, Row as _};
-use std::collections::{BTreeMap, HashMap, HashSet};
+use sqlx::{AnyConnection, AnyPool, Connection as _, Row as _};
+use std::collections::{BTreeMap, HashMap};
+use std::fmt::Write as _;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 /// Seconds between check-ins that the server asks for.
 pub const CHECKIN_INTERVAL_S: u32 = 60;
 /// PSI's floor for empty bins (both sides), so `ln(a/e)` stays finite.
 pub const PSI_EPSILON: f64 = 1e-4;
+/// How often one server judges the gate of a large wave on behalf of check-ins (status reads
+/// always judge).
+pub const JUDGE_EVERY: Duration = Duration::from_millis(500);
+/// Waves of up to this many devices are judged at every check-in; a gate's count over the
+/// wave's devices is then a few dozen index entries.
+pub const JUDGE_ALWAYS_UP_TO: u32 = 100;
+
+/// When this server last judged each rollout for a check-in, and how many devices its wave
+/// had. It paces judging, so a busy fleet does not count a large wave at every check-in; it
+/// decides nothing (every decision is read from and written to the database), so servers
+/// sharing a database each keep their own.
+#[derive(Debug, Default)]
+pub struct JudgeClock {
+    last: Mutex<HashMap<i64, (Instant, u32)>>,
+}
+
+impl JudgeClock {
+    /// Whether rollout `id` is due for judging: its wave was small when last judged, or
+    /// [`JUDGE_EVERY`] has passed since.
+    pub fn due(&self, id: i64) -> bool {
+        let Ok(last) = self.last.lock() else {
+            return true;
+        };
+        last.get(&id).is_none_or(|(at, devices)| {
+            *devices <= JUDGE_ALWAYS_UP_TO || at.elapsed() >= JUDGE_EVERY
+        })
+    }
+
+    /// Notes that rollout `id` was judged now, over a wave of `devices`.
+    pub fn judged(&self, id: i64, devices: u32) {
+        if let Ok(mut last) = self.last.lock() {
+            last.insert(id, (Instant::now(), devices));
+        }
+    }
+}
 
 /// A rollout row.
 #[derive(Clone, Debug, PartialEq)]
@@ -112,19 +156,15 @@ async fn governing(
     model: &str,
     cohort: &str,
 ) -> ApiResult<Option<Rollout>> {
-    let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
-        "SELECT {ROLLOUT_COLUMNS} FROM rollouts WHERE model = $1 AND state <> 'superseded' ORDER BY id DESC"
+    let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+        "SELECT {ROLLOUT_COLUMNS} FROM rollouts WHERE model = $1 AND state <> 'superseded' \
+         AND (cohort IS NULL OR cohort = $2) ORDER BY id DESC LIMIT 1"
     )))
     .bind(model)
-    .fetch_all(&mut *conn)
+    .bind(cohort)
+    .fetch_optional(&mut *conn)
     .await?;
-    for row in &rows {
-        let r = rollout_from(row)?;
-        if cohort_matches(&r.cohort, cohort) {
-            return Ok(Some(r));
-        }
-    }
-    Ok(None)
+    Ok(row.as_ref().map(rollout_from).transpose()?)
 }
 
 /// The model a device is about: what it runs, else the newest rollout of its cohort.
@@ -132,15 +172,14 @@ async fn model_of(conn: &mut AnyConnection, device: &DeviceRow) -> ApiResult<Opt
     if let Some(m) = &device.running_model {
         return Ok(Some(m.clone()));
     }
-    let rows: Vec<(String, Option<String>)> = sqlx::query_as(
-        "SELECT model, cohort FROM rollouts WHERE state <> 'superseded' ORDER BY id DESC",
+    let row: Option<(String,)> = sqlx::query_as(
+        "SELECT model FROM rollouts WHERE state <> 'superseded' AND (cohort IS NULL OR cohort = $1) \
+         ORDER BY id DESC LIMIT 1",
     )
-    .fetch_all(&mut *conn)
+    .bind(&device.cohort)
+    .fetch_optional(&mut *conn)
     .await?;
-    Ok(rows
-        .into_iter()
-        .find(|(_, c)| cohort_matches(c, &device.cohort))
-        .map(|(m, _)| m))
+    Ok(row.map(|(m,)| m))
 }
 
 /// A device's bucket (0..100) for a rollout.
@@ -158,6 +197,54 @@ fn in_wave(r: &Rollout, device_id: &str, wave: i64) -> bool {
         .copied()
         .unwrap_or(0);
     bucket(device_id, r.id) < pct
+}
+
+/// The first wave that includes a device: the smallest `i` with `bucket < waves[i]` (the
+/// number of waves when none does, which valid waves ending at 100 rule out).
+fn first_wave(waves: &[u8], rollout_id: i64, device_id: &str) -> i64 {
+    let b = bucket(device_id, rollout_id);
+    waves.iter().position(|&p| b < p).unwrap_or(waves.len()) as i64
+}
+
+/// Rows per multi-row INSERT (at most 5 parameters each, well under both engines' limits).
+const ROWS_PER_INSERT: usize = 200;
+
+/// Enters the fleet's devices (of the model or running nothing, in the cohort) in
+/// `rollout_devices` with their first wave; a device already running the version counts as
+/// reported. Idempotent.
+async fn enlist(conn: &mut AnyConnection, r: &Rollout) -> ApiResult<()> {
+    let devices: Vec<(String, String, Option<String>, Option<i64>)> = sqlx::query_as(
+        "SELECT id, cohort, running_model, running_version FROM devices WHERE running_model = $1 OR running_model IS NULL",
+    )
+    .bind(&r.model)
+    .fetch_all(&mut *conn)
+    .await?;
+    let rows: Vec<(String, i64, i64)> = devices
+        .into_iter()
+        .filter(|(_, cohort, _, _)| cohort_matches(&r.cohort, cohort))
+        .map(|(id, _, m, v)| {
+            let runs = m.as_deref() == Some(r.model.as_str()) && v == Some(r.version);
+            let wave = first_wave(&r.waves, r.id, &id);
+            (id, wave, i64::from(runs))
+        })
+        .collect();
+    for chunk in rows.chunks(ROWS_PER_INSERT) {
+        let mut sql = String::from(
+            "INSERT INTO rollout_devices (rollout_id, device_id, wave, reported, failed) VALUES ",
+        );
+        for i in 0..chunk.len() {
+            let p = 2 + 3 * i;
+            let sep = if i == 0 { "" } else { ", " };
+            let _ = write!(sql, "{sep}($1, ${p}, ${}, ${}, 0)", p + 1, p + 2);
+        }
+        sql.push_str(" ON CONFLICT (rollout_id, device_id) DO NOTHING");
+        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(r.id);
+        for (id, wave, reported) in chunk {
+            q = q.bind(id.clone()).bind(*wave).bind(*reported);
+        }
+        q.execute(&mut *conn).await?;
+    }
+    Ok(())
 }
 
 fn validate(req: &RolloutRequest) -> ApiResult<()> {
@@ -306,6 +393,9 @@ pub async fn create(pool: &AnyPool, who: &str, req: &RolloutRequest) -> ApiResul
     .await?;
     let id = insert_rollout(&mut tx, "rollout", req, previous, "running", who).await?;
     supersede(&mut tx, &req.target.model, &req.cohort, id).await?;
+    if let Some(r) = load(&mut tx, id).await? {
+        enlist(&mut tx, &r).await?;
+    }
     audit(
         &mut tx,
         who,
@@ -409,19 +499,28 @@ pub async fn act(pool: &AnyPool, who: &str, id: i64, action: &str) -> ApiResult<
 const MAX_EVENTS: usize = 256;
 const MAX_BINS: usize = 4096;
 const MAX_HISTOGRAMS: usize = 64;
+/// Most bins over all of a window's input and output histograms.
+const MAX_TOTAL_BINS: usize = 4096;
+/// Largest count in one window (inferences, a bin): 2⁴⁰, so sums over millions of windows
+/// stay far from `i64::MAX`.
+const MAX_WINDOW_COUNT: u64 = 1 << 40;
 
 fn check_telemetry(t: &Telemetry) -> ApiResult<()> {
+    let hists = || t.input_hist.iter().chain(&t.output_hist);
     let too_big = t.latency_us.len() > LATENCY_BUCKETS_US.len() + 1
         || t.input_hist.len() > MAX_HISTOGRAMS
         || t.output_hist.len() > MAX_HISTOGRAMS
-        || t.input_hist
-            .iter()
-            .chain(&t.output_hist)
-            .any(|h| h.len() > MAX_BINS)
-        || t.errors > t.inferences;
+        || hists().any(|h| h.len() > MAX_BINS)
+        || hists().map(Vec::len).sum::<usize>() > MAX_TOTAL_BINS
+        || t.errors > t.inferences
+        || t.inferences > MAX_WINDOW_COUNT
+        || hists()
+            .flatten()
+            .chain(&t.latency_us)
+            .any(|&c| c > MAX_WINDOW_COUNT);
     if too_big {
         return Err(ApiErr::bad_request(format!(
-            "telemetry refused: at most {} latency buckets, {MAX_HISTOGRAMS} histograms of {MAX_BINS} bins, and errors <= inferences",
+            "telemetry refused: at most {} latency buckets, {MAX_HISTOGRAMS} histograms of {MAX_BINS} bins ({MAX_TOTAL_BINS} in all), counts up to {MAX_WINDOW_COUNT}, and errors <= inferences",
             LATENCY_BUCKETS_US.len() + 1
         )));
     }
@@ -462,13 +561,126 @@ fn event_row(e: &DeviceEvent) -> (&'static str, u32, String) {
     }
 }
 
-/// Records a check-in (running version, events, telemetry), judges the gate of the rollout that
-/// governs the device, and answers with its assignment.
+/// Whether an event kind counts as a failure of the version at a gate.
+fn is_failure(kind: &str) -> bool {
+    matches!(
+        kind,
+        "install_failed" | "selftest_failed" | "rolled_back_self"
+    )
+}
+
+/// What a check-in adds to `rollout_stats` for rollout `r`: `(series, bin, n)`, non-zero counts
+/// only, sorted (the order in which concurrent check-ins lock the rows).
+fn stats_of(r: &Rollout, t: &Telemetry) -> Vec<(String, i64, i64)> {
+    fn hist(out: &mut Vec<(String, i64, i64)>, series: &str, h: &[u64]) {
+        for (bin, &c) in h.iter().enumerate() {
+            if c > 0 {
+                out.push((series.to_string(), bin as i64, count(c)));
+            }
+        }
+    }
+    let mut out = Vec::new();
+    let v = i64::from(t.version);
+    if v == r.version {
+        for (series, c) in [("inferences", t.inferences), ("errors", t.errors)] {
+            if c > 0 {
+                out.push((series.to_string(), 0, count(c)));
+            }
+        }
+        hist(&mut out, "latency", &t.latency_us);
+        for (i, h) in t.input_hist.iter().enumerate() {
+            hist(&mut out, &format!("input:{i}"), h);
+        }
+        for (i, h) in t.output_hist.iter().enumerate() {
+            hist(&mut out, &format!("output:{i}"), h);
+        }
+    } else if Some(v) == r.previous {
+        hist(&mut out, "prev_latency", &t.latency_us);
+    }
+    out.sort();
+    out
+}
+
+fn count(c: u64) -> i64 {
+    i64::try_from(c).unwrap_or(i64::MAX)
+}
+
+/// Adds a check-in to the aggregates of the running rollout `r` that governs the device: its
+/// row in `rollout_devices` (reported / failed only ever go from 0 to 1) and its telemetry in
+/// `rollout_stats`.
+async fn tally(
+    conn: &mut AnyConnection,
+    r: &Rollout,
+    device_id: &str,
+    body: &CheckIn,
+) -> ApiResult<()> {
+    let v = r.version;
+    let mut reported = body
+        .running
+        .as_ref()
+        .is_some_and(|m| m.model == r.model && i64::from(m.version) == v);
+    let mut failed = false;
+    for e in &body.events {
+        let (kind, version, _) = event_row(e);
+        if i64::from(version) == v {
+            reported = true;
+            failed |= is_failure(kind);
+        }
+    }
+    reported |= body
+        .telemetry
+        .as_ref()
+        .is_some_and(|t| i64::from(t.version) == v);
+    let wave = first_wave(&r.waves, r.id, device_id);
+    sqlx::query(
+        "INSERT INTO rollout_devices (rollout_id, device_id, wave, reported, failed) VALUES ($1, $2, $3, $4, $5) \
+         ON CONFLICT (rollout_id, device_id) DO UPDATE SET \
+         reported = CASE WHEN excluded.reported > rollout_devices.reported THEN excluded.reported ELSE rollout_devices.reported END, \
+         failed = CASE WHEN excluded.failed > rollout_devices.failed THEN excluded.failed ELSE rollout_devices.failed END \
+         WHERE excluded.reported > rollout_devices.reported OR excluded.failed > rollout_devices.failed",
+    )
+    .bind(r.id)
+    .bind(device_id)
+    .bind(wave)
+    .bind(i64::from(reported))
+    .bind(i64::from(failed))
+    .execute(&mut *conn)
+    .await?;
+    let stats = body
+        .telemetry
+        .as_ref()
+        .map(|t| stats_of(r, t))
+        .unwrap_or_default();
+    for chunk in stats.chunks(ROWS_PER_INSERT) {
+        let mut sql =
+            String::from("INSERT INTO rollout_stats (rollout_id, wave, series, bin, n) VALUES ");
+        for i in 0..chunk.len() {
+            let p = 3 + 3 * i;
+            let sep = if i == 0 { "" } else { ", " };
+            let _ = write!(sql, "{sep}($1, $2, ${p}, ${}, ${})", p + 1, p + 2);
+        }
+        sql.push_str(
+            " ON CONFLICT (rollout_id, wave, series, bin) DO UPDATE SET n = rollout_stats.n + excluded.n",
+        );
+        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(r.id).bind(wave);
+        for (series, bin, n) in chunk {
+            q = q.bind(series.clone()).bind(*bin).bind(*n);
+        }
+        q.execute(&mut *conn).await?;
+    }
+    Ok(())
+}
+
+/// Records a check-in (running version, events, telemetry, and the governing rollout's
+/// aggregates) in one transaction, judges that rollout's gate when it is due on this server
+/// ([`JudgeClock`]), and answers with the device's assignment. Everything runs on `conn`, so a
+/// check-in waits for a connection once.
 ///
 /// # Errors
-/// 400 (oversized telemetry), 500.
+/// 400 (too many events, oversized telemetry), 500.
 pub async fn checkin(
-    pool: &AnyPool,
+    conn: &mut AnyConnection,
+    clock: &JudgeClock,
     device: &DeviceRow,
     body: &CheckIn,
 ) -> ApiResult<CheckInResponse> {
@@ -481,12 +693,12 @@ pub async fn checkin(
         check_telemetry(t)?;
     }
     let at = now();
-    let mut tx = pool.begin().await?;
     let mut dev = device.clone();
     if let Some(r) = &body.running {
         dev.running_model = Some(r.model.clone());
         dev.running_version = Some(i64::from(r.version));
     }
+    let mut tx = conn.begin().await?;
     let model = model_of(&mut tx, &dev).await?.unwrap_or_default();
     let last_event = body.events.last().map(|e| event_row(e).2);
     sqlx::query(
@@ -499,12 +711,13 @@ pub async fn checkin(
     .bind(&dev.id)
     .execute(&mut *tx)
     .await?;
-    let latest: Option<(i64,)> =
-        sqlx::query_as("SELECT id FROM rollouts WHERE model = $1 ORDER BY id DESC")
-            .bind(&model)
-            .fetch_optional(&mut *tx)
-            .await?;
-    let latest = latest.map_or(0, |(id,)| id);
+    let mut gov = if model.is_empty() {
+        None
+    } else {
+        governing(&mut tx, &model, &dev.cohort).await?
+    };
+    // The newest rollout of the model (any cohort or state): what a block is recorded against.
+    let mut latest: Option<i64> = None;
     for e in &body.events {
         let (kind, version, detail) = event_row(e);
         sqlx::query(
@@ -519,6 +732,18 @@ pub async fn checkin(
         .execute(&mut *tx)
         .await?;
         if matches!(kind, "selftest_failed" | "rolled_back_self") {
+            let rollout_id = match latest {
+                Some(id) => id,
+                None => {
+                    let row: Option<(i64,)> = sqlx::query_as(
+                        "SELECT id FROM rollouts WHERE model = $1 ORDER BY id DESC LIMIT 1",
+                    )
+                    .bind(&model)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+                    *latest.insert(row.map_or(0, |(id,)| id))
+                }
+            };
             sqlx::query(
                 "INSERT INTO blocked (device_id, model, version, rollout_id, at) VALUES ($1, $2, $3, $4, $5) \
                  ON CONFLICT (device_id, model, version) DO UPDATE SET rollout_id = excluded.rollout_id, at = excluded.at",
@@ -526,7 +751,7 @@ pub async fn checkin(
             .bind(&dev.id)
             .bind(&model)
             .bind(i64::from(version))
-            .bind(latest)
+            .bind(rollout_id)
             .bind(at)
             .execute(&mut *tx)
             .await?;
@@ -541,25 +766,39 @@ pub async fn checkin(
         .bind(&model)
         .bind(i64::from(t.version))
         .bind(at)
-        .bind(i64::try_from(t.inferences).unwrap_or(i64::MAX))
-        .bind(i64::try_from(t.errors).unwrap_or(i64::MAX))
+        .bind(count(t.inferences))
+        .bind(count(t.errors))
         .bind(json(&t.latency_us))
         .bind(json(&t.input_hist))
         .bind(json(&t.output_hist))
         .execute(&mut *tx)
         .await?;
     }
+    // Aggregates only while a gate may still read them.
+    if let Some(r) = gov
+        .as_ref()
+        .filter(|r| r.kind == "rollout" && (r.state == "running" || r.state == "paused"))
+    {
+        tally(&mut tx, r, &dev.id, body).await?;
+    }
     tx.commit().await?;
 
-    if !model.is_empty() {
-        let mut conn = pool.acquire().await?;
-        if let Some(r) = governing(&mut conn, &model, &dev.cohort).await? {
-            drop(conn);
-            judge(pool, r.id).await?;
+    if let Some(r) = gov
+        .as_ref()
+        .filter(|r| r.kind == "rollout" && r.state == "running")
+    {
+        if clock.due(r.id) {
+            let (changed, devices) = judge_counted(conn, r.id).await?;
+            clock.judged(r.id, devices);
+            if changed {
+                gov = governing(conn, &model, &dev.cohort).await?;
+            }
         }
     }
-    let mut conn = pool.acquire().await?;
-    let assignment = assignment(&mut conn, &dev).await?;
+    let assignment = match gov {
+        Some(r) => offer(conn, &dev, &model, &r).await?,
+        None => None,
+    };
     Ok(CheckInResponse {
         assignment,
         next_checkin_s: CHECKIN_INTERVAL_S,
@@ -585,13 +824,23 @@ pub async fn assignment(
     let Some(r) = governing(conn, &model, &dev.cohort).await? else {
         return Ok(None);
     };
+    offer(conn, dev, &model, &r).await
+}
+
+/// What rollout `r` (governing the device for `model`) has the device run, if it should change.
+async fn offer(
+    conn: &mut AnyConnection,
+    dev: &DeviceRow,
+    model: &str,
+    r: &Rollout,
+) -> ApiResult<Option<Assignment>> {
     let running = dev
         .running_version
-        .filter(|_| dev.running_model.as_deref() == Some(&model));
+        .filter(|_| dev.running_model.as_deref() == Some(model));
     let (desired, ordered_back) = match (r.kind.as_str(), r.state.as_str()) {
         ("rollback", _) => (Some(r.version), running.is_some_and(|v| v > r.version)),
         (_, "complete") => (Some(r.version), false),
-        (_, "running") if in_wave(&r, &dev.id, r.wave) => (Some(r.version), false),
+        (_, "running") if in_wave(r, &dev.id, r.wave) => (Some(r.version), false),
         (_, "paused") if running == Some(r.version) => (Some(r.version), false),
         (_, "aborted") => (r.previous, running == Some(r.version)),
         _ => (r.previous, false),
@@ -606,7 +855,7 @@ pub async fn assignment(
         "SELECT rollout_id FROM blocked WHERE device_id = $1 AND model = $2 AND version = $3",
     )
     .bind(&dev.id)
-    .bind(&model)
+    .bind(model)
     .bind(desired)
     .fetch_optional(&mut *conn)
     .await?;
@@ -615,7 +864,7 @@ pub async fn assignment(
     }
     let found: Option<(String, i64, String)> =
         sqlx::query_as("SELECT sha256, size, target FROM models WHERE name = $1 AND version = $2")
-            .bind(&model)
+            .bind(model)
             .bind(desired)
             .fetch_optional(&mut *conn)
             .await?;
@@ -627,7 +876,7 @@ pub async fn assignment(
     }
     Ok(Some(Assignment {
         target: ModelRef {
-            model,
+            model: model.to_string(),
             version: desired as u32,
         },
         url: format!("/api/v1/artifacts/{sha256}"),
@@ -688,13 +937,12 @@ pub fn p50_us(counts: &[u64]) -> Option<f64> {
     Some(lo)
 }
 
-fn add_into(acc: &mut Vec<u64>, v: &[u64]) {
-    if acc.len() < v.len() {
-        acc.resize(v.len(), 0);
+/// Adds `n` at `bin`, growing `acc` as needed.
+fn add_at(acc: &mut Vec<u64>, bin: usize, n: u64) {
+    if acc.len() <= bin {
+        acc.resize(bin + 1, 0);
     }
-    for (a, b) in acc.iter_mut().zip(v) {
-        *a = a.saturating_add(*b);
-    }
+    acc[bin] = acc[bin].saturating_add(n);
 }
 
 struct Judged {
@@ -702,100 +950,89 @@ struct Judged {
     ready: bool,
 }
 
+/// The gate figures of wave `wave` (cumulative) of rollout `r`, from its aggregates.
 async fn figures(conn: &mut AnyConnection, r: &Rollout, wave: i64) -> ApiResult<Judged> {
-    // The wave's devices (cumulative), in the cohort, on this model or none yet.
-    let devices: Vec<(String, String, Option<String>, Option<i64>)> = sqlx::query_as(
-        "SELECT id, cohort, running_model, running_version FROM devices WHERE running_model = $1 OR running_model IS NULL",
-    )
-    .bind(&r.model)
-    .fetch_all(&mut *conn)
-    .await?;
-    let mut members: HashSet<String> = HashSet::new();
-    let mut on_version: HashSet<String> = HashSet::new();
-    for (id, cohort, _, v) in devices {
-        if cohort_matches(&r.cohort, &cohort) && in_wave(r, &id, wave) {
-            if v == Some(r.version) {
-                on_version.insert(id.clone());
-            }
-            members.insert(id);
-        }
+    let count_sql = "SELECT COUNT(*), COUNT(CASE WHEN reported <> 0 THEN 1 END), COUNT(CASE WHEN failed <> 0 THEN 1 END) \
+         FROM rollout_devices WHERE rollout_id = $1 AND wave <= $2";
+    let mut counts: (i64, i64, i64) = sqlx::query_as(count_sql)
+        .bind(r.id)
+        .bind(wave)
+        .fetch_one(&mut *conn)
+        .await?;
+    let any: Option<(i64,)> = if counts.0 == 0 {
+        sqlx::query_as("SELECT wave FROM rollout_devices WHERE rollout_id = $1 LIMIT 1")
+            .bind(r.id)
+            .fetch_optional(&mut *conn)
+            .await?
+    } else {
+        Some((0,))
+    };
+    if any.is_none() {
+        // A rollout created before the aggregates existed, or when the fleet was empty.
+        enlist(conn, r).await?;
+        counts = sqlx::query_as(count_sql)
+            .bind(r.id)
+            .bind(wave)
+            .fetch_one(&mut *conn)
+            .await?;
     }
-    let events: Vec<(String, String)> = sqlx::query_as(
-        "SELECT device_id, kind FROM device_events WHERE model = $1 AND version = $2 AND at >= $3",
-    )
-    .bind(&r.model)
-    .bind(r.version)
-    .bind(r.created_at)
-    .fetch_all(&mut *conn)
-    .await?;
-    let mut reported: HashSet<String> = on_version;
-    let mut failed: HashSet<String> = HashSet::new();
-    for (d, kind) in events {
-        if !members.contains(&d) {
-            continue;
-        }
-        reported.insert(d.clone());
-        if matches!(
-            kind.as_str(),
-            "install_failed" | "selftest_failed" | "rolled_back_self"
-        ) {
-            failed.insert(d);
-        }
-    }
-    type TRow = (String, i64, i64, String, String, String);
-    let rows: Vec<TRow> = sqlx::query_as(
-        "SELECT device_id, inferences, errors, latency, input_hist, output_hist FROM telemetry WHERE model = $1 AND version = $2 AND at >= $3",
-    )
-    .bind(&r.model)
-    .bind(r.version)
-    .bind(r.created_at)
-    .fetch_all(&mut *conn)
-    .await?;
-    let (mut inferences, mut errors) = (0i64, 0i64);
+    let (n, reported_n, failures) = counts;
+    let rows: Vec<(i64, String, i64, i64)> =
+        sqlx::query_as("SELECT wave, series, bin, n FROM rollout_stats WHERE rollout_id = $1")
+            .bind(r.id)
+            .fetch_all(&mut *conn)
+            .await?;
+    let (mut inferences, mut errors) = (0u64, 0u64);
     let mut latency = Vec::new();
+    // The previous version's latency: on the wave's devices, and on all the rollout's devices.
+    let (mut previous_same, mut previous_all) = (Vec::new(), Vec::new());
     let mut inputs: Vec<Vec<u64>> = Vec::new();
     let mut outputs: Vec<Vec<u64>> = Vec::new();
-    for (d, inf, err, lat, ih, oh) in rows {
-        if !members.contains(&d) {
+    for (w, series, bin, c) in rows {
+        let (Ok(bin), Ok(c)) = (usize::try_from(bin), u64::try_from(c)) else {
+            continue;
+        };
+        if bin >= MAX_BINS {
             continue;
         }
-        reported.insert(d);
-        inferences = inferences.saturating_add(inf);
-        errors = errors.saturating_add(err);
-        add_into(
-            &mut latency,
-            &serde_json::from_str::<Vec<u64>>(&lat).unwrap_or_default(),
-        );
-        for (acc, h) in [(&mut inputs, ih), (&mut outputs, oh)] {
-            let hs: Vec<Vec<u64>> = serde_json::from_str(&h).unwrap_or_default();
-            if acc.len() < hs.len() {
-                acc.resize(hs.len(), Vec::new());
+        if series == "prev_latency" {
+            add_at(&mut previous_all, bin, c);
+            if w <= wave {
+                add_at(&mut previous_same, bin, c);
             }
-            for (a, h) in acc.iter_mut().zip(&hs) {
-                add_into(a, h);
+            continue;
+        }
+        if w > wave {
+            continue;
+        }
+        let hist = |prefix: &str| {
+            series
+                .strip_prefix(prefix)
+                .and_then(|i| i.parse::<usize>().ok())
+                .filter(|&i| i < MAX_HISTOGRAMS)
+        };
+        match series.as_str() {
+            "inferences" => inferences = inferences.saturating_add(c),
+            "errors" => errors = errors.saturating_add(c),
+            "latency" => add_at(&mut latency, bin, c),
+            _ => {
+                let (side, i) = match (hist("input:"), hist("output:")) {
+                    (Some(i), _) => (&mut inputs, i),
+                    (_, Some(i)) => (&mut outputs, i),
+                    _ => continue,
+                };
+                if side.len() <= i {
+                    side.resize(i + 1, Vec::new());
+                }
+                add_at(&mut side[i], bin, c);
             }
         }
     }
-    // The previous version's latency: the same devices' earlier telemetry, else fleet-wide.
-    let mut previous_p50 = None;
-    if let Some(prev) = r.previous {
-        let rows: Vec<(String, String)> = sqlx::query_as(
-            "SELECT device_id, latency FROM telemetry WHERE model = $1 AND version = $2",
-        )
-        .bind(&r.model)
-        .bind(prev)
-        .fetch_all(&mut *conn)
-        .await?;
-        let (mut same, mut all) = (Vec::new(), Vec::new());
-        for (d, lat) in rows {
-            let h: Vec<u64> = serde_json::from_str(&lat).unwrap_or_default();
-            if members.contains(&d) {
-                add_into(&mut same, &h);
-            }
-            add_into(&mut all, &h);
-        }
-        previous_p50 = p50_us(&same).or_else(|| p50_us(&all));
-    }
+    let previous_p50 = if r.previous.is_some() {
+        p50_us(&previous_same).or_else(|| p50_us(&previous_all))
+    } else {
+        None
+    };
     let baseline: Option<(String,)> =
         sqlx::query_as("SELECT baseline FROM models WHERE name = $1 AND version = $2")
             .bind(&r.model)
@@ -809,13 +1046,18 @@ async fn figures(conn: &mut AnyConnection, r: &Rollout, wave: i64) -> ApiResult<
         .iter()
         .filter_map(|b| {
             let side = if b.kind == "input" { &inputs } else { &outputs };
-            side.get(b.index as usize).and_then(|a| psi(&b.counts, a))
+            // Trailing empty bins are not stored: pad to the BASELINE's bins.
+            let mut a = side.get(b.index as usize)?.clone();
+            if a.len() < b.counts.len() {
+                a.resize(b.counts.len(), 0);
+            }
+            psi(&b.counts, &a)
         })
         .fold(None, |m: Option<f64>, v| Some(m.map_or(v, |m| m.max(v))));
 
-    let n = members.len() as u32;
-    let reported_n = reported.len() as u32;
-    let failures = failed.len() as u32;
+    let n = u32::try_from(n).unwrap_or(u32::MAX);
+    let reported_n = u32::try_from(reported_n).unwrap_or(u32::MAX);
+    let failures = u32::try_from(failures).unwrap_or(u32::MAX);
     let failure_pct = if reported_n == 0 {
         0.0
     } else {
@@ -877,22 +1119,29 @@ async fn figures(conn: &mut AnyConnection, r: &Rollout, wave: i64) -> ApiResult<
     })
 }
 
-/// Judges the current wave's gate of a running rollout, and advances, completes or aborts it.
-/// Safe to call from any number of servers at once.
+/// Judges the current wave's gate of a running rollout, and advances, completes or aborts it;
+/// `true` when this call changed it. Safe to call from any number of servers at once.
 ///
 /// # Errors
 /// The database fails.
-pub async fn judge(pool: &AnyPool, id: i64) -> ApiResult<()> {
-    let mut tx = pool.begin().await?;
+pub async fn judge(conn: &mut AnyConnection, id: i64) -> ApiResult<bool> {
+    Ok(judge_counted(conn, id).await?.0)
+}
+
+/// [`judge`], and the number of devices in the judged wave.
+async fn judge_counted(conn: &mut AnyConnection, id: i64) -> ApiResult<(bool, u32)> {
+    let mut tx = conn.begin().await?;
     let Some(r) = load(&mut tx, id).await? else {
-        return Ok(());
+        return Ok((false, 0));
     };
     if r.state != "running" || r.kind != "rollout" {
-        return Ok(());
+        return Ok((false, 0));
     }
     let j = figures(&mut tx, &r, r.wave).await?;
+    let devices = j.figures.devices;
     if !j.ready {
-        return Ok(());
+        tx.commit().await?;
+        return Ok((false, devices));
     }
     let passed = j.figures.passed == Some(true);
     let last = r.wave + 1 >= r.waves.len() as i64;
@@ -932,7 +1181,7 @@ pub async fn judge(pool: &AnyPool, id: i64) -> ApiResult<()> {
     };
     if changed.rows_affected() == 0 {
         // Another server judged it first.
-        return Ok(());
+        return Ok((false, devices));
     }
     sqlx::query(
         "INSERT INTO rollout_gates (rollout_id, wave, passed, figures, at) VALUES ($1, $2, $3, $4, $5)",
@@ -945,7 +1194,7 @@ pub async fn judge(pool: &AnyPool, id: i64) -> ApiResult<()> {
     .execute(&mut *tx)
     .await?;
     tx.commit().await?;
-    Ok(())
+    Ok((true, devices))
 }
 
 fn state_of(s: &str) -> RolloutState {
@@ -996,8 +1245,8 @@ pub async fn list(pool: &AnyPool, limit: i64) -> ApiResult<Vec<RolloutSummary>> 
 /// # Errors
 /// 404 (no such rollout), 500.
 pub async fn status(pool: &AnyPool, id: i64) -> ApiResult<RolloutStatus> {
-    judge(pool, id).await?;
     let mut conn = pool.acquire().await?;
+    judge(&mut conn, id).await?;
     let Some(r) = load(&mut conn, id).await? else {
         return Err(ApiErr::not_found(format!("no rollout {id}")));
     };

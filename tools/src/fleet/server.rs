@@ -131,6 +131,7 @@ struct AppState {
     enroll_token: String,
     trusted: Vec<[u8; 32]>,
     metrics: Metrics,
+    judged: rollout::JudgeClock,
 }
 
 type Shared = State<Arc<AppState>>;
@@ -235,6 +236,7 @@ pub async fn start_with_tls(
         enroll_token: config.enroll_token,
         trusted: config.trusted_keys,
         metrics: Metrics::default(),
+        judged: rollout::JudgeClock::default(),
     });
     let listener = tokio::net::TcpListener::bind(listen)
         .await
@@ -502,9 +504,11 @@ async fn checkin(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult<Response> {
-    let dev = auth::device(&headers, &s.pool, &s.admin_token, &s.enroll_token).await?;
-    let req: CheckIn = json_of(body)?;
-    let r = rollout::checkin(&s.pool, &dev, &req).await?;
+    // The body is parsed before a database connection is taken, the credential refused first.
+    let req: ApiResult<CheckIn> = json_of(body);
+    let mut conn = s.pool.acquire().await?;
+    let dev = auth::device(&headers, &mut *conn, &s.admin_token, &s.enroll_token).await?;
+    let r = rollout::checkin(&mut conn, &s.judged, &dev, &req?).await?;
     s.metrics.checkins.fetch_add(1, Ordering::Relaxed);
     Ok(Json(r).into_response())
 }
