@@ -3,6 +3,7 @@
 
 pub mod artifact;
 pub mod bench;
+pub mod bench_qemu;
 pub mod convert;
 pub mod demo;
 pub mod demo_fleet;

@@ -113,12 +113,22 @@ enum Command {
     Bench {
         /// The artifact.
         model: PathBuf,
-        /// Where to run: `host` (this machine).
+        /// Where to run: `host` (this machine, wall-clock time), or `qemu-cortex-m4` /
+        /// `qemu-cortex-m7` (guest instructions of one inference under qemu-system-arm, with
+        /// stack and code size; needs a Kiln checkout, qemu-system-arm, gcc and
+        /// binutils-arm-none-eabi).
         #[arg(long, value_enum, default_value = "host")]
         target: BenchTarget,
-        /// Timed inferences.
+        /// Timed inferences (host).
         #[arg(long, default_value_t = 200)]
         runs: usize,
+        /// Clock for the latency estimate of QEMU targets, MHz.
+        #[arg(long, default_value_t = 120.0)]
+        mhz: f64,
+        /// QEMU targets: build the image with the portable kernels instead of the Cortex-M
+        /// fast paths.
+        #[arg(long)]
+        portable_kernels: bool,
         /// `portable` (the kernels devices run) or `candle`.
         #[arg(long, value_enum, default_value = "portable")]
         backend: RunBackend,
@@ -620,17 +630,56 @@ fn convert(a: ConvertArgs<'_>) -> Result<()> {
 enum BenchTarget {
     /// This machine, one thread.
     Host,
+    /// A Cortex-M4 (mps2-an386) under qemu-system-arm.
+    QemuCortexM4,
+    /// A Cortex-M7 (mps2-an500) under qemu-system-arm.
+    QemuCortexM7,
 }
 
 fn bench(
     model: &Path,
     target: BenchTarget,
     runs: usize,
+    (mhz, portable_kernels): (f64, bool),
     backend: RunBackend,
     json: bool,
 ) -> Result<()> {
-    let BenchTarget::Host = target;
     let artifact = read(model)?;
+    let qemu_target = match target {
+        BenchTarget::Host => None,
+        BenchTarget::QemuCortexM4 => Some("qemu-cortex-m4"),
+        BenchTarget::QemuCortexM7 => Some("qemu-cortex-m7"),
+    };
+    if let Some(t) = qemu_target {
+        if backend != RunBackend::Portable {
+            bail!("--backend candle runs on the host only; drop it for --target {t}");
+        }
+        let spinner = progress(0, "benchmarking");
+        spinner.enable_steady_tick(std::time::Duration::from_millis(200));
+        let r = kiln::bench_qemu::bench_qemu(&artifact, t, portable_kernels, mhz, |what| {
+            spinner.set_message(what.to_string())
+        })?;
+        spinner.finish_and_clear();
+        if json {
+            println!("{}", serde_json::to_string_pretty(&r)?);
+        } else {
+            eprintln!(
+                "{}: one inference on {} ({} kernels): {} instructions, {} MACs ({:.3} MACs/instruction), arena {} B, stack {} B, code {} B; ≥ {:.0} us at {} MHz; output bit-exact with the portable interpreter",
+                model.display(),
+                r.target,
+                r.kernels,
+                r.instructions,
+                r.macs,
+                r.macs_per_instruction,
+                r.arena_bytes,
+                r.stack_bytes,
+                r.code_bytes,
+                r.estimated_us,
+                r.mhz
+            );
+        }
+        return Ok(());
+    }
     let bar = progress(0, "benchmarking");
     let backend = match backend {
         RunBackend::Portable => kiln::bench::Backend::Portable,
@@ -1530,9 +1579,11 @@ fn main() -> ExitCode {
             model,
             target,
             runs,
+            mhz,
+            portable_kernels,
             backend,
             json,
-        } => bench(&model, target, runs, backend, json),
+        } => bench(&model, target, runs, (mhz, portable_kernels), backend, json),
         Command::Quantize {
             model,
             output,

@@ -71,3 +71,67 @@ fn bench_refuses_bad_arguments_with_one_line() {
     let err = String::from_utf8_lossy(&run.stderr);
     assert!(!err.contains("panicked"), "{err}");
 }
+
+fn have(tool: &str) -> bool {
+    Command::new(tool)
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+/// `--target qemu-cortex-m4`: the real KWS model on an emulated Cortex-M4, with the DSP fast
+/// paths and with the portable kernels; both outputs bit-exact (the image checks), and the fast
+/// paths take fewer instructions.
+#[test]
+fn bench_counts_instructions_on_a_qemu_cortex_m4() {
+    let Some(dir) = common::testdata() else {
+        return;
+    };
+    if !have("qemu-system-arm") || !have("arm-none-eabi-size") {
+        eprintln!("skipped: qemu-system-arm / binutils-arm-none-eabi not installed");
+        return;
+    }
+    let out = tempfile::tempdir().expect("tempdir");
+    let model = out.path().join("kws.kiln");
+    let source = common::mlperf(&dir, "kws_ref_model.tflite");
+    let convert = kiln(&[
+        "convert",
+        source.to_str().expect("path"),
+        "-o",
+        model.to_str().expect("path"),
+    ]);
+    assert!(convert.status.success(), "{convert:?}");
+    let mut instructions = Vec::new();
+    for extra in [&[][..], &["--portable-kernels"][..]] {
+        let mut args = vec![
+            "bench",
+            model.to_str().expect("path"),
+            "--target",
+            "qemu-cortex-m4",
+            "--json",
+        ];
+        args.extend_from_slice(extra);
+        let run = kiln(&args);
+        assert!(run.status.success(), "{run:?}");
+        let r: serde_json::Value = serde_json::from_slice(&run.stdout).expect("json");
+        eprintln!("{r}");
+        assert_eq!(r["macs"], 2_656_768);
+        assert_eq!(r["bit_exact"], true);
+        assert_eq!(r["arena_bytes"], 16_000);
+        let n = r["instructions"].as_u64().expect("instructions");
+        let mpi = r["macs_per_instruction"]
+            .as_f64()
+            .expect("macs_per_instruction");
+        assert!((mpi - 2_656_768.0 / n as f64).abs() < 1e-9);
+        let stack = r["stack_bytes"].as_u64().expect("stack_bytes");
+        assert!(stack > 256 && stack < 64 * 1024, "stack {stack}");
+        assert!(r["code_bytes"].as_u64().expect("code_bytes") > 10_000);
+        instructions.push(n);
+    }
+    assert!(
+        instructions[0] < instructions[1],
+        "DSP fast paths {} vs portable {} instructions",
+        instructions[0],
+        instructions[1]
+    );
+}
