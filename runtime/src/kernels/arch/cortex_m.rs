@@ -856,11 +856,17 @@ pub fn depthwise_conv2d_i8(
     let (xs, ws) = (g.dilation_w * c, c);
     // 3x3 windows without dilation whose 9 taps are all in the image run the unrolled window
     // with weights packed once per 4 channels; the others sum their in-image taps row by row.
+    // `window3` needs the input zero point as an int8 (the value of a padding tap): true for
+    // every int8 tensor.
+    let pad_word = i8::try_from(-off)
+        .ok()
+        .map(|zp| u32::from(zp as u8) * 0x0101_0101);
     let window3 = g.filter_h == 3
         && g.filter_w == 3
         && g.dilation_h == 1
         && g.dilation_w == 1
-        && g.in_w * c <= u32::MAX as usize;
+        && g.in_w * c <= u32::MAX as usize
+        && pad_word.is_some();
     // Channels in groups of 4 (outer loop: their requantization decoded once), then every
     // output pixel with 4 accumulators in registers over its in-image taps.
     let mut c0 = 0;
@@ -877,6 +883,7 @@ pub fn depthwise_conv2d_i8(
                 win.words[2 * t + 1] = sxtb16_ror8(w);
             }
         }
+        let win_patch = Window3x3 { row: 12, ..win };
         let mut out_at = c0;
         for b in 0..g.batch {
             for oy in 0..g.out_h {
@@ -886,16 +893,32 @@ pub fn depthwise_conv2d_i8(
                     let in_x0 = (ox * g.stride_w) as isize - g.pad_left as isize;
                     let (fx0, fx1) = tap_range(in_x0, g.dilation_w, g.filter_w, g.in_w);
                     let (mut a0, mut a1, mut a2, mut a3) = (0i32, 0i32, 0i32, 0i32);
-                    if window3 && fy1 - fy0 == 3 && fx1 - fx0 == 3 {
+                    let interior = fy1 - fy0 == 3 && fx1 - fx0 == 3;
+                    if window3 && interior {
                         // Interior 3x3 window: the unrolled, pre-packed `asm!` window.
                         let iy = (in_y0 + (g.dilation_h * fy0) as isize) as usize;
                         let ix = (in_x0 + (g.dilation_w * fx0) as isize) as usize;
                         let x = &input[((b * g.in_h + iy) * g.in_w + ix) * c + c0..];
                         [a0, a1, a2, a3] = window3x3(x, &win, c, pair);
+                    } else if let (true, Some(fill)) = (window3, pad_word) {
+                        // Border 3x3 window: the in-image taps copied into a 3x3 patch whose
+                        // other taps hold the input zero point (so they add exactly 0), then
+                        // the same unrolled window over the patch (rows of 12 bytes).
+                        let mut patch = [fill; 9];
+                        for fy in fy0..fy1 {
+                            let iy = (in_y0 + fy as isize) as usize;
+                            let row = ((b * g.in_h + iy) * g.in_w) as isize + in_x0;
+                            for fx in fx0..fx1 {
+                                let at = (row + fx as isize) as usize * c + c0;
+                                patch[fy * 3 + fx] = word(&input[at..]);
+                            }
+                        }
+                        let bytes: &[i8] = bytemuck::cast_slice(&patch);
+                        [a0, a1, a2, a3] = window3x3(bytes, &win_patch, 4, pair);
                     }
                     // All three taps of a row in the image, adjacent: the unrolled row.
                     let row_of_3 = fx1 - fx0 == 3 && g.dilation_w == 1;
-                    if fx1 > fx0 && !(window3 && fy1 - fy0 == 3 && fx1 - fx0 == 3) {
+                    if fx1 > fx0 && !window3 {
                         let ix0 = (in_x0 + (g.dilation_w * fx0) as isize) as usize;
                         for fy in fy0..fy1 {
                             let iy = (in_y0 + (g.dilation_h * fy) as isize) as usize;
