@@ -25,6 +25,9 @@ pub struct FleetReport {
     pub rollouts: Vec<RolloutStatus>,
     /// Devices per running version at the end (the server's view).
     pub final_versions: BTreeMap<String, u64>,
+    /// Each version's registry stage at the end (rollouts move them: complete → production,
+    /// the previous production version → archived, aborted → rejected).
+    pub stages: BTreeMap<u32, String>,
     /// Confirmed installs, failed self-tests and ordered rollbacks on the devices.
     pub installs: u64,
     /// Self-tests that failed on devices (each reverted to the previous model).
@@ -121,6 +124,12 @@ pub fn run(
         progress("fleet: v3, whose self-test fails on the devices");
         rollouts.push(roll(&admin, model, 3, &[25, 100], Duration::from_secs(12)).await?);
         let final_versions = wait_all_on(&admin, 2, Duration::from_secs(8)).await?;
+        let stages = admin
+            .models()
+            .await?
+            .into_iter()
+            .map(|m| (m.model.version, m.stage))
+            .collect();
         progress("fleet: waiting for the simulated devices to stop");
         let report = sim
             .await
@@ -141,6 +150,7 @@ pub fn run(
             devices: DEVICES,
             rollouts,
             final_versions,
+            stages,
             installs: report.installs,
             selftest_failures: report.selftest_failures,
             rollbacks: report.rollbacks,
@@ -260,6 +270,8 @@ pub fn render(r: &FleetReport) -> String {
         .iter()
         .map(|(v, n)| format!("v{v}: {n}"))
         .collect();
+    let stages: Vec<String> = r.stages.iter().map(|(v, s)| format!("v{v} {s}")).collect();
+    s += &format!("registry: {}\n", stages.join(", "));
     s += &format!(
         "devices now: {} · installs {} · self-test failures reverted {} · ordered rollbacks {} · crashes survived {} · corrupted downloads refetched {} · devices ever without a verified model: {}\n",
         now.join(", "),

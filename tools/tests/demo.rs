@@ -121,6 +121,12 @@ fn demo_trains_quantizes_and_writes_self_testing_artifacts() {
         "{fleet:?}"
     );
     assert!(fleet.selftest_failures > 0);
+    let stages: Vec<(u32, &str)> = fleet.stages.iter().map(|(v, s)| (*v, s.as_str())).collect();
+    assert_eq!(
+        stages,
+        [(1, "archived"), (2, "production"), (3, "rejected")],
+        "the registry follows the rollouts"
+    );
     assert!(fleet.invariant_violations.is_empty(), "{fleet:?}");
     assert!(out.join("demo-signing.pub").is_file());
     let _ = std::fs::remove_dir_all(&out);

@@ -318,6 +318,42 @@ pub struct ModelVersion {
     pub pushed_by: String,
     /// When.
     pub pushed_at: String,
+    /// Stage: `registered` (pushed), `staging`, `production` (a rollout of it completed, or
+    /// set by hand), `rejected` (a rollout of it was aborted) or `archived` (replaced in
+    /// production).
+    #[serde(default)]
+    pub stage: String,
+}
+
+/// The stages a registered version can be in (see [`ModelVersion::stage`]).
+pub const STAGES: [&str; 5] = [
+    "registered",
+    "staging",
+    "production",
+    "rejected",
+    "archived",
+];
+
+/// `POST /api/v1/models/stage`: move a version to a stage.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StageRequest {
+    /// Model and version.
+    pub target: ModelRef,
+    /// One of [`STAGES`].
+    pub stage: String,
+}
+
+/// One row of the audit log (`GET /api/v1/audit`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditEntry {
+    /// When (RFC 3339).
+    pub at: String,
+    /// Who (the credential's name).
+    pub who: String,
+    /// What: `push`, `rollout`, `pause`, `resume`, `abort`, `rollback`, `stage`, ...
+    pub action: String,
+    /// Details.
+    pub detail: String,
 }
 
 /// Every error body: `{"error": "one line: what, why, what to do"}` with a 4xx/5xx status.

@@ -155,6 +155,36 @@ pub enum FleetCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Move a registered version to a stage: registered, staging, production, rejected,
+    /// archived. Rollouts move versions by themselves (complete → production, the previous
+    /// production version → archived; aborted → rejected); this is for the rest.
+    ///
+    /// Example: kiln stage --model kws --version 3 staging --server URL --token T
+    Stage {
+        /// Model name.
+        #[arg(long)]
+        model: String,
+        /// Version.
+        #[arg(long)]
+        version: u32,
+        /// The stage.
+        #[arg(value_parser = clap::builder::PossibleValuesParser::new(super::api::STAGES))]
+        stage: String,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Show the audit log: who pushed, rolled out, paused, aborted, rolled back or staged
+    /// what, and when (newest first).
+    Audit {
+        /// Rows to show.
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+        #[command(flatten)]
+        conn: Conn,
+        /// Print JSON on stdout.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// `kiln rollout …`.
@@ -355,14 +385,15 @@ async fn run_async(cmd: FleetCommand) -> Result<()> {
             let c = conn.client()?;
             let models = c.models().await?;
             eprintln!(
-                "{:<24} {:>8} {:>8} {:>10} {:<16} {:<20} SIGNED BY",
-                "MODEL", "VERSION", "COUNTER", "BYTES", "SHA256", "PUSHED"
+                "{:<24} {:>8} {:<10} {:>8} {:>10} {:<16} {:<20} SIGNED BY",
+                "MODEL", "VERSION", "STAGE", "COUNTER", "BYTES", "SHA256", "PUSHED"
             );
             for m in &models {
                 eprintln!(
-                    "{:<24} {:>8} {:>8} {:>10} {:<16} {:<20} {}",
+                    "{:<24} {:>8} {:<10} {:>8} {:>10} {:<16} {:<20} {}",
                     m.model.model,
                     m.model.version,
+                    m.stage,
                     m.security_counter,
                     m.size,
                     m.sha256.get(..16).unwrap_or(&m.sha256),
@@ -372,6 +403,37 @@ async fn run_async(cmd: FleetCommand) -> Result<()> {
             }
             if json {
                 print_json(&models)?;
+            }
+            Ok(())
+        }
+        FleetCommand::Stage {
+            model,
+            version,
+            stage,
+            conn,
+        } => {
+            let c = conn.client()?;
+            c.set_stage(&super::api::StageRequest {
+                target: ModelRef {
+                    model: model.clone(),
+                    version,
+                },
+                stage: stage.clone(),
+            })
+            .await?;
+            eprintln!("{model} v{version} is now {stage}");
+            Ok(())
+        }
+        FleetCommand::Audit { limit, conn, json } => {
+            let c = conn.client()?;
+            let rows = c.audit(limit).await?;
+            if json {
+                print_json(&rows)?;
+            } else {
+                eprintln!("{:<26} {:<10} {:<10} DETAIL", "AT", "WHO", "ACTION");
+                for r in &rows {
+                    eprintln!("{:<26} {:<10} {:<10} {}", r.at, r.who, r.action, r.detail);
+                }
             }
             Ok(())
         }

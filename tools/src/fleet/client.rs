@@ -162,6 +162,29 @@ impl Client {
     pub async fn devices(&self) -> Result<Vec<DeviceSummary>> {
         self.send(self.http.get(self.url("/api/v1/devices"))).await
     }
+
+    /// Moves a registered version to a stage.
+    ///
+    /// # Errors
+    /// Refused (unknown stage, no such version) or unreachable.
+    pub async fn set_stage(&self, req: &super::api::StageRequest) -> Result<()> {
+        let _: serde_json::Value = self
+            .send(self.http.post(self.url("/api/v1/models/stage")).json(req))
+            .await?;
+        Ok(())
+    }
+
+    /// The newest `limit` audit rows, newest first.
+    ///
+    /// # Errors
+    /// Refused or unreachable.
+    pub async fn audit(&self, limit: u32) -> Result<Vec<super::api::AuditEntry>> {
+        self.send(
+            self.http
+                .get(self.url(&format!("/api/v1/audit?limit={limit}"))),
+        )
+        .await
+    }
 }
 
 /// The certificates of a PEM file, for `--ca-cert` (`KILN_CA_CERT`).

@@ -2,7 +2,8 @@
 //! audit row), and enrolled devices.
 
 use super::api::{
-    DeviceSummary, EnrollRequest, EnrollResponse, ModelRef, ModelVersion, PushResponse,
+    AuditEntry, DeviceSummary, EnrollRequest, EnrollResponse, ModelRef, ModelVersion, PushResponse,
+    StageRequest, STAGES,
 };
 use super::store::Store;
 use super::{now, random_hex, rfc3339, sha256_hex, ApiErr, ApiResult};
@@ -205,7 +206,18 @@ pub async fn audit(
     Ok(())
 }
 
-type ModelRow = (String, i64, String, i64, i64, String, String, String, i64);
+type ModelRow = (
+    String,
+    i64,
+    String,
+    i64,
+    i64,
+    String,
+    String,
+    String,
+    i64,
+    String,
+);
 
 /// Every registered version, by name then version.
 ///
@@ -213,7 +225,7 @@ type ModelRow = (String, i64, String, i64, i64, String, String, String, i64);
 /// The database fails.
 pub async fn list_models(pool: &AnyPool) -> ApiResult<Vec<ModelVersion>> {
     let rows: Vec<ModelRow> = sqlx::query_as(
-        "SELECT name, version, sha256, size, security_counter, signed_by, lineage, pushed_by, pushed_at \
+        "SELECT name, version, sha256, size, security_counter, signed_by, lineage, pushed_by, pushed_at, stage \
          FROM models ORDER BY name, version",
     )
     .fetch_all(pool)
@@ -221,7 +233,7 @@ pub async fn list_models(pool: &AnyPool) -> ApiResult<Vec<ModelVersion>> {
     Ok(rows
         .into_iter()
         .map(
-            |(name, version, sha256, size, counter, signed_by, lineage, pushed_by, at)| {
+            |(name, version, sha256, size, counter, signed_by, lineage, pushed_by, at, stage)| {
                 ModelVersion {
                     model: ModelRef {
                         model: name,
@@ -238,6 +250,7 @@ pub async fn list_models(pool: &AnyPool) -> ApiResult<Vec<ModelVersion>> {
                     lineage: serde_json::from_str(&lineage).unwrap_or(serde_json::Value::Null),
                     pushed_by,
                     pushed_at: rfc3339(at),
+                    stage,
                 }
             },
         )
@@ -316,5 +329,98 @@ pub async fn list_devices(pool: &AnyPool) -> ApiResult<Vec<DeviceSummary>> {
                 last_event,
             },
         )
+        .collect())
+}
+
+/// Moves `model` version `version` to `stage` inside `tx`: a version entering `production`
+/// sends the model's other production versions to `archived`. Writes an audit row. Returns
+/// whether the version exists.
+///
+/// # Errors
+/// The database fails.
+pub async fn set_stage_in(
+    conn: &mut sqlx::AnyConnection,
+    who: &str,
+    model: &str,
+    version: i64,
+    stage: &str,
+) -> ApiResult<bool> {
+    let changed = sqlx::query("UPDATE models SET stage = $1 WHERE name = $2 AND version = $3")
+        .bind(stage)
+        .bind(model)
+        .bind(version)
+        .execute(&mut *conn)
+        .await?;
+    if changed.rows_affected() == 0 {
+        return Ok(false);
+    }
+    if stage == "production" {
+        sqlx::query(
+            "UPDATE models SET stage = 'archived' WHERE name = $1 AND version <> $2 AND stage = 'production'",
+        )
+        .bind(model)
+        .bind(version)
+        .execute(&mut *conn)
+        .await?;
+    }
+    audit(
+        conn,
+        who,
+        "stage",
+        &format!("{model} v{version} -> {stage}"),
+    )
+    .await?;
+    Ok(true)
+}
+
+/// `POST /api/v1/models/stage`.
+///
+/// # Errors
+/// 400 (unknown stage), 404 (no such version), 500.
+pub async fn set_stage(pool: &AnyPool, who: &str, req: &StageRequest) -> ApiResult<()> {
+    if !STAGES.contains(&req.stage.as_str()) {
+        return Err(ApiErr::bad_request(format!(
+            "unknown stage {:?}; use one of {}",
+            req.stage,
+            STAGES.join(", ")
+        )));
+    }
+    let mut tx = pool.begin().await?;
+    let found = set_stage_in(
+        &mut tx,
+        who,
+        &req.target.model,
+        i64::from(req.target.version),
+        &req.stage,
+    )
+    .await?;
+    if !found {
+        return Err(ApiErr::not_found(format!(
+            "{} version {} is not registered; `kiln models` lists what is",
+            req.target.model, req.target.version
+        )));
+    }
+    tx.commit().await?;
+    Ok(())
+}
+
+/// The newest `limit` audit rows, newest first.
+///
+/// # Errors
+/// The database fails.
+pub async fn list_audit(pool: &AnyPool, limit: i64) -> ApiResult<Vec<AuditEntry>> {
+    let rows: Vec<(i64, String, String, String)> =
+        sqlx::query_as("SELECT at, who, action, detail FROM audit ORDER BY id DESC LIMIT $1")
+            .bind(limit)
+            .fetch_all(pool)
+            .await?;
+    Ok(rows
+        .into_iter()
+        .map(|(at, who, action, detail)| AuditEntry {
+            at: rfc3339(at),
+            who,
+            action,
+            detail,
+        })
         .collect())
 }

@@ -1183,6 +1183,20 @@ async fn judge_counted(conn: &mut AnyConnection, id: i64) -> ApiResult<(bool, u3
         // Another server judged it first.
         return Ok((false, devices));
     }
+    // The registry follows: a completed rollout puts its version in production, an aborted one
+    // marks it rejected (unless it is in production already).
+    if !passed {
+        sqlx::query(
+            "UPDATE models SET stage = 'rejected' WHERE name = $1 AND version = $2 AND stage <> 'production'",
+        )
+        .bind(&r.model)
+        .bind(r.version)
+        .execute(&mut *tx)
+        .await?;
+    } else if last {
+        super::registry::set_stage_in(&mut tx, "rollout", &r.model, r.version, "production")
+            .await?;
+    }
     sqlx::query(
         "INSERT INTO rollout_gates (rollout_id, wave, passed, figures, at) VALUES ($1, $2, $3, $4, $5)",
     )

@@ -326,6 +326,8 @@ fn router(state: Arc<AppState>) -> Router {
                 .layer(DefaultBodyLimit::max(MAX_ARTIFACT_BYTES))
                 .get(models),
         )
+        .route("/api/v1/models/stage", post(set_stage))
+        .route("/api/v1/audit", get(audit_log))
         .route("/api/v1/enroll", post(enroll))
         .route("/api/v1/devices", get(devices))
         .route("/api/v1/checkin", post(checkin))
@@ -480,6 +482,51 @@ async fn push(
 async fn models(State(s): Shared, headers: HeaderMap) -> ApiResult<Response> {
     auth::admin(&headers, &s.admin_token, &s.enroll_token, &s.pool).await?;
     Ok(Json(registry::list_models(&s.pool).await?).into_response())
+}
+
+async fn set_stage(
+    State(s): Shared,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult<Response> {
+    auth::admin(&headers, &s.admin_token, &s.enroll_token, &s.pool).await?;
+    let req: super::api::StageRequest = json_of(body)?;
+    registry::set_stage(&s.pool, "admin", &req).await?;
+    Ok(Json(serde_json::json!({ "model": req.target, "stage": req.stage })).into_response())
+}
+
+/// `GET /api/v1/audit?limit=N` (default 100, at most 10 000), newest first.
+async fn audit_log(
+    State(s): Shared,
+    headers: HeaderMap,
+    axum::extract::RawQuery(query): axum::extract::RawQuery,
+) -> ApiResult<Response> {
+    auth::admin(&headers, &s.admin_token, &s.enroll_token, &s.pool).await?;
+    let mut limit = 100i64;
+    for pair in query
+        .as_deref()
+        .unwrap_or("")
+        .split('&')
+        .filter(|p| !p.is_empty())
+    {
+        match pair.split_once('=') {
+            Some(("limit", v)) => {
+                limit = v
+                    .parse()
+                    .ok()
+                    .filter(|n| (1..=10_000).contains(n))
+                    .ok_or_else(|| {
+                        ApiErr::bad_request(format!("limit={v} is not a count from 1 to 10000"))
+                    })?;
+            }
+            _ => {
+                return Err(ApiErr::bad_request(format!(
+                    "unknown query parameter {pair:?}; the audit log takes limit=N"
+                )))
+            }
+        }
+    }
+    Ok(Json(registry::list_audit(&s.pool, limit).await?).into_response())
 }
 
 async fn enroll(
