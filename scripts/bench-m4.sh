@@ -17,6 +17,7 @@
 # Reported per model and variant: instructions, macs (from kiln convert), macs_per_instruction,
 # arena_bytes (artifact header), stack_bytes (one invoke, below main's frame), code_bytes (.text
 # of the whole image: runtime, cortex-m-rt, semihosting). --json prints one JSON object per row.
+# KILN_BENCH_CPU / KILN_BENCH_MACHINE pick another core (cortex-m7 / mps2-an500: same image).
 # This is the measuring half of `kiln bench --target qemu-cortex-m4`.
 set -euo pipefail
 cd "$(dirname "$0")/.."

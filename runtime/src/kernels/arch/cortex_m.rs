@@ -8,7 +8,8 @@
 //! wrapping 32-bit adds (SMLAD, SMLABB and SMLATT wrap modulo 2^32; they only set the sticky Q
 //! flag). Wrapping addition is associative and commutative, so any summation order gives the
 //! portable body's wrapping sum exactly. Padding taps contribute 0 in both: the portable body
-//! skips them, the conv fast path multiplies them by a zero.
+//! skips them, the fast paths multiply a weight by a zero (conv: a zero in the packed patch;
+//! depthwise border windows: the zero point, to which the offset is added).
 //!
 //! Packed layout ("reordered pairs", as CMSIS-NN's `read_and_pad_reordered`): four int8 values
 //! `v0 v1 v2 v3` in one little-endian word become two words of int16 pairs, `A = [v0, v2]`
@@ -18,8 +19,15 @@
 //!
 //! Memory: no arena scratch. CONV_2D keeps one stack buffer of [`MAX_PATCH`] words (2 560 bytes):
 //! the receptive fields of two output pixels, expanded to int16 with the offset added (an im2col
-//! of two columns only). FULLY_CONNECTED uses a buffer of the same size for one input row.
-//! Shapes whose patch or row does not fit run the portable body.
+//! of two columns only), plus the decoded requantization of up to 64 output channels (1 536
+//! bytes) and their raw sums for the two pixels (512 bytes). FULLY_CONNECTED uses a buffer of
+//! [`MAX_PATCH`] words for one input row; DEPTHWISE_CONV_2D 76 bytes of packed 3x3 weights and a
+//! 36-byte border patch. Shapes whose patch or row does not fit run the portable body.
+//!
+//! The output stage (`Channel`) is TFLM's requantization with the per-channel work done once
+//! per call; the few loops that matter most are single `asm!` blocks (`block_2x2`, `window3x3`,
+//! `row3`), each with its reads checked against slices just before it. docs/KERNELS.md has the
+//! design and the figures.
 //!
 //! On targets without the DSP extension the primitives below are plain Rust with the
 //! instructions' semantics, so the host tests exercise this file's layout and loop logic too.
@@ -517,7 +525,7 @@ fn offset_pair(off: i32) -> u32 {
     (off as u16 as u32) * 0x0001_0001
 }
 
-/// [`conv::requantize`] with the high multiply as one 64-bit multiply-add and a shift.
+/// The crate's `conv::requantize` with the high multiply as one 64-bit multiply-add and a shift.
 ///
 /// gemmlowp's `SaturatingRoundingDoublingHighMul(a, b)` (in `crate::quant`) is
 /// `trunc((ab + nudge) / 2^31)` with `nudge = 2^30` for `ab >= 0` and `1 - 2^30` otherwise. For
