@@ -1,5 +1,9 @@
-//! `kiln bench --target qemu-cortex-m4|qemu-cortex-m7`: one inference of an artifact on an
-//! emulated Cortex-M, counted in guest instructions.
+//! `kiln bench --target qemu-cortex-m4|qemu-cortex-m7|qemu-aarch64`: one inference of an
+//! artifact on an emulated core, counted in guest instructions.
+//!
+//! `qemu-aarch64` cross-builds kiln-runtime's `bench_once` example for aarch64 Linux and runs it
+//! under user-mode `qemu-aarch64` with the same plugin (instructions = infer − base run; no stack
+//! figure there). The Cortex-M targets:
 //!
 //! Builds `firmware/bench-m4` (from the Kiln checkout this `kiln` was built in) with the artifact
 //! and one sample embedded — the artifact's first SELFTEST input (zeros if it has none) and the
@@ -23,7 +27,8 @@ use std::process::Command;
 pub struct QemuBench {
     /// `qemu-cortex-m4` or `qemu-cortex-m7`.
     pub target: String,
-    /// `dsp` (the Cortex-M fast paths) or `portable`.
+    /// `dsp` (the Cortex-M fast paths), `portable`, or `native` (aarch64: what the build
+    /// selects for the target).
     pub kernels: &'static str,
     /// Guest instructions of one inference.
     pub instructions: u64,
@@ -33,8 +38,8 @@ pub struct QemuBench {
     pub macs_per_instruction: f64,
     /// Arena the artifact plans.
     pub arena_bytes: usize,
-    /// Stack used by one inference (painted high-water mark).
-    pub stack_bytes: u64,
+    /// Stack used by one inference (painted high-water mark; Cortex-M only).
+    pub stack_bytes: Option<u64>,
     /// `.text` of the whole image (runtime, startup, semihosting).
     pub code_bytes: u64,
     /// Clock the latency estimate assumes, MHz.
@@ -115,7 +120,10 @@ pub fn bench_qemu(
     let (cpu, machine) = match target {
         "qemu-cortex-m4" => ("cortex-m4", "mps2-an386"),
         "qemu-cortex-m7" => ("cortex-m7", "mps2-an500"),
-        other => bail!("unknown QEMU target {other}; use qemu-cortex-m4 or qemu-cortex-m7"),
+        "qemu-aarch64" => return bench_aarch64(artifact, mhz, progress),
+        other => {
+            bail!("unknown QEMU target {other}; use qemu-cortex-m4, qemu-cortex-m7 or qemu-aarch64")
+        }
     };
     if mhz <= 0.0 {
         bail!("--mhz must be positive");
@@ -137,20 +145,7 @@ pub fn bench_qemu(
     std::fs::write(&out_path, &output)?;
 
     progress("building the QEMU plugin");
-    let plugin = root.join("target/qemu-insn/insn.so");
-    if let Some(dir) = plugin.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
-    let built = Command::new(root.join("benches/qemu-insn/build.sh"))
-        .arg(&plugin)
-        .output()
-        .context("cannot run benches/qemu-insn/build.sh")?;
-    if !built.status.success() {
-        bail!(
-            "building the instruction-counting plugin failed: {}",
-            String::from_utf8_lossy(&built.stderr).trim()
-        );
-    }
+    let plugin = plugin(&root)?;
 
     progress("building the bench image");
     let target_dir = root.join("target/bench-m4");
@@ -237,20 +232,7 @@ pub fn bench_qemu(
     progress("measuring the stack");
     let check = qemu("check", false)?;
     let stack_bytes = field(&check, "stack_bytes: ").context("the image printed no stack size")?;
-    let size = Command::new("arm-none-eabi-size")
-        .arg("-A")
-        .arg(&elf)
-        .output()
-        .context("cannot run arm-none-eabi-size")?;
-    let code_bytes = String::from_utf8_lossy(&size.stdout)
-        .lines()
-        .find_map(|l| {
-            let mut f = l.split_whitespace();
-            (f.next() == Some(".text"))
-                .then(|| f.next().and_then(|v| v.parse().ok()))
-                .flatten()
-        })
-        .unwrap_or(0);
+    let code_bytes = text_bytes("arm-none-eabi-size", &elf);
     let instructions = infer.saturating_sub(base);
     Ok(QemuBench {
         target: target.to_string(),
@@ -263,8 +245,145 @@ pub fn bench_qemu(
             0.0
         },
         arena_bytes: report.arena_bytes,
-        stack_bytes,
+        stack_bytes: Some(stack_bytes),
         code_bytes,
+        mhz,
+        estimated_us: instructions as f64 / mhz,
+        bit_exact: true,
+    })
+}
+
+/// Builds the plugin into the checkout's target folder; its path.
+fn plugin(root: &Path) -> Result<PathBuf> {
+    let plugin = root.join("target/qemu-insn/insn.so");
+    if let Some(dir) = plugin.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let built = Command::new(root.join("benches/qemu-insn/build.sh"))
+        .arg(&plugin)
+        .output()
+        .context("cannot run benches/qemu-insn/build.sh")?;
+    if !built.status.success() {
+        bail!(
+            "building the instruction-counting plugin failed: {}",
+            String::from_utf8_lossy(&built.stderr).trim()
+        );
+    }
+    Ok(plugin)
+}
+
+/// `.text` bytes of an ELF as `size -A` reports them.
+fn text_bytes(size_tool: &str, elf: &Path) -> u64 {
+    Command::new(size_tool)
+        .arg("-A")
+        .arg(elf)
+        .output()
+        .ok()
+        .and_then(|o| {
+            String::from_utf8_lossy(&o.stdout).lines().find_map(|l| {
+                let mut f = l.split_whitespace();
+                (f.next() == Some(".text"))
+                    .then(|| f.next().and_then(|v| v.parse().ok()))
+                    .flatten()
+            })
+        })
+        .unwrap_or(0)
+}
+
+fn bench_aarch64(artifact: &[u8], mhz: f64, mut progress: impl FnMut(&str)) -> Result<QemuBench> {
+    if mhz <= 0.0 {
+        bail!("--mhz must be positive");
+    }
+    let root = checkout()?;
+    need("qemu-aarch64", "qemu-user")?;
+    need("aarch64-linux-gnu-gcc", "gcc-aarch64-linux-gnu")?;
+    need("gcc", "gcc")?;
+    let report = crate::inspect::inspect(artifact)?;
+    let (_, expected) = sample(artifact)?;
+    let work = tempfile::tempdir().context("cannot make a temporary folder")?;
+    let model_path = work.path().join("model.kiln");
+    std::fs::write(&model_path, artifact)?;
+    progress("building the QEMU plugin");
+    let plugin = plugin(&root)?;
+    progress("building bench_once for aarch64");
+    let target_dir = root.join("target/bench-aarch64");
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let built = Command::new(cargo)
+        .current_dir(&root)
+        .args([
+            "build",
+            "-q",
+            "--release",
+            "-p",
+            "kiln-runtime",
+            "--features",
+            "std",
+            "--example",
+            "bench_once",
+            "--target",
+            "aarch64-unknown-linux-gnu",
+        ])
+        .env("CARGO_TARGET_DIR", &target_dir)
+        .output()
+        .context("cannot run cargo")?;
+    if !built.status.success() {
+        bail!(
+            "building bench_once for aarch64 failed:\n{}",
+            String::from_utf8_lossy(&built.stderr).trim()
+        );
+    }
+    let exe = target_dir.join("aarch64-unknown-linux-gnu/release/examples/bench_once");
+    let run = |mode: &str| -> Result<(u64, String)> {
+        let log = work.path().join(format!("{mode}.log"));
+        let out = Command::new("qemu-aarch64")
+            .args(["-L", "/usr/aarch64-linux-gnu", "-plugin"])
+            .arg(&plugin)
+            .args(["-d", "plugin", "-D"])
+            .arg(&log)
+            .arg(&exe)
+            .arg(&model_path)
+            .arg(mode)
+            .output()
+            .context("cannot run qemu-aarch64")?;
+        if !out.status.success() {
+            bail!(
+                "bench_once ({mode}) failed under qemu-aarch64: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        let insns = text
+            .lines()
+            .find_map(|l| l.strip_prefix("insns: "))
+            .and_then(|v| v.trim().parse().ok())
+            .context("the QEMU plugin printed no instruction count")?;
+        Ok((insns, String::from_utf8_lossy(&out.stdout).into_owned()))
+    };
+    progress("counting instructions");
+    let (base, _) = run("base")?;
+    let (infer, stdout) = run("infer")?;
+    let want: String = expected.iter().map(|b| format!("{b:02x}")).collect();
+    let got = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("output: "))
+        .unwrap_or("");
+    if got != want {
+        bail!("the aarch64 output differs from the portable interpreter's on this machine");
+    }
+    let instructions = infer.saturating_sub(base);
+    Ok(QemuBench {
+        target: "qemu-aarch64".into(),
+        kernels: "native",
+        instructions,
+        macs: report.macs,
+        macs_per_instruction: if instructions > 0 {
+            report.macs as f64 / instructions as f64
+        } else {
+            0.0
+        },
+        arena_bytes: report.arena_bytes,
+        stack_bytes: None,
+        code_bytes: text_bytes("aarch64-linux-gnu-size", &exe),
         mhz,
         estimated_us: instructions as f64 / mhz,
         bit_exact: true,

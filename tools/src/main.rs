@@ -113,10 +113,11 @@ enum Command {
     Bench {
         /// The artifact.
         model: PathBuf,
-        /// Where to run: `host` (this machine, wall-clock time), or `qemu-cortex-m4` /
+        /// Where to run: `host` (this machine, wall-clock time), `qemu-cortex-m4` /
         /// `qemu-cortex-m7` (guest instructions of one inference under qemu-system-arm, with
         /// stack and code size; needs a Kiln checkout, qemu-system-arm, gcc and
-        /// binutils-arm-none-eabi).
+        /// binutils-arm-none-eabi) or `qemu-aarch64` (the same under user-mode qemu-aarch64;
+        /// needs qemu-user and gcc-aarch64-linux-gnu).
         #[arg(long, value_enum, default_value = "host")]
         target: BenchTarget,
         /// Timed inferences (host).
@@ -634,6 +635,8 @@ enum BenchTarget {
     QemuCortexM4,
     /// A Cortex-M7 (mps2-an500) under qemu-system-arm.
     QemuCortexM7,
+    /// A 64-bit ARM Linux core under user-mode qemu-aarch64.
+    QemuAarch64,
 }
 
 fn bench(
@@ -649,6 +652,7 @@ fn bench(
         BenchTarget::Host => None,
         BenchTarget::QemuCortexM4 => Some("qemu-cortex-m4"),
         BenchTarget::QemuCortexM7 => Some("qemu-cortex-m7"),
+        BenchTarget::QemuAarch64 => Some("qemu-aarch64"),
     };
     if let Some(t) = qemu_target {
         if backend != RunBackend::Portable {
@@ -672,7 +676,8 @@ fn bench(
                 r.macs,
                 r.macs_per_instruction,
                 r.arena_bytes,
-                r.stack_bytes,
+                r.stack_bytes
+                    .map_or_else(|| "-".to_string(), |b| b.to_string()),
                 r.code_bytes,
                 r.estimated_us,
                 r.mhz

@@ -135,3 +135,44 @@ fn bench_counts_instructions_on_a_qemu_cortex_m4() {
         instructions[1]
     );
 }
+
+/// `--target qemu-aarch64`: the real KWS model cross-built for aarch64 Linux and counted under
+/// user-mode QEMU; the output matches the portable interpreter here.
+#[test]
+fn bench_counts_instructions_under_qemu_aarch64() {
+    let Some(dir) = common::testdata() else {
+        return;
+    };
+    if !have("qemu-aarch64") || !have("aarch64-linux-gnu-gcc") {
+        eprintln!("skipped: qemu-user / gcc-aarch64-linux-gnu not installed");
+        return;
+    }
+    let out = tempfile::tempdir().expect("tempdir");
+    let model = out.path().join("kws.kiln");
+    let source = common::mlperf(&dir, "kws_ref_model.tflite");
+    assert!(kiln(&[
+        "convert",
+        source.to_str().expect("path"),
+        "-o",
+        model.to_str().expect("path"),
+    ])
+    .status
+    .success());
+    let run = kiln(&[
+        "bench",
+        model.to_str().expect("path"),
+        "--target",
+        "qemu-aarch64",
+        "--json",
+    ]);
+    assert!(run.status.success(), "{run:?}");
+    let r: serde_json::Value = serde_json::from_slice(&run.stdout).expect("json");
+    eprintln!("{r}");
+    assert_eq!(r["target"], "qemu-aarch64");
+    assert_eq!(r["bit_exact"], true);
+    assert_eq!(r["macs"], 2_656_768);
+    assert!(r["stack_bytes"].is_null());
+    let n = r["instructions"].as_u64().expect("instructions");
+    // At least one instruction per 16 MACs, at most 100 per MAC: a count, not noise.
+    assert!(n > 2_656_768 / 16 && n < 2_656_768 * 100, "{n}");
+}
