@@ -875,23 +875,14 @@ pub fn depthwise_conv2d_i8(
         && g.dilation_w == 1
         && g.in_w * c <= u32::MAX as usize
         && pad_word.is_some();
-    // Channels in groups of 4 (outer loop: their requantization decoded once), then every
-    // output pixel with 4 accumulators in registers over its in-image taps.
+    if let (true, Some(fill)) = (window3, pad_word) {
+        return depthwise_3x3(g, input, filter, bias, q, output, pair, fill);
+    }
+    // Other filters: channels in groups of 4 (outer loop: their requantization decoded once),
+    // then every output pixel with 4 accumulators in registers over its in-image taps.
     let mut c0 = 0;
     while c0 < c {
         let ch = [0, 1, 2, 3].map(|j| Channel::new(c0 + j, bias, q));
-        let mut win = Window3x3 {
-            words: [0; 18],
-            row: (g.in_w * c) as u32,
-        };
-        if window3 {
-            for t in 0..9 {
-                let w = word(&filter[t * c + c0..]);
-                win.words[2 * t] = sxtb16(w);
-                win.words[2 * t + 1] = sxtb16_ror8(w);
-            }
-        }
-        let win_patch = Window3x3 { row: 12, ..win };
         let mut out_at = c0;
         for b in 0..g.batch {
             for oy in 0..g.out_h {
@@ -901,32 +892,9 @@ pub fn depthwise_conv2d_i8(
                     let in_x0 = (ox * g.stride_w) as isize - g.pad_left as isize;
                     let (fx0, fx1) = tap_range(in_x0, g.dilation_w, g.filter_w, g.in_w);
                     let (mut a0, mut a1, mut a2, mut a3) = (0i32, 0i32, 0i32, 0i32);
-                    let interior = fy1 - fy0 == 3 && fx1 - fx0 == 3;
-                    if window3 && interior {
-                        // Interior 3x3 window: the unrolled, pre-packed `asm!` window.
-                        let iy = (in_y0 + (g.dilation_h * fy0) as isize) as usize;
-                        let ix = (in_x0 + (g.dilation_w * fx0) as isize) as usize;
-                        let x = &input[((b * g.in_h + iy) * g.in_w + ix) * c + c0..];
-                        [a0, a1, a2, a3] = window3x3(x, &win, c, pair);
-                    } else if let (true, Some(fill)) = (window3, pad_word) {
-                        // Border 3x3 window: the in-image taps copied into a 3x3 patch whose
-                        // other taps hold the input zero point (so they add exactly 0), then
-                        // the same unrolled window over the patch (rows of 12 bytes).
-                        let mut patch = [fill; 9];
-                        for fy in fy0..fy1 {
-                            let iy = (in_y0 + fy as isize) as usize;
-                            let row = ((b * g.in_h + iy) * g.in_w) as isize + in_x0;
-                            for fx in fx0..fx1 {
-                                let at = (row + fx as isize) as usize * c + c0;
-                                patch[fy * 3 + fx] = word(&input[at..]);
-                            }
-                        }
-                        let bytes: &[i8] = bytemuck::cast_slice(&patch);
-                        [a0, a1, a2, a3] = window3x3(bytes, &win_patch, 4, pair);
-                    }
                     // All three taps of a row in the image, adjacent: the unrolled row.
                     let row_of_3 = fx1 - fx0 == 3 && g.dilation_w == 1;
-                    if fx1 > fx0 && !window3 {
+                    if fx1 > fx0 {
                         let ix0 = (in_x0 + (g.dilation_w * fx0) as isize) as usize;
                         for fy in fy0..fy1 {
                             let iy = (in_y0 + (g.dilation_h * fy) as isize) as usize;
@@ -959,6 +927,98 @@ pub fn depthwise_conv2d_i8(
             }
         }
         c0 += 4;
+    }
+}
+
+/// Channels of the 3x3 depthwise path decoded at once (their [`Channel`]s and two packed
+/// windows per 4 channels: 24 + 2 * 76 / 4 = 62 bytes of stack per channel).
+const DW_CHANNELS: usize = 32;
+
+/// The 3x3 depthwise path (no dilation, `depth_multiplier == 1`, channels a multiple of 4):
+/// channels in chunks of [`DW_CHANNELS`] whose weights are packed and requantization decoded
+/// once; every output pixel (outer loop) then runs [`window3x3`] for each 4 channels, straight
+/// from the input when the window lies inside it, else over a 3x3 patch holding the in-image
+/// taps and `pad` (the input zero point in all 4 bytes) elsewhere, which adds exactly 0.
+#[allow(clippy::too_many_arguments)]
+fn depthwise_3x3(
+    g: &ConvGeometry,
+    input: &[i8],
+    filter: &[i8],
+    bias: Option<&[i32]>,
+    q: &QuantizedOutput<'_>,
+    output: &mut [i8],
+    pair: u32,
+    pad: u32,
+) {
+    let c = g.in_c;
+    let stage = OutputStage::new(q);
+    let mut channels = [Channel::default(); DW_CHANNELS];
+    let mut windows = [Window3x3::default(); DW_CHANNELS / 4];
+    let mut patch_windows = [Window3x3::default(); DW_CHANNELS / 4];
+    let mut c_lo = 0;
+    while c_lo < c {
+        let n = core::cmp::min(DW_CHANNELS, c - c_lo);
+        Channel::fill(&mut channels[..n], c_lo, bias, q);
+        for (j, (win, pwin)) in windows[..n / 4]
+            .iter_mut()
+            .zip(patch_windows[..n / 4].iter_mut())
+            .enumerate()
+        {
+            let c0 = c_lo + 4 * j;
+            for t in 0..9 {
+                let w = word(&filter[t * c + c0..]);
+                win.words[2 * t] = sxtb16(w);
+                win.words[2 * t + 1] = sxtb16_ror8(w);
+            }
+            win.row = (g.in_w * c) as u32;
+            *pwin = Window3x3 { row: 12, ..*win };
+        }
+        let mut out_at = c_lo;
+        for b in 0..g.batch {
+            for oy in 0..g.out_h {
+                let in_y0 = (oy * g.stride_h) as isize - g.pad_top as isize;
+                let (fy0, fy1) = tap_range(in_y0, 1, 3, g.in_h);
+                for ox in 0..g.out_w {
+                    let in_x0 = (ox * g.stride_w) as isize - g.pad_left as isize;
+                    let (fx0, fx1) = tap_range(in_x0, 1, 3, g.in_w);
+                    let out = &mut output[out_at..][..n];
+                    let groups = out
+                        .chunks_exact_mut(4)
+                        .zip(channels[..n].chunks_exact(4))
+                        .enumerate();
+                    if fy1 - fy0 == 3 && fx1 - fx0 == 3 {
+                        let at = ((b * g.in_h + in_y0 as usize) * g.in_w + in_x0 as usize) * c;
+                        let x = &input[at + c_lo..];
+                        for (j, (o, ch)) in groups {
+                            let acc = window3x3(&x[4 * j..], &windows[j], c, pair);
+                            for ((o, ch), a) in o.iter_mut().zip(ch).zip(acc) {
+                                *o = ch.apply(a, stage);
+                            }
+                        }
+                    } else {
+                        for (j, (o, ch)) in groups {
+                            let c0 = c_lo + 4 * j;
+                            let mut patch = [pad; 9];
+                            for fy in fy0..fy1 {
+                                let iy = (in_y0 + fy as isize) as usize;
+                                let row = ((b * g.in_h + iy) * g.in_w) as isize + in_x0;
+                                for fx in fx0..fx1 {
+                                    let at = (row + fx as isize) as usize * c + c0;
+                                    patch[fy * 3 + fx] = word(&input[at..]);
+                                }
+                            }
+                            let bytes: &[i8] = bytemuck::cast_slice(&patch);
+                            let acc = window3x3(bytes, &patch_windows[j], 4, pair);
+                            for ((o, ch), a) in o.iter_mut().zip(ch).zip(acc) {
+                                *o = ch.apply(a, stage);
+                            }
+                        }
+                    }
+                    out_at += c;
+                }
+            }
+        }
+        c_lo += n;
     }
 }
 
