@@ -469,15 +469,26 @@ fn weight_error_mean(
             d
         }
         _ => {
-            // Conv OHWI and FC [out, in]: the last axis is the input channel.
+            // Conv OHWI and FC [out, in]: the last axis is the input channel. A grouped conv
+            // (the input has `groups` times the filter's channels) reads, for output channel c,
+            // the input channels of c's group.
             let oc = shape[0];
             let inner: usize = shape[1..].iter().product();
             let ic = *shape.last().unwrap_or(&1);
+            let groups = if ic > 0 && means.len() > ic && means.len().is_multiple_of(ic) {
+                means.len() / ic
+            } else {
+                1
+            };
+            let per_group = (oc / groups).max(1);
             let mut d = vec![0f64; oc];
             for (i, _) in w.iter().enumerate() {
                 let c = i / inner;
-                let m = if means.len() == ic || means.len() >= ic {
-                    means.get(i % ic).copied().unwrap_or(0.0)
+                let m = if means.len() >= ic {
+                    means
+                        .get((c / per_group) * ic + i % ic)
+                        .copied()
+                        .unwrap_or(0.0)
                 } else {
                     0.0
                 };
@@ -485,5 +496,33 @@ fn weight_error_mean(
             }
             d
         }
+    }
+}
+
+#[cfg(test)]
+mod grouped_bias_tests {
+    /// Bias correction of a grouped conv uses each group's own input means.
+    #[test]
+    fn weight_error_mean_of_a_grouped_conv_reads_each_groups_inputs() {
+        use super::weight_error_mean;
+        // 2 groups, 1 output channel each, 1x1 filter over 2 input channels per group.
+        let w = [0.30f32, -0.20, 0.10, 0.40];
+        let scales = [0.01f32, 0.01];
+        let wq: Vec<u8> = w
+            .iter()
+            .zip([0, 0, 1, 1])
+            .map(|(&v, c)| ((v / scales[c]).round() as i8 + 1) as u8)
+            .collect();
+        let means = [1.0, 2.0, 10.0, 20.0];
+        let kind = crate::ir::OpKind::Conv2d {
+            stride: [1, 1],
+            dilation: [1, 1],
+            padding: crate::ir::Padding::Valid,
+            activation: kiln_runtime::graph::Activation::None,
+        };
+        let d = weight_error_mean(&kind, &w, &wq, &scales, &[2, 1, 1, 2], &means);
+        // Each quantized weight is one step (0.01) above the float weight.
+        assert!((d[0] - 0.01 * (1.0 + 2.0)).abs() < 1e-6, "{d:?}");
+        assert!((d[1] - 0.01 * (10.0 + 20.0)).abs() < 1e-6, "{d:?}");
     }
 }
