@@ -75,7 +75,11 @@ struct Buffers {
 /// Random quantization for `channels` outputs; returns (requant entries, zero points, clamp,
 /// bias present).
 fn quant(rng: &mut Rng, b: &mut Buffers, channels: usize) -> (usize, i32, i32, ClampI8, bool) {
-    let n = if rng.next() % 2 == 0 { 1 } else { channels };
+    let n = if rng.next().is_multiple_of(2) {
+        1
+    } else {
+        channels
+    };
     for r in &mut b.requant[..n] {
         *r = Requant {
             multiplier: rng.range(1 << 30, i64::from(i32::MAX)) as i32,
@@ -85,7 +89,7 @@ fn quant(rng: &mut Rng, b: &mut Buffers, channels: usize) -> (usize, i32, i32, C
     for v in &mut b.bias[..channels] {
         *v = rng.range(-100_000, 100_000) as i32;
     }
-    let clamp = if rng.next() % 2 == 0 {
+    let clamp = if rng.next().is_multiple_of(2) {
         ClampI8 {
             min: -128,
             max: 127,
@@ -101,7 +105,7 @@ fn quant(rng: &mut Rng, b: &mut Buffers, channels: usize) -> (usize, i32, i32, C
         rng.zero_point(),
         rng.zero_point(),
         clamp,
-        rng.next() % 4 != 0,
+        !rng.next().is_multiple_of(4),
     )
 }
 
@@ -166,7 +170,7 @@ fn fixed(
     stride: usize,
     depthwise: bool,
 ) -> ConvGeometry {
-    let out = (hw + stride - 1) / stride;
+    let out = hw.div_ceil(stride);
     ConvGeometry {
         batch: 1,
         in_h: hw,
@@ -196,7 +200,9 @@ fn fail(kind: &str, case: usize, g: &ConvGeometry) -> ! {
         g
     );
     debug::exit(debug::EXIT_FAILURE);
-    loop {}
+    loop {
+        cortex_m::asm::wfi();
+    }
 }
 
 /// Runs one conv or depthwise case through both bodies; false if they differ.
@@ -252,7 +258,7 @@ fn fc_case(rng: &mut Rng, b: &mut Buffers, g: &FullyConnectedGeometry) -> bool {
     let (n, zp_in, zp_out, clamp, has_bias) = quant(rng, b, g.out_features);
     let q = QuantizedOutput {
         input_zero_point: zp_in,
-        filter_zero_point: if rng.next() % 4 == 0 {
+        filter_zero_point: if rng.next().is_multiple_of(4) {
             rng.zero_point()
         } else {
             0
@@ -345,12 +351,16 @@ fn main() -> ! {
         }
     );
     debug::exit(debug::EXIT_SUCCESS);
-    loop {}
+    loop {
+        cortex_m::asm::wfi();
+    }
 }
 
 #[panic_handler]
 fn panic(_: &PanicInfo) -> ! {
     hprintln!("kiln-kernel-check: FAILED: panic");
     debug::exit(debug::EXIT_FAILURE);
-    loop {}
+    loop {
+        cortex_m::asm::wfi();
+    }
 }
