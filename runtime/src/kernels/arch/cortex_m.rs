@@ -792,29 +792,38 @@ pub fn conv2d_i8(
             }
             let body = &buf[..whole];
             let base = p * out_c + oc_lo;
-            // Weight rows of this chunk in pairs (the last paired with itself when `n` is
-            // odd); raw sums go to `acc` (column 0) and `acc1` (column 1), requantized below.
+            // Weight rows of this chunk in pairs; raw sums go to `acc` (column 0) and `acc1`
+            // (column 1), requantized below.
             let rows = &filter[oc_lo * k..(oc_lo + n) * k];
-            let mut j = 0;
-            while j < n {
-                let j1 = if j + 1 < n { j + 1 } else { j };
-                let w0 = &rows[j * k..][..k];
-                let w1 = &rows[j1 * k..][..k];
-                let [mut a00, mut a01, mut a10, mut a11] = block_2x2(body, w0, w1);
+            let tail = |w0: &[i8], w1: &[i8], mut a: [i32; 4]| {
                 for t in whole..k {
                     let (x0, x1) = (get(&buf, t, 0), get(&buf, t, 1));
                     let (v0, v1) = (i32::from(w0[t]), i32::from(w1[t]));
-                    a00 = a00.wrapping_add(x0 * v0);
-                    a01 = a01.wrapping_add(x1 * v0);
-                    a10 = a10.wrapping_add(x0 * v1);
-                    a11 = a11.wrapping_add(x1 * v1);
+                    a[0] = a[0].wrapping_add(x0 * v0);
+                    a[1] = a[1].wrapping_add(x1 * v0);
+                    a[2] = a[2].wrapping_add(x0 * v1);
+                    a[3] = a[3].wrapping_add(x1 * v1);
                 }
-                // When j1 == j the second pair of writes repeats the first (same weights).
-                acc[j] = a00;
-                acc1[j] = a01;
-                acc[j1] = a10;
-                acc1[j1] = a11;
-                j += 2;
+                a
+            };
+            let mut pairs = rows.chunks_exact(2 * k);
+            for ((w01, s0), s1) in (&mut pairs)
+                .zip(acc.chunks_exact_mut(2))
+                .zip(acc1.chunks_exact_mut(2))
+            {
+                let (w0, w1) = w01.split_at(k);
+                let [a00, a01, a10, a11] = tail(w0, w1, block_2x2(body, w0, w1));
+                s0[0] = a00;
+                s0[1] = a10;
+                s1[0] = a01;
+                s1[1] = a11;
+            }
+            // An odd last channel runs the block with itself as the partner.
+            let last = pairs.remainder();
+            if !last.is_empty() {
+                let [a00, a01, _, _] = tail(last, last, block_2x2(body, last, last));
+                acc[n - 1] = a00;
+                acc1[n - 1] = a01;
             }
             let out = &mut output[base..][..n];
             for ((o, &a), ch) in out.iter_mut().zip(&acc[..n]).zip(channels.iter()) {
