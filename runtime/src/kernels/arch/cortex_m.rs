@@ -567,7 +567,9 @@ fn usual_requant(q: &QuantizedOutput<'_>) -> bool {
 /// rounding right shift's mask prepared. Only for [`usual_requant`] parameters.
 #[derive(Clone, Copy, Default)]
 struct Channel {
-    bias: i32,
+    /// `bias * scale` (wrapping): `(acc + bias) * scale` is `acc * scale + bias * scale` modulo
+    /// 2^32, one multiply-add.
+    bias_scaled: i32,
     /// `2^left_shift` (wrapping: `i32::MIN` for 31), so that `acc * scale` is TFLM's
     /// `acc * (1 << left_shift)`.
     scale: i32,
@@ -607,9 +609,10 @@ impl Channel {
         debug_assert!(r.multiplier != i32::MIN && (-31..=30).contains(&r.shift));
         let right = (-r.shift).clamp(0, 31) as u32;
         let mask = ((1u64 << right) - 1) as i32;
+        let scale = 1i32.wrapping_shl(r.shift.clamp(0, 31) as u32);
         Channel {
-            bias: bias.map_or(0, |b| b[oc]),
-            scale: 1i32.wrapping_shl(r.shift.clamp(0, 31) as u32),
+            bias_scaled: bias.map_or(0, |b| b[oc]).wrapping_mul(scale),
+            scale,
             multiplier: r.multiplier,
             right,
             mask,
@@ -631,7 +634,7 @@ impl Channel {
     /// (high < 0)`).
     #[inline(always)]
     fn apply(&self, acc: i32, o: OutputStage) -> i8 {
-        let x = acc.wrapping_add(self.bias).wrapping_mul(self.scale);
+        let x = acc.wrapping_mul(self.scale).wrapping_add(self.bias_scaled);
         let high = ((i64::from(x) * i64::from(self.multiplier) + (1i64 << 30)) >> 31) as i32;
         let threshold = self.half - (high >> 31);
         let v = (high >> self.right) + i32::from((high & self.mask) > threshold);
