@@ -348,3 +348,134 @@ fn auto_precision_builds_mixed_int8_fp16_graphs() {
     eprintln!("mixed int8/fp16: top-1 {m:.3}, float {f:.3}");
     assert!(m >= f - 0.05, "mixed {m} vs float {f}");
 }
+
+/// `auto` with layers that int8 cannot carry: MNIST with one output channel of its second conv
+/// scaled down by 100 and the classifier's weights for that channel scaled up by as much (the
+/// float function is unchanged; ReLU and max-pooling commute with a positive scale). In int8
+/// that channel's activations round to nothing in the per-tensor range, and its classifier
+/// weights take each row's whole per-channel range so that the other weights round away:
+/// all-int8 loses far more than the budget, fp16 carries both, and `auto` keeps the fewest
+/// layers in fp16 and the rest in int8 within a 0.5 pt budget.
+#[test]
+fn auto_keeps_a_fragile_layer_in_fp16_and_the_rest_in_int8() {
+    let Some(dir) = common::testdata() else {
+        return;
+    };
+    let model = dir.join("models/onnx/mnist-8/model.onnx");
+    let case = case(
+        model.clone(),
+        &dir.join("data/mnist_t10k.npz"),
+        None,
+        0..300,
+        1000..3000,
+    );
+    let (mut graph, format, source) = kiln::import::import_file(&model).expect("import");
+    let f32s = |t: &kiln::ir::Tensor| -> Vec<f32> {
+        t.data
+            .as_ref()
+            .expect("constant")
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect()
+    };
+    let set = |t: &mut kiln::ir::Tensor, v: &[f32]| {
+        t.data = Some(v.iter().flat_map(|x| x.to_le_bytes()).collect());
+    };
+    let convs: Vec<usize> = (0..graph.ops.len())
+        .filter(|&i| matches!(graph.ops[i].kind, kiln::ir::OpKind::Conv2d { .. }))
+        .collect();
+    let fc = (0..graph.ops.len())
+        .find(|&i| matches!(graph.ops[i].kind, kiln::ir::OpKind::FullyConnected { .. }))
+        .expect("a fully-connected classifier");
+    let conv = convs[1];
+    let alpha = 100f32;
+    let (w, b) = (
+        graph.ops[conv].inputs[1].expect("filter"),
+        graph.ops[conv].inputs[2].expect("bias"),
+    );
+    let per_oc: usize = graph.tensors[w].shape[1..].iter().product();
+    let mut wv = f32s(&graph.tensors[w]);
+    wv[..per_oc].iter_mut().for_each(|v| *v /= alpha);
+    set(&mut graph.tensors[w], &wv);
+    let mut bv = f32s(&graph.tensors[b]);
+    bv[0] /= alpha;
+    set(&mut graph.tensors[b], &bv);
+    let channels = graph.tensors[w].shape[0];
+    let fw = graph.ops[fc].inputs[1].expect("weights");
+    let features = graph.tensors[fw].shape[1];
+    let mut fv = f32s(&graph.tensors[fw]);
+    for (i, v) in fv.iter_mut().enumerate() {
+        if (i % features) % channels == 0 {
+            *v *= alpha;
+        }
+    }
+    set(&mut graph.tensors[fw], &fv);
+
+    let quantize_with = |precision: Precision, budget: Option<f64>| {
+        quantize(
+            Request {
+                name: "fragile".into(),
+                graph: graph.clone(),
+                source: serde_json::json!({ "format": format, "sha256": kiln::convert::sha256_hex(&source) }),
+                calib: &case.calib,
+                calib_sha256: "calib".into(),
+                precision,
+                options: QuantizeOptions::default(),
+                eval: Some(EvalSet {
+                    x: &case.eval,
+                    y: &case.labels,
+                    metric: case.metric,
+                    sha256: "eval".into(),
+                }),
+                max_accuracy_drop: budget,
+                selftest_count: 1,
+                extra: serde_json::Value::Null,
+            },
+            |_, _, _| {},
+        )
+    };
+    let plain = run(&case, Precision::Int8, Estimator::MinMax);
+    let int8 = quantize_with(Precision::Int8, None).expect("int8");
+    let float = int8.report.float_metric.expect("float metric");
+    let all_int8 = int8.report.quantized_metric.expect("int8 metric");
+    assert!(
+        (float - plain.report.float_metric.expect("float")).abs() < 0.001,
+        "the rescaled float model must score as the original: {float}"
+    );
+    let fp16 = quantize_with(Precision::Fp16, None)
+        .expect("fp16")
+        .report
+        .quantized_metric
+        .expect("fp16 metric");
+    assert!(fp16 >= float - 0.001, "fp16 carries it: {fp16} vs {float}");
+    let auto = quantize_with(Precision::Auto, Some(0.5)).expect("auto within 0.5 pt");
+    let mixed = auto.report.quantized_metric.expect("auto metric");
+    let fp16_layers: Vec<String> = auto
+        .report
+        .layers
+        .iter()
+        .filter(|l| l.precision != "int8")
+        .map(|l| format!("{} {}", l.index, l.op))
+        .collect();
+    eprintln!(
+        "fragile MNIST: float {:.2} %, all-int8 {:.2} %, auto {:.2} % with {:.1} % of MACs in int8 (fp16: {fp16_layers:?})",
+        float * 100.0,
+        all_int8 * 100.0,
+        mixed * 100.0,
+        auto.report.int8_mac_fraction * 100.0
+    );
+    assert!(
+        all_int8 < float - 0.005,
+        "all-int8 should fail the 0.5 pt budget: {all_int8} vs {float}"
+    );
+    assert!(mixed >= float - 0.005, "auto {mixed} vs float {float}");
+    assert!(
+        auto.report.int8_mac_fraction > 0.0 && auto.report.int8_mac_fraction < 1.0,
+        "a true mix: {}",
+        auto.report.int8_mac_fraction
+    );
+    assert!(
+        auto.report.int8_mac_fraction >= 0.9,
+        "the fewest layers in fp16: {fp16_layers:?}"
+    );
+}
