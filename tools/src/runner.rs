@@ -102,47 +102,12 @@ fn set_sample(
 pub fn run_batch(
     artifact: &[u8],
     input: &Array,
-    mut progress: impl FnMut(usize),
+    progress: impl FnMut(usize),
 ) -> Result<BatchResult> {
-    let bytes = AlignedBytes::new(artifact);
-    let model = Model::load(bytes.as_slice())?;
-    let mut arena = AlignedBytes::zeroed(model.arena_bytes());
-    let mut interp = Interpreter::new(model, arena.as_mut_slice())?;
-    let per_in = check_batch(&interp, input)?;
-    let out_t = interp.output_info(0)?;
-    let per_out = element_count(&out_t);
-    let batch = input.len() / per_in;
-    let mut outputs = match out_t.dtype {
-        DType::I8 => Outputs::I8(Vec::with_capacity(batch * per_out)),
-        DType::F32 => Outputs::F32(Vec::with_capacity(batch * per_out)),
-        DType::F16 => Outputs::F16(Vec::with_capacity(batch * per_out)),
-        DType::I32 => bail!("int32 model outputs are not supported"),
-    };
-    for s in 0..batch {
-        set_sample(&mut interp, input, s, per_in)?;
+    run_batch_on(artifact, input, progress, |interp| {
         interp.invoke()?;
-        let raw = interp.output_bytes(0)?;
-        match &mut outputs {
-            Outputs::I8(v) => v.extend(bytemuck::cast_slice::<u8, i8>(raw)),
-            Outputs::F32(v) => v.extend(
-                raw.chunks_exact(4)
-                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
-            ),
-            Outputs::F16(v) => v.extend(
-                raw.chunks_exact(2)
-                    .map(|c| half::f16::from_le_bytes([c[0], c[1]])),
-            ),
-        }
-        progress(s + 1);
-    }
-    let mut shape = vec![batch];
-    let dims: Vec<usize> = out_t.shape.iter().map(|&d| d as usize).collect();
-    shape.extend(if dims.first() == Some(&1) && dims.len() > 1 {
-        &dims[1..]
-    } else {
-        &dims[..]
-    });
-    Ok(BatchResult { shape, outputs })
+        Ok(interp.output_bytes(0)?.to_vec())
+    })
 }
 
 /// [`run_batch`] on kiln-runtime's candle backend (CPU here; a GPU when kiln is built with
@@ -156,11 +121,27 @@ pub fn run_batch(
 pub fn run_batch_candle(
     artifact: &[u8],
     input: &Array,
-    mut progress: impl FnMut(usize),
+    progress: impl FnMut(usize),
 ) -> Result<BatchResult> {
     let bytes = AlignedBytes::new(artifact);
     let model = Model::load(bytes.as_slice())?;
     let exec = kiln_runtime::candle_backend::CandleModel::new(&model, &candle_core::Device::Cpu)?;
+    run_batch_on(artifact, input, progress, |interp| {
+        let raw_in = interp.input_bytes_mut(0)?.to_vec();
+        Ok(exec.run(&[&raw_in])?.remove(0))
+    })
+}
+
+/// The batch loop: each sample is set on the portable interpreter's input (converted to the
+/// input's type), then `step` produces the raw output bytes.
+fn run_batch_on(
+    artifact: &[u8],
+    input: &Array,
+    mut progress: impl FnMut(usize),
+    mut step: impl FnMut(&mut Interpreter<'_, '_>) -> Result<Vec<u8>>,
+) -> Result<BatchResult> {
+    let bytes = AlignedBytes::new(artifact);
+    let model = Model::load(bytes.as_slice())?;
     let mut arena = AlignedBytes::zeroed(model.arena_bytes());
     let mut interp = Interpreter::new(model, arena.as_mut_slice())?;
     let per_in = check_batch(&interp, input)?;
@@ -175,8 +156,7 @@ pub fn run_batch_candle(
     };
     for s in 0..batch {
         set_sample(&mut interp, input, s, per_in)?;
-        let raw_in = interp.input_bytes_mut(0)?.to_vec();
-        let raw = exec.run(&[&raw_in])?.remove(0);
+        let raw = step(&mut interp)?;
         match &mut outputs {
             Outputs::I8(v) => v.extend(raw.iter().map(|&b| b as i8)),
             Outputs::F32(v) => v.extend(
