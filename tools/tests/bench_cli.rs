@@ -12,14 +12,10 @@ fn kiln(args: &[&str]) -> std::process::Output {
         .expect("run kiln")
 }
 
-#[test]
-fn bench_reports_median_and_p99_of_a_real_model() {
-    let Some(dir) = common::testdata() else {
-        return;
-    };
-    let out = tempfile::tempdir().expect("tempdir");
-    let model = out.path().join("kws.kiln");
-    let source = common::mlperf(&dir, "kws_ref_model.tflite");
+/// KWS int8 converted with `kiln convert` into `dir`.
+fn kws_artifact(testdata: &std::path::Path, dir: &std::path::Path) -> std::path::PathBuf {
+    let model = dir.join("kws.kiln");
+    let source = common::mlperf(testdata, "kws_ref_model.tflite");
     let convert = kiln(&[
         "convert",
         source.to_str().expect("path"),
@@ -27,6 +23,16 @@ fn bench_reports_median_and_p99_of_a_real_model() {
         model.to_str().expect("path"),
     ]);
     assert!(convert.status.success(), "{convert:?}");
+    model
+}
+
+#[test]
+fn bench_reports_median_and_p99_of_a_real_model() {
+    let Some(dir) = common::testdata() else {
+        return;
+    };
+    let out = tempfile::tempdir().expect("tempdir");
+    let model = kws_artifact(&dir, out.path());
     for backend in ["portable", "candle"] {
         let run = kiln(&[
             "bench",
@@ -92,15 +98,7 @@ fn bench_counts_instructions_on_a_qemu_cortex_m4() {
         return;
     }
     let out = tempfile::tempdir().expect("tempdir");
-    let model = out.path().join("kws.kiln");
-    let source = common::mlperf(&dir, "kws_ref_model.tflite");
-    let convert = kiln(&[
-        "convert",
-        source.to_str().expect("path"),
-        "-o",
-        model.to_str().expect("path"),
-    ]);
-    assert!(convert.status.success(), "{convert:?}");
+    let model = kws_artifact(&dir, out.path());
     let mut instructions = Vec::new();
     for extra in [&[][..], &["--portable-kernels"][..]] {
         let mut args = vec![
@@ -148,16 +146,7 @@ fn bench_counts_instructions_under_qemu_aarch64() {
         return;
     }
     let out = tempfile::tempdir().expect("tempdir");
-    let model = out.path().join("kws.kiln");
-    let source = common::mlperf(&dir, "kws_ref_model.tflite");
-    assert!(kiln(&[
-        "convert",
-        source.to_str().expect("path"),
-        "-o",
-        model.to_str().expect("path"),
-    ])
-    .status
-    .success());
+    let model = kws_artifact(&dir, out.path());
     let run = kiln(&[
         "bench",
         model.to_str().expect("path"),
