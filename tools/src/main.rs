@@ -524,6 +524,10 @@ enum Command {
         /// Longest pause between a device's check-ins, seconds.
         #[arg(long, value_name = "SECS", default_value_t = 2.0)]
         max_poll: f64,
+        /// Devices start at random moments over this many seconds (default: --max-poll), so a
+        /// large fleet does not enroll in one burst.
+        #[arg(long, value_name = "SECS")]
+        ramp: Option<f64>,
         /// Also trust this CA certificate (PEM) for an https:// server.
         #[arg(long, env = "KILN_CA_CERT", value_name = "PEM")]
         ca_cert: Option<PathBuf>,
@@ -1755,6 +1759,7 @@ fn main() -> ExitCode {
             faults,
             duration,
             max_poll,
+            ramp,
             ca_cert,
             json,
         } => simulate(SimulateArgs {
@@ -1769,6 +1774,7 @@ fn main() -> ExitCode {
             faults,
             duration,
             max_poll,
+            ramp,
             ca_cert,
             json,
         }),
@@ -1800,6 +1806,7 @@ struct SimulateArgs {
     faults: Option<String>,
     duration: u64,
     max_poll: f64,
+    ramp: Option<f64>,
     ca_cert: Option<PathBuf>,
     json: bool,
 }
@@ -1844,6 +1851,10 @@ fn simulate(a: SimulateArgs) -> Result<()> {
     if !(a.max_poll > 0.0 && a.max_poll.is_finite()) {
         bail!("--max-poll must be a positive number of seconds");
     }
+    let ramp = a.ramp.unwrap_or(a.max_poll);
+    if !(ramp >= 0.0 && ramp.is_finite()) {
+        bail!("--ramp must be a number of seconds, 0 or more");
+    }
     let mut ca_certs = Vec::new();
     if let Some(path) = &a.ca_cert {
         // Checked here so a bad file is one line now, not an error in every device.
@@ -1863,6 +1874,7 @@ fn simulate(a: SimulateArgs) -> Result<()> {
         },
         duration: std::time::Duration::from_secs(a.duration),
         max_poll: std::time::Duration::from_secs_f64(a.max_poll),
+        ramp: std::time::Duration::from_secs_f64(ramp),
         cohort: a.cohort,
         ..kiln_agent::sim::SimOptions::default()
     };

@@ -6,7 +6,7 @@
 //! gate, both with every device back on v2; both servers report the same rollouts and devices.
 //!
 //! 1000 devices, as in fleet_sim (the scenario): 500 per server, polling every 3 s
-//! (±20 %), drop=0.05, corrupt=0.01, crash=0.01. The whole test takes about 55 s on two cores
+//! (±20 %), drop=0.05, corrupt=0.01, crash=0.01. The whole test takes 45–55 s on two cores
 //! (PostgreSQL, two debug-built servers and the devices sharing them, some 300 check-ins per
 //! second): the full fleet fits well within the ~3 minutes this test may take, so it
 //! runs all of it rather than a sample (concurrent check-ins on both servers then contend for
