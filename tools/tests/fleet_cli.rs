@@ -2,85 +2,17 @@
 //! devices) as a user runs them, against a real `kiln serve` process: `--json` output on stdout,
 //! and errors as one line on stderr with a non-zero exit.
 
-use kiln::artifact::{write_artifact, HeaderFields};
+#[path = "common/fleet.rs"]
+mod fleet;
+
+use fleet::{free_port, key_file, signed, unsigned, ADMIN, ENROLL, MODEL};
+
 use kiln::fleet::api::{EnrollRequest, EnrollResponse};
-use kiln_device::testkit::{self, Spec};
-use kiln_runtime::format::{Container, SectionKind};
-use kiln_runtime::sections::{BaselineHead, BaselineHistogram, BaselineTensor, Manifest};
 use reqwest::StatusCode;
 use serde_json::Value;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
-
-const ADMIN: &str = "admin-token-0123456789";
-const ENROLL: &str = "enroll-token-0123456789";
-const MODEL: &str = "kws";
-const BASE: [u32; 4] = [250, 250, 250, 250];
-
-fn signing_key() -> ed25519_dalek::SigningKey {
-    testkit::test_key(7)
-}
-
-/// A testkit artifact with a MANIFEST (name `kws`) and a BASELINE (input 0 and output 0),
-/// unsigned. Every version carries security counter 1: a device never accepts a counter below
-/// the one it confirmed (anti-rollback), so a release that may be rolled back must not raise it.
-fn unsigned(version: u32, bad_selftest: bool) -> Vec<u8> {
-    let spec = Spec {
-        version,
-        counter: 1,
-        target: String::new(),
-        out_features: 4,
-        bad_selftest,
-    };
-    let plain = testkit::build(&spec);
-    let c = Container::parse(&plain).expect("testkit artifact parses");
-    let lineage = format!("{{\"source_sha256\":\"test\",\"version\":{version}}}");
-    let manifest = postcard::to_allocvec(&Manifest {
-        name: MODEL,
-        json: &lineage,
-    })
-    .expect("manifest");
-    let edges: Vec<u8> = [-1.0f32, -0.5, 0.0, 0.5, 1.0]
-        .iter()
-        .flat_map(|v| v.to_le_bytes())
-        .collect();
-    let counts: Vec<u8> = BASE.iter().flat_map(|v| v.to_le_bytes()).collect();
-    let mut baseline = postcard::to_allocvec(&BaselineHead { count: 2 }).expect("baseline");
-    for tensor in [BaselineTensor::Input(0), BaselineTensor::Output(0)] {
-        baseline.extend(
-            postcard::to_allocvec(&BaselineHistogram {
-                tensor,
-                edges: &edges,
-                counts: &counts,
-            })
-            .expect("histogram"),
-        );
-    }
-    let mut sections: Vec<(SectionKind, &[u8])> = Vec::new();
-    for kind in [
-        SectionKind::Graph,
-        SectionKind::Weights,
-        SectionKind::SelfTest,
-    ] {
-        sections.push((kind, c.section(kind).expect("testkit section")));
-    }
-    sections.push((SectionKind::Manifest, &manifest));
-    sections.push((SectionKind::Baseline, &baseline));
-    write_artifact(
-        HeaderFields {
-            model_version: version,
-            security_counter: 1,
-            arena_bytes: c.header.arena_bytes,
-        },
-        &sections,
-    )
-    .expect("write artifact")
-}
-
-fn signed(version: u32, bad_selftest: bool) -> Vec<u8> {
-    testkit::sign(&unsigned(version, bad_selftest), &[&signing_key()])
-}
 
 /// A `kiln serve` child process, killed (SIGKILL) and reaped when dropped.
 struct ServeProc {
@@ -163,23 +95,6 @@ impl Drop for ServeProc {
     fn drop(&mut self) {
         self.kill9();
     }
-}
-
-/// A free loopback port: bind port 0, note the port, release it.
-fn free_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    l.local_addr().expect("addr").port()
-}
-
-/// The trusted public key file for `kiln serve --trusted-key`.
-fn key_file(dir: &Path) -> std::path::PathBuf {
-    let p = dir.join("release.pub");
-    std::fs::write(
-        &p,
-        kiln::signing::public_key_text(&testkit::public(&signing_key())),
-    )
-    .expect("write key");
-    p
 }
 
 /// What a `kiln` run gave.
