@@ -65,4 +65,15 @@ fn main() {
     if failed || survived != cuts {
         std::process::exit(1);
     }
+    // The walk must stay thorough: the update design promises at least 10 000 cut points,
+    // torn writes among them. A smaller walk (fewer scenarios, a coarser flash) is a regression.
+    if cuts < MIN_CUT_POINTS || torn == 0 {
+        eprintln!(
+            "error: the walk covered {cuts} cut points ({torn} torn); at least {MIN_CUT_POINTS} with torn writes are required"
+        );
+        std::process::exit(1);
+    }
 }
+
+/// Fewest cut points a complete walk may have (issue 4's acceptance figure).
+const MIN_CUT_POINTS: u64 = 10_000;
