@@ -27,8 +27,7 @@ use std::process::Command;
 pub struct QemuBench {
     /// `qemu-cortex-m4` or `qemu-cortex-m7`.
     pub target: String,
-    /// `dsp` (the Cortex-M fast paths), `portable`, or `native` (aarch64: what the build
-    /// selects for the target).
+    /// `dsp` (the Cortex-M fast paths), `neon` (the aarch64 fast paths) or `portable`.
     pub kernels: &'static str,
     /// Guest instructions of one inference.
     pub instructions: u64,
@@ -105,7 +104,7 @@ fn sample(artifact: &[u8]) -> Result<(Vec<u8>, Vec<u8>)> {
     Ok((input, interp.output_bytes(0)?.to_vec()))
 }
 
-/// Runs the benchmark; `portable` builds the image without the Cortex-M fast paths.
+/// Runs the benchmark; `portable` builds the image without the Cortex-M or NEON fast paths.
 ///
 /// # Errors
 /// Missing tools (cargo, gcc, qemu-system-arm, arm-none-eabi-size), a build failure, a run that
@@ -120,7 +119,7 @@ pub fn bench_qemu(
     let (cpu, machine) = match target {
         "qemu-cortex-m4" => ("cortex-m4", "mps2-an386"),
         "qemu-cortex-m7" => ("cortex-m7", "mps2-an500"),
-        "qemu-aarch64" => return bench_aarch64(artifact, mhz, progress),
+        "qemu-aarch64" => return bench_aarch64(artifact, portable, mhz, progress),
         other => {
             bail!("unknown QEMU target {other}; use qemu-cortex-m4, qemu-cortex-m7 or qemu-aarch64")
         }
@@ -290,7 +289,14 @@ fn text_bytes(size_tool: &str, elf: &Path) -> u64 {
         .unwrap_or(0)
 }
 
-fn bench_aarch64(artifact: &[u8], mhz: f64, mut progress: impl FnMut(&str)) -> Result<QemuBench> {
+/// `portable` builds `bench_once` with kiln-runtime's `portable-kernels` feature (no NEON fast
+/// paths), for A/B comparisons.
+fn bench_aarch64(
+    artifact: &[u8],
+    portable: bool,
+    mhz: f64,
+    mut progress: impl FnMut(&str),
+) -> Result<QemuBench> {
     if mhz <= 0.0 {
         bail!("--mhz must be positive");
     }
@@ -308,6 +314,11 @@ fn bench_aarch64(artifact: &[u8], mhz: f64, mut progress: impl FnMut(&str)) -> R
     progress("building bench_once for aarch64");
     let target_dir = root.join("target/bench-aarch64");
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let features = if portable {
+        "std,portable-kernels"
+    } else {
+        "std"
+    };
     let built = Command::new(cargo)
         .current_dir(&root)
         .args([
@@ -317,7 +328,7 @@ fn bench_aarch64(artifact: &[u8], mhz: f64, mut progress: impl FnMut(&str)) -> R
             "-p",
             "kiln-runtime",
             "--features",
-            "std",
+            features,
             "--example",
             "bench_once",
             "--target",
@@ -373,7 +384,7 @@ fn bench_aarch64(artifact: &[u8], mhz: f64, mut progress: impl FnMut(&str)) -> R
     let instructions = infer.saturating_sub(base);
     Ok(QemuBench {
         target: "qemu-aarch64".into(),
-        kernels: "native",
+        kernels: if portable { "portable" } else { "neon" },
         instructions,
         macs: report.macs,
         macs_per_instruction: if instructions > 0 {

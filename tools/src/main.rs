@@ -126,8 +126,8 @@ enum Command {
         /// Clock for the latency estimate of QEMU targets, MHz.
         #[arg(long, default_value_t = 120.0)]
         mhz: f64,
-        /// QEMU targets: build the image with the portable kernels instead of the Cortex-M
-        /// fast paths.
+        /// QEMU targets: build the image with the portable kernels instead of the Cortex-M DSP or
+        /// aarch64 NEON fast paths.
         #[arg(long)]
         portable_kernels: bool,
         /// `portable` (the kernels devices run) or `candle`.

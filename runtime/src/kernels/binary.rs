@@ -212,7 +212,7 @@ fn add_sub_i8<const SUB: bool>(
     let (m0, s0) = (p.input0.multiplier, p.input0.shift);
     let (m1, s1) = (p.input1.multiplier, p.input1.shift);
     let (mo, so) = (p.output.multiplier, p.output.shift);
-    broadcast_apply(s, a, b, out, |x: i8, y: i8| {
+    let f = |x: i8, y: i8| {
         let x = multiply_by_quantized_multiplier_smaller_than_one(
             (x as i32 - zp_a).wrapping_mul(scale),
             m0,
@@ -231,7 +231,19 @@ fn add_sub_i8<const SUB: bool>(
         let raw =
             multiply_by_quantized_multiplier_smaller_than_one(raw, mo, so).wrapping_add(zp_out);
         raw.max(lo).min(hi) as i8
-    });
+    };
+    if s.a != s.b {
+        broadcast_apply(s, a, b, out, f);
+        return;
+    }
+    // Same shapes: the x86-64 fast path (bit-exact) takes what it can, whole blocks of 8.
+    #[cfg(kiln_x86_kernels)]
+    let done = super::arch::x86_64::add_sub_i8(SUB, p, zero_points, a, b, out);
+    #[cfg(not(kiln_x86_kernels))]
+    let done = 0;
+    for ((o, &x), &y) in out.iter_mut().zip(a).zip(b).skip(done) {
+        *o = f(x, y);
+    }
 }
 
 /// int8 ADD, TFLM `reference_integer_ops` `AddElementwise` arithmetic, with broadcasting.
@@ -554,6 +566,26 @@ mod tests {
                 }
             });
             prop_assert!(bad.is_none(), "{:?} {:?}", bad, p);
+        }
+
+        /// Same shapes, long rows: the path fast kernels take (x86-64: eight lanes at a time).
+        #[test]
+        fn add_and_sub_of_same_shapes_match_spec(
+            (a, b) in (0usize..200).prop_flat_map(|n| (i8_data(n), i8_data(n))),
+            (scales, zp) in quant(),
+            act in prop_oneof![Just(Activation::None), Just(Activation::Relu), Just(Activation::Relu6)],
+        ) {
+            let n = a.len();
+            let s = BroadcastShapes::new(&[n], &[n], &[n]).unwrap();
+            let clamp = activation_clamp(act, scales[2], zp[2]);
+            let p = add_params(scales[0], scales[1], scales[2], clamp);
+            let (mut sum, mut diff) = (std::vec![0i8; n], std::vec![0i8; n]);
+            add_i8(&s, &p, zp, &a, &b, &mut sum);
+            sub_i8(&s, &p, zp, &a, &b, &mut diff);
+            for i in 0..n {
+                prop_assert_eq!(sum[i], naive_add(&p, zp, a[i], b[i]), "add at {}", i);
+                prop_assert_eq!(diff[i], naive_sub(&p, zp, a[i], b[i]), "sub at {}", i);
+            }
         }
 
         #[test]

@@ -157,7 +157,11 @@ pub fn conv2d_i8(
 ) {
     #[cfg(kiln_dsp_kernels)]
     super::arch::cortex_m::conv2d_i8(g, q, input, filter, bias, output);
-    #[cfg(not(kiln_dsp_kernels))]
+    #[cfg(kiln_neon_kernels)]
+    super::arch::aarch64::conv2d_i8(g, q, input, filter, bias, output);
+    #[cfg(kiln_x86_kernels)]
+    super::arch::x86_64::conv2d_i8(g, q, input, filter, bias, output);
+    #[cfg(not(any(kiln_dsp_kernels, kiln_neon_kernels, kiln_x86_kernels)))]
     conv2d_i8_portable(g, q, input, filter, bias, output);
 }
 

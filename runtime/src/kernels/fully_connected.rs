@@ -58,7 +58,11 @@ pub fn fully_connected_i8(
 ) {
     #[cfg(kiln_dsp_kernels)]
     super::arch::cortex_m::fully_connected_i8(g, q, input, weights, bias, output);
-    #[cfg(not(kiln_dsp_kernels))]
+    #[cfg(kiln_neon_kernels)]
+    super::arch::aarch64::fully_connected_i8(g, q, input, weights, bias, output);
+    #[cfg(kiln_x86_kernels)]
+    super::arch::x86_64::fully_connected_i8(g, q, input, weights, bias, output);
+    #[cfg(not(any(kiln_dsp_kernels, kiln_neon_kernels, kiln_x86_kernels)))]
     fully_connected_i8_portable(g, q, input, weights, bias, output);
 }
 

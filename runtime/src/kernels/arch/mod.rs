@@ -15,6 +15,15 @@
 
 pub mod cortex_m;
 
+#[cfg(test)]
+pub(crate) mod cases;
+
+#[cfg(target_arch = "aarch64")]
+pub mod aarch64;
+
+#[cfg(target_arch = "x86_64")]
+pub mod x86_64;
+
 /// True when this build runs the Cortex-M DSP fast paths (ARM with the `dsp` target feature and
 /// without the `portable-kernels` feature).
 pub const CORTEX_M_DSP: bool = cfg!(kiln_dsp_kernels);

@@ -1,0 +1,1379 @@
+//! x86-64 AVX2 fast paths for the int8 CONV_2D, DEPTHWISE_CONV_2D and FULLY_CONNECTED kernels,
+//! bit-exact with the portable bodies.
+//!
+//! AVX2 is chosen at run time: [`has_avx2`] asks CPUID (and XGETBV, that the OS saves the YMM
+//! registers) once and caches the answer; without AVX2, or for a shape a fast path does not
+//! handle, the portable body runs. Builds with `-C target-feature=+avx2` skip the question.
+//!
+//! Arithmetic (see `docs/KERNELS.md`):
+//!
+//! - Products. Activations enter as `x - input_zero_point` and weights as `w -
+//!   filter_zero_point`, both int16 (`|v| <= 255`); `VPMADDWD` multiplies int16 pairs and adds
+//!   each two neighbours into int32 exactly (`2 * 255 * 255` fits). Sums then wrap modulo 2^32
+//!   like the portable body's `wrapping_add`, and modular sums do not depend on their order.
+//! - Padding. Taps outside the image are zeros in the im2col patch (conv) or the zero point
+//!   itself (depthwise, where the offset is added once per channel as `offset * sum(w)`): both
+//!   add exactly 0, as skipping them does.
+//! - Output stage. [`requantize8`] is TFLM's `MultiplyByQuantizedMultiplier`, zero point and
+//!   clamp on eight lanes: the left shift as a lane-wise shift (wrapping, as the portable
+//!   `wrapping_mul(1 << left)`), the doubling high multiply as `(a * b + 2^30) >> 31` on 64-bit
+//!   lanes (equal to gemmlowp's rounding for every pair but `a = b = i32::MIN`, which the entry
+//!   check excludes: proof at `cortex_m::requantize`), the rounding right shift with gemmlowp's
+//!   threshold. Its scalar twin for tails is `cortex_m::requantize`.
+//!
+//! Memory: no arena scratch (the memory plan is the same for every build); stack buffers
+//! only: two im2col rows of at most [`PATCH`] int16, decoded requantization of at most
+//! [`CHANNELS`] output channels, one pixel of int32 sums.
+
+use core::arch::x86_64::*;
+use core::sync::atomic::{AtomicU8, Ordering};
+
+use super::cortex_m::requantize as requantize_scalar;
+use crate::graph::Requant;
+use crate::kernels::conv::{ConvGeometry, QuantizedOutput};
+use crate::kernels::fully_connected::FullyConnectedGeometry;
+
+/// Longest receptive field (`filter_h * filter_w * in_c`, rounded up to 16) a conv fast path
+/// takes, and longest fully-connected input row.
+pub const PATCH: usize = 4608;
+
+/// Most output channels (conv, depthwise) or output features (fully connected) a fast path
+/// takes: their requantization is decoded once per call into stack arrays.
+pub const CHANNELS: usize = 1024;
+
+/// Most filter taps (`filter_h * filter_w`) of the depthwise fast path.
+const TAPS: usize = 64;
+
+/// 0: not asked yet, 1: no AVX2, 2: AVX2, 3: AVX2 and AVX-512 VNNI with 256-bit vectors.
+static LEVEL: AtomicU8 = AtomicU8::new(0);
+
+fn level() -> u8 {
+    match LEVEL.load(Ordering::Relaxed) {
+        0 => {
+            let l = detect();
+            LEVEL.store(l, Ordering::Relaxed);
+            l
+        }
+        l => l,
+    }
+}
+
+/// True when this CPU runs AVX2 and the OS saves its registers (asked once, then cached).
+pub fn has_avx2() -> bool {
+    cfg!(target_feature = "avx2") || level() >= 2
+}
+
+/// True when this CPU also runs AVX-512 VNNI on 256-bit vectors (`VPDPBUSD ymm`: Ice Lake and
+/// later Intel cores, AMD Zen 4 and later) and the OS saves the AVX-512 state.
+pub fn has_avx512_vnni() -> bool {
+    level() >= 3
+}
+
+fn detect() -> u8 {
+    // CPUID leaf 1: ECX bit 27 OSXSAVE (XGETBV usable), bit 28 AVX. Leaf 7: EBX bit 5 AVX2,
+    // bit 16 AVX512F, bit 31 AVX512VL; ECX bit 11 AVX512_VNNI.
+    let max_leaf = __cpuid(0).eax;
+    if max_leaf < 7 {
+        return 1;
+    }
+    let l1 = __cpuid(1);
+    if l1.ecx & (1 << 27) == 0 || l1.ecx & (1 << 28) == 0 {
+        return 1;
+    }
+    // SAFETY: OSXSAVE is set, so XGETBV is available and XCR0 readable.
+    let xcr0 = unsafe { xgetbv0() };
+    // XMM (bit 1) and YMM (bit 2) state saved by the OS.
+    if xcr0 & 0b110 != 0b110 {
+        return 1;
+    }
+    let l7 = __cpuid_count(7, 0);
+    if l7.ebx & (1 << 5) == 0 {
+        return 1;
+    }
+    // Opmask, ZMM_Hi256 and Hi16_ZMM state (bits 5-7) for EVEX-encoded instructions.
+    let avx512_state = xcr0 & 0xe0 == 0xe0;
+    if avx512_state && l7.ebx & (1 << 16) != 0 && l7.ebx & (1 << 31) != 0 && l7.ecx & (1 << 11) != 0
+    {
+        3
+    } else {
+        2
+    }
+}
+
+#[target_feature(enable = "xsave")]
+unsafe fn xgetbv0() -> u64 {
+    // SAFETY: the caller has checked OSXSAVE (XGETBV is available).
+    unsafe { _xgetbv(0) }
+}
+
+/// True when every requantization entry is in the range the output stage handles (multiplier not
+/// `i32::MIN`, shift in `-31..=30`: every valid TFLite model).
+fn usual_requant(requant: &[Requant]) -> bool {
+    requant
+        .iter()
+        .all(|r| r.multiplier != i32::MIN && (-31..=30).contains(&r.shift))
+}
+
+/// `-zero_point` when every `v - zero_point` of an int8 `v` fits int16 exactly with room for
+/// [`VPMADDWD`]'s pair sums (`|v| <= 255` for every valid model).
+fn offset16(zero_point: i32) -> Option<i16> {
+    let off = -i64::from(zero_point);
+    (-127..=128).contains(&off).then_some(off as i16)
+}
+
+/// The requantization of up to [`CHANNELS`] output channels, one entry per channel (a
+/// per-tensor requantization repeated), with the bias: the lanes [`requantize8`] loads.
+struct Decoded {
+    bias: [i32; CHANNELS],
+    left: [i32; CHANNELS],
+    multiplier: [i32; CHANNELS],
+    right: [i32; CHANNELS],
+    mask: [i32; CHANNELS],
+    zero_point: i32,
+    min: i32,
+    max: i32,
+}
+
+impl Decoded {
+    fn new(q: &QuantizedOutput<'_>, bias: Option<&[i32]>, channels: usize) -> Self {
+        let mut d = Decoded {
+            bias: [0; CHANNELS],
+            left: [0; CHANNELS],
+            multiplier: [0; CHANNELS],
+            right: [0; CHANNELS],
+            mask: [0; CHANNELS],
+            zero_point: q.output_zero_point,
+            min: i32::from(q.clamp.min),
+            max: i32::from(q.clamp.max),
+        };
+        for c in 0..channels {
+            let r = if q.requant.len() > 1 {
+                q.requant[c]
+            } else {
+                q.requant[0]
+            };
+            d.bias[c] = bias.map_or(0, |b| b[c]);
+            d.left[c] = r.shift.max(0);
+            d.right[c] = (-r.shift).max(0);
+            d.multiplier[c] = r.multiplier;
+            d.mask[c] = ((1i64 << d.right[c]) - 1) as i32;
+        }
+        d
+    }
+
+    /// Scalar output stage of channel `c` (tails): `conv::requantize` of `acc + bias`.
+    #[inline(always)]
+    fn one(&self, acc: i32, c: usize) -> i8 {
+        let r = Requant {
+            multiplier: self.multiplier[c],
+            shift: self.left[c] - self.right[c],
+        };
+        let clamp = crate::graph::ClampI8 {
+            min: self.min as i8,
+            max: self.max as i8,
+        };
+        requantize_scalar(acc.wrapping_add(self.bias[c]), r, self.zero_point, clamp)
+    }
+
+    /// Output stage of channels `c..c + 8` for the int32 sums `acc` (bias not yet added):
+    /// eight int8 in the low 64 bits.
+    #[target_feature(enable = "avx2")]
+    #[inline]
+    fn eight(&self, acc: __m256i, c: usize) -> __m128i {
+        let lanes = |a: &[i32; CHANNELS]| -> __m256i {
+            let s = &a[c..c + 8];
+            // SAFETY: `s` is 8 readable i32 (32 bytes); unaligned load.
+            unsafe { _mm256_loadu_si256(s.as_ptr().cast()) }
+        };
+        let x = _mm256_add_epi32(acc, lanes(&self.bias));
+        requantize8(
+            x,
+            lanes(&self.left),
+            lanes(&self.multiplier),
+            lanes(&self.right),
+            lanes(&self.mask),
+            self.zero_point,
+            self.min,
+            self.max,
+        )
+    }
+
+    /// Requantizes `sums[..n]` (channels `0..n`) into `out[..n]`.
+    #[target_feature(enable = "avx2")]
+    fn row(&self, sums: &[i32], out: &mut [i8]) {
+        let n = out.len().min(sums.len());
+        let mut c = 0;
+        while c + 8 <= n {
+            let s = &sums[c..c + 8];
+            // SAFETY: `s` is 8 readable i32.
+            let acc = unsafe { _mm256_loadu_si256(s.as_ptr().cast()) };
+            let v = self.eight(acc, c);
+            let o = &mut out[c..c + 8];
+            // SAFETY: `o` is 8 writable bytes; `_mm_storel_epi64` writes exactly 8.
+            unsafe { _mm_storel_epi64(o.as_mut_ptr().cast(), v) };
+            c += 8;
+        }
+        while c < n {
+            out[c] = self.one(sums[c], c);
+            c += 1;
+        }
+    }
+}
+
+/// TFLM's `MultiplyByQuantizedMultiplier(x, multiplier, left - right)`, then the zero point and
+/// the clamp, on eight int32 lanes; the results as eight int8 in the low 64 bits. `mask` is
+/// `2^right - 1`. Multipliers must not be `i32::MIN`; `left`, `right` in `0..=31`.
+#[target_feature(enable = "avx2")]
+#[inline]
+#[allow(clippy::too_many_arguments)]
+fn requantize8(
+    x: __m256i,
+    left: __m256i,
+    multiplier: __m256i,
+    right: __m256i,
+    mask: __m256i,
+    zero_point: i32,
+    min: i32,
+    max: i32,
+) -> __m128i {
+    let shifted = multiply8(x, left, multiplier, right, mask);
+    let v = _mm256_add_epi32(shifted, _mm256_set1_epi32(zero_point));
+    let v = _mm256_min_epi32(
+        _mm256_max_epi32(v, _mm256_set1_epi32(min)),
+        _mm256_set1_epi32(max),
+    );
+    // Clamped to int8 already: the saturating packs change nothing.
+    let w = _mm_packs_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256::<1>(v));
+    _mm_packs_epi16(w, w)
+}
+
+/// TFLM's `MultiplyByQuantizedMultiplier(x, multiplier, left - right)` on eight int32 lanes.
+/// `mask` is `2^right - 1`. Multipliers must not be `i32::MIN`; `left`, `right` in `0..=31`.
+#[target_feature(enable = "avx2")]
+#[inline]
+fn multiply8(
+    x: __m256i,
+    left: __m256i,
+    multiplier: __m256i,
+    right: __m256i,
+    mask: __m256i,
+) -> __m256i {
+    // x * 2^left, wrapping (the lane shift keeps the low 32 bits, as wrapping_mul does).
+    let x = _mm256_sllv_epi32(x, left);
+    // (x * m + 2^30) >> 31 on the even lanes, then on the odd lanes moved down.
+    let nudge = _mm256_set1_epi64x(1 << 30);
+    let even = _mm256_srli_epi64::<31>(_mm256_add_epi64(_mm256_mul_epi32(x, multiplier), nudge));
+    let odd = _mm256_srli_epi64::<31>(_mm256_add_epi64(
+        _mm256_mul_epi32(
+            _mm256_srli_epi64::<32>(x),
+            _mm256_srli_epi64::<32>(multiplier),
+        ),
+        nudge,
+    ));
+    // Low 32 bits of each 64-bit lane hold the (sign-correct) 32-bit result.
+    let high = _mm256_blend_epi32::<0b1010_1010>(even, _mm256_slli_epi64::<32>(odd));
+    // Rounding right shift: (x >> r) + (remainder > (mask >> 1) + (x < 0)).
+    let remainder = _mm256_and_si256(high, mask);
+    let negative = _mm256_cmpgt_epi32(_mm256_setzero_si256(), high);
+    let threshold = _mm256_sub_epi32(_mm256_srli_epi32::<1>(mask), negative);
+    let up = _mm256_cmpgt_epi32(remainder, threshold);
+    _mm256_sub_epi32(_mm256_srav_epi32(high, right), up)
+}
+
+/// int8 ADD (or SUB, `sub`) of two same-shape tensors, TFLM's arithmetic (see
+/// `binary::add_i8`): the first `n - n % 8` elements when the CPU has AVX2 and the parameters
+/// are usual (multipliers not `i32::MIN`, input and output shifts in `-31..=0`, left shift in
+/// `0..=30`); returns how many elements it wrote (0 when it did not run).
+pub fn add_sub_i8(
+    sub: bool,
+    p: &crate::graph::BinaryParams,
+    zero_points: [i32; 3],
+    a: &[i8],
+    b: &[i8],
+    out: &mut [i8],
+) -> usize {
+    let usual = [p.input0, p.input1, p.output]
+        .iter()
+        .all(|r| r.multiplier != i32::MIN && (-31..=0).contains(&r.shift))
+        && (0..=30).contains(&p.left_shift);
+    if !usual || a.len() != out.len() || b.len() != out.len() || !has_avx2() {
+        return 0;
+    }
+    // SAFETY: the CPU has AVX2 (checked just above).
+    unsafe { add_sub_avx2(sub, p, zero_points, a, b, out) }
+}
+
+#[target_feature(enable = "avx2")]
+fn add_sub_avx2(
+    sub: bool,
+    p: &crate::graph::BinaryParams,
+    [zp_a, zp_b, zp_out]: [i32; 3],
+    a: &[i8],
+    b: &[i8],
+    out: &mut [i8],
+) -> usize {
+    let lanes = |r: Requant| {
+        let right = -r.shift;
+        (
+            _mm256_set1_epi32(r.multiplier),
+            _mm256_set1_epi32(right),
+            _mm256_set1_epi32(((1i64 << right) - 1) as i32),
+        )
+    };
+    let (m0, r0, k0) = lanes(p.input0);
+    let (m1, r1, k1) = lanes(p.input1);
+    let (mo, ro, ko) = lanes(p.output);
+    let left = _mm256_set1_epi32(p.left_shift);
+    let zero = _mm256_setzero_si256();
+    let (za, zb) = (_mm256_set1_epi32(zp_a), _mm256_set1_epi32(zp_b));
+    let zo = _mm256_set1_epi32(zp_out);
+    let (lo, hi) = (
+        _mm256_set1_epi32(i32::from(p.clamp.min)),
+        _mm256_set1_epi32(i32::from(p.clamp.max)),
+    );
+    let load8 = |s: &[i8], i: usize| {
+        let v = &s[i..i + 8];
+        // SAFETY: `v` is 8 readable bytes; `_mm_loadl_epi64` reads exactly 8.
+        _mm256_cvtepi8_epi32(unsafe { _mm_loadl_epi64(v.as_ptr().cast()) })
+    };
+    let n = out.len() - out.len() % 8;
+    let mut i = 0;
+    while i < n {
+        let x = multiply8(_mm256_sub_epi32(load8(a, i), za), left, m0, r0, k0);
+        let y = multiply8(_mm256_sub_epi32(load8(b, i), zb), left, m1, r1, k1);
+        let raw = if sub {
+            _mm256_sub_epi32(x, y)
+        } else {
+            _mm256_add_epi32(x, y)
+        };
+        let v = _mm256_add_epi32(multiply8(raw, zero, mo, ro, ko), zo);
+        let v = _mm256_min_epi32(_mm256_max_epi32(v, lo), hi);
+        let w = _mm_packs_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256::<1>(v));
+        let d = &mut out[i..i + 8];
+        // SAFETY: `d` is 8 writable bytes; `_mm_storel_epi64` writes exactly 8.
+        unsafe { _mm_storel_epi64(d.as_mut_ptr().cast(), _mm_packs_epi16(w, w)) };
+        i += 8;
+    }
+    n
+}
+
+/// Sums four int32 accumulators' lanes: `[sum(a), sum(b), sum(c), sum(d)]` (wrapping).
+#[target_feature(enable = "avx2")]
+#[inline]
+fn hsum4(a: __m256i, b: __m256i, c: __m256i, d: __m256i) -> __m128i {
+    let ab = _mm256_hadd_epi32(a, b);
+    let cd = _mm256_hadd_epi32(c, d);
+    let abcd = _mm256_hadd_epi32(ab, cd);
+    _mm_add_epi32(
+        _mm256_castsi256_si128(abcd),
+        _mm256_extracti128_si256::<1>(abcd),
+    )
+}
+
+/// `dst[i] = src[i] + off` as int16.
+#[target_feature(enable = "avx2")]
+#[inline]
+fn widen(src: &[i8], off: i16, dst: &mut [i16]) {
+    let n = src.len().min(dst.len());
+    let offv = _mm256_set1_epi16(off);
+    let mut i = 0;
+    while i + 16 <= n {
+        let s = &src[i..i + 16];
+        let d = &mut dst[i..i + 16];
+        // SAFETY: `s` is 16 readable bytes, `d` 16 writable int16 (32 bytes).
+        unsafe {
+            let v = _mm256_cvtepi8_epi16(_mm_loadu_si128(s.as_ptr().cast()));
+            _mm256_storeu_si256(d.as_mut_ptr().cast(), _mm256_add_epi16(v, offv));
+        }
+        i += 16;
+    }
+    while i < n {
+        dst[i] = i16::from(src[i]) + off;
+        i += 1;
+    }
+}
+
+/// Sixteen weights as int16 plus `off`, from a row of at least `at + 16` bytes, or from its
+/// last `row.len() - at` bytes padded with zeros.
+#[target_feature(enable = "avx2")]
+#[inline]
+fn weights16(row: &[i8], at: usize, off: __m256i) -> __m256i {
+    let v = if let Some(s) = row.get(at..at + 16) {
+        // SAFETY: `s` is 16 readable bytes.
+        unsafe { _mm_loadu_si128(s.as_ptr().cast()) }
+    } else {
+        let mut tail = [0i8; 16];
+        if let Some(s) = row.get(at..) {
+            tail[..s.len().min(16)].copy_from_slice(&s[..s.len().min(16)]);
+        }
+        // SAFETY: `tail` is 16 readable bytes.
+        unsafe { _mm_loadu_si128(tail.as_ptr().cast()) }
+    };
+    _mm256_add_epi16(_mm256_cvtepi8_epi16(v), off)
+}
+
+/// Sixteen int16 of a patch row at `at` (the row is padded to a multiple of 16 with zeros).
+#[target_feature(enable = "avx2")]
+#[inline]
+fn patch16(row: &[i16], at: usize) -> __m256i {
+    let s = &row[at..at + 16];
+    // SAFETY: `s` is 16 readable int16.
+    unsafe { _mm256_loadu_si256(s.as_ptr().cast()) }
+}
+
+/// Dot products of two int16 patch rows `p0`, `p1` (length `kp`, a multiple of 16, zero
+/// beyond the receptive field) with four weight rows (`k` int8 each, plus `woff`): `[row][pixel]`
+/// sums.
+#[target_feature(enable = "avx2")]
+#[inline]
+fn dot_4x2(p0: &[i16], p1: &[i16], w: [&[i8]; 4], kp: usize, woff: __m256i) -> [__m128i; 2] {
+    let z = _mm256_setzero_si256();
+    let (mut a0, mut a1, mut a2, mut a3) = (z, z, z, z);
+    let (mut b0, mut b1, mut b2, mut b3) = (z, z, z, z);
+    let mut at = 0;
+    while at < kp {
+        let x0 = patch16(p0, at);
+        let x1 = patch16(p1, at);
+        let w0 = weights16(w[0], at, woff);
+        a0 = _mm256_add_epi32(a0, _mm256_madd_epi16(x0, w0));
+        b0 = _mm256_add_epi32(b0, _mm256_madd_epi16(x1, w0));
+        let w1 = weights16(w[1], at, woff);
+        a1 = _mm256_add_epi32(a1, _mm256_madd_epi16(x0, w1));
+        b1 = _mm256_add_epi32(b1, _mm256_madd_epi16(x1, w1));
+        let w2 = weights16(w[2], at, woff);
+        a2 = _mm256_add_epi32(a2, _mm256_madd_epi16(x0, w2));
+        b2 = _mm256_add_epi32(b2, _mm256_madd_epi16(x1, w2));
+        let w3 = weights16(w[3], at, woff);
+        a3 = _mm256_add_epi32(a3, _mm256_madd_epi16(x0, w3));
+        b3 = _mm256_add_epi32(b3, _mm256_madd_epi16(x1, w3));
+        at += 16;
+    }
+    [hsum4(a0, a1, a2, a3), hsum4(b0, b1, b2, b3)]
+}
+
+/// [`dot_4x2`] for one weight row: its sums for the two patch rows.
+#[target_feature(enable = "avx2")]
+#[inline]
+fn dot_1x2(p0: &[i16], p1: &[i16], w: &[i8], kp: usize, woff: __m256i) -> [i32; 2] {
+    let z = _mm256_setzero_si256();
+    let (mut a, mut b) = (z, z);
+    let mut at = 0;
+    while at < kp {
+        let w0 = weights16(w, at, woff);
+        a = _mm256_add_epi32(a, _mm256_madd_epi16(patch16(p0, at), w0));
+        b = _mm256_add_epi32(b, _mm256_madd_epi16(patch16(p1, at), w0));
+        at += 16;
+    }
+    let s = hsum4(a, b, z, z);
+    [_mm_cvtsi128_si32(s), _mm_extract_epi32::<1>(s)]
+}
+
+/// Sums of every output channel for two patch rows: `sums[p][oc]`, weight rows of `k` int8
+/// (`out` of them) plus `woff`.
+#[target_feature(enable = "avx2")]
+fn dot_rows(
+    p: [&[i16]; 2],
+    weights: &[i8],
+    k: usize,
+    kp: usize,
+    out: usize,
+    woff: __m256i,
+    sums: &mut [[i32; CHANNELS]; 2],
+) {
+    let row = |o: usize| &weights[o * k..(o + 1) * k];
+    let mut o = 0;
+    while o + 4 <= out {
+        let s = dot_4x2(
+            p[0],
+            p[1],
+            [row(o), row(o + 1), row(o + 2), row(o + 3)],
+            kp,
+            woff,
+        );
+        for (px, v) in s.iter().enumerate() {
+            let d = &mut sums[px][o..o + 4];
+            // SAFETY: `d` is 4 writable int32 (16 bytes).
+            unsafe { _mm_storeu_si128(d.as_mut_ptr().cast(), *v) };
+        }
+        o += 4;
+    }
+    while o < out {
+        let [s0, s1] = dot_1x2(p[0], p[1], row(o), kp, woff);
+        sums[0][o] = s0;
+        sums[1][o] = s1;
+        o += 1;
+    }
+}
+
+/// True when the conv fast paths take this op: one group, a receptive field of at most [`PATCH`]
+/// values, at most [`CHANNELS`] output channels, usual requantization, consistent lengths.
+fn conv_fits(
+    g: &ConvGeometry,
+    q: &QuantizedOutput<'_>,
+    input: &[i8],
+    filter: &[i8],
+    bias: Option<&[i32]>,
+    output: &[i8],
+) -> bool {
+    let k = g.filter_h * g.filter_w * g.in_c;
+    g.filter_in_c == g.in_c
+        && k > 0
+        && k.div_ceil(32) * 32 <= PATCH
+        && g.out_c <= CHANNELS
+        && usual_requant(q.requant)
+        && offset16(q.input_zero_point).is_some()
+        && input.len() == g.batch * g.in_h * g.in_w * g.in_c
+        && filter.len() == g.out_c * k
+        && bias.is_none_or(|b| b.len() == g.out_c)
+        && output.len() == g.batch * g.out_h * g.out_w * g.out_c
+        && (q.requant.len() == 1 || q.requant.len() == g.out_c)
+}
+
+/// See [`crate::kernels::conv::conv2d_i8`]: the AVX2 body when the CPU has AVX2 and the op has
+/// one group, a receptive field of at most [`PATCH`] values and at most [`CHANNELS`] output
+/// channels; otherwise the portable body.
+pub fn conv2d_i8(
+    g: &ConvGeometry,
+    q: &QuantizedOutput<'_>,
+    input: &[i8],
+    filter: &[i8],
+    bias: Option<&[i32]>,
+    output: &mut [i8],
+) {
+    let fits = conv_fits(g, q, input, filter, bias, output);
+    if fits && has_avx512_vnni() {
+        // SAFETY: the CPU has AVX2 and AVX-512 F/VL/VNNI (checked just above).
+        unsafe { conv2d_vnni(g, q, input, filter, bias, output) }
+    } else if fits && has_avx2() {
+        // SAFETY: the CPU has AVX2 (checked just above).
+        unsafe { conv2d_avx2(g, q, input, filter, bias, output) }
+    } else {
+        crate::kernels::conv::conv2d_i8_portable(g, q, input, filter, bias, output)
+    }
+}
+
+/// Thirty-two bytes of `s` at `at`; bytes past the end of `s` read as 0.
+#[target_feature(enable = "avx2")]
+#[inline]
+fn load32(s: &[i8], at: usize) -> __m256i {
+    if let Some(v) = s.get(at..at + 32) {
+        // SAFETY: `v` is 32 readable bytes.
+        unsafe { _mm256_loadu_si256(v.as_ptr().cast()) }
+    } else {
+        let mut tail = [0i8; 32];
+        if let Some(v) = s.get(at..) {
+            let n = v.len().min(32);
+            tail[..n].copy_from_slice(&v[..n]);
+        }
+        // SAFETY: `tail` is 32 readable bytes.
+        unsafe { _mm256_loadu_si256(tail.as_ptr().cast()) }
+    }
+}
+
+/// Thirty-two bytes of a patch row at `at` (rows are padded to a multiple of 32).
+#[target_feature(enable = "avx2")]
+#[inline]
+fn patch32(row: &[u8], at: usize) -> __m256i {
+    let v = &row[at..at + 32];
+    // SAFETY: `v` is 32 readable bytes.
+    unsafe { _mm256_loadu_si256(v.as_ptr().cast()) }
+}
+
+/// The sum of a row of int8 weights (wrapping), 32 at a time with `VPDPBUSD` against ones.
+#[target_feature(enable = "avx2,avx512f,avx512vl,avx512vnni")]
+fn row_sum(row: &[i8]) -> i32 {
+    let ones = _mm256_set1_epi8(1);
+    let mut acc = _mm256_setzero_si256();
+    let mut at = 0;
+    while at < row.len() {
+        // Past the row's end `load32` reads zeros, which add nothing.
+        acc = _mm256_dpbusd_epi32(acc, ones, load32(row, at));
+        at += 32;
+    }
+    let z = _mm256_setzero_si256();
+    _mm_cvtsi128_si32(hsum4(acc, z, z, z))
+}
+
+/// im2col of output pixel `pixel` as unsigned bytes: `x + 128` for in-image taps, `pad`
+/// (`zero_point + 128`) for padding taps, 0 beyond the receptive field.
+#[target_feature(enable = "avx2")]
+fn im2col_u8(g: &ConvGeometry, input: &[i8], pixel: usize, pad: u8, patch: &mut [u8]) {
+    let per_image = g.out_h * g.out_w;
+    let (b, rest) = (pixel / per_image, pixel % per_image);
+    let (oy, ox) = (rest / g.out_w, rest % g.out_w);
+    let y0 = (oy * g.stride_h) as isize - g.pad_top as isize;
+    let x0 = (ox * g.stride_w) as isize - g.pad_left as isize;
+    let c = g.in_c;
+    let flip = _mm256_set1_epi8(i8::MIN);
+    let mut at = 0;
+    for fy in 0..g.filter_h {
+        let iy = y0 + (fy * g.dilation_h) as isize;
+        for fx in 0..g.filter_w {
+            let ix = x0 + (fx * g.dilation_w) as isize;
+            let dst = &mut patch[at..at + c];
+            if iy >= 0 && (iy as usize) < g.in_h && ix >= 0 && (ix as usize) < g.in_w {
+                let from = ((b * g.in_h + iy as usize) * g.in_w + ix as usize) * c;
+                let src = &input[from..from + c];
+                let mut i = 0;
+                while i + 32 <= c {
+                    let d = &mut dst[i..i + 32];
+                    // SAFETY: `src[i..i + 32]` is readable and `d` writable, 32 bytes each.
+                    unsafe {
+                        let v = _mm256_loadu_si256(src[i..i + 32].as_ptr().cast());
+                        _mm256_storeu_si256(d.as_mut_ptr().cast(), _mm256_xor_si256(v, flip));
+                    }
+                    i += 32;
+                }
+                if i + 16 <= c {
+                    let d = &mut dst[i..i + 16];
+                    // SAFETY: `src[i..i + 16]` is readable and `d` writable, 16 bytes each.
+                    unsafe {
+                        let v = _mm_loadu_si128(src[i..i + 16].as_ptr().cast());
+                        let v = _mm_xor_si128(v, _mm256_castsi256_si128(flip));
+                        _mm_storeu_si128(d.as_mut_ptr().cast(), v);
+                    }
+                    i += 16;
+                }
+                for (d, &x) in dst[i..].iter_mut().zip(&src[i..]) {
+                    *d = (x as u8) ^ 0x80;
+                }
+            } else {
+                dst.fill(pad);
+            }
+            at += c;
+        }
+    }
+    patch[at..].fill(0);
+}
+
+/// Pixels of one VNNI conv block: four patch rows share each weight load.
+const VNNI_PIXELS: usize = 4;
+
+/// Sums of every output channel for [`VNNI_PIXELS`] unsigned patch rows (`kp` bytes, a multiple
+/// of 32, zero past the receptive field of `k` bytes): `sums[p][oc] = sum(patch * w)`, four
+/// weight rows at a time (16 accumulators: AVX-512VL's 32 vector registers hold them with the
+/// operands), 32 bytes per `VPDPBUSD`.
+#[target_feature(enable = "avx2,avx512f,avx512vl,avx512vnni")]
+fn dot_rows_vnni(
+    p: [&[u8]; VNNI_PIXELS],
+    filter: &[i8],
+    k: usize,
+    kp: usize,
+    out: usize,
+    sums: &mut [[i32; CHANNELS]; VNNI_PIXELS],
+) {
+    let z = _mm256_setzero_si256();
+    let mut o = 0;
+    while o + 4 <= out {
+        let base = o * k;
+        // Sixteen accumulators in named variables (arrays of vectors end up on the stack).
+        let (mut a0, mut a1, mut a2, mut a3) = (z, z, z, z);
+        let (mut b0, mut b1, mut b2, mut b3) = (z, z, z, z);
+        let (mut c0, mut c1, mut c2, mut c3) = (z, z, z, z);
+        let (mut d0, mut d1, mut d2, mut d3) = (z, z, z, z);
+        // Past a row's end the next row's weights meet patch zeros: they add 0. Only the last
+        // rows of the filter need the bounded (copying) load.
+        let direct = base + 3 * k + kp <= filter.len();
+        let mut at = 0;
+        while at < kp {
+            let (x0, x1, x2, x3) = (
+                patch32(p[0], at),
+                patch32(p[1], at),
+                patch32(p[2], at),
+                patch32(p[3], at),
+            );
+            let w = |r: usize| {
+                if direct {
+                    let v = &filter[base + r * k + at..base + r * k + at + 32];
+                    // SAFETY: `v` is 32 readable bytes.
+                    unsafe { _mm256_loadu_si256(v.as_ptr().cast()) }
+                } else {
+                    load32(filter, base + r * k + at)
+                }
+            };
+            let w0 = w(0);
+            a0 = _mm256_dpbusd_epi32(a0, x0, w0);
+            b0 = _mm256_dpbusd_epi32(b0, x1, w0);
+            c0 = _mm256_dpbusd_epi32(c0, x2, w0);
+            d0 = _mm256_dpbusd_epi32(d0, x3, w0);
+            let w1 = w(1);
+            a1 = _mm256_dpbusd_epi32(a1, x0, w1);
+            b1 = _mm256_dpbusd_epi32(b1, x1, w1);
+            c1 = _mm256_dpbusd_epi32(c1, x2, w1);
+            d1 = _mm256_dpbusd_epi32(d1, x3, w1);
+            let w2 = w(2);
+            a2 = _mm256_dpbusd_epi32(a2, x0, w2);
+            b2 = _mm256_dpbusd_epi32(b2, x1, w2);
+            c2 = _mm256_dpbusd_epi32(c2, x2, w2);
+            d2 = _mm256_dpbusd_epi32(d2, x3, w2);
+            let w3 = w(3);
+            a3 = _mm256_dpbusd_epi32(a3, x0, w3);
+            b3 = _mm256_dpbusd_epi32(b3, x1, w3);
+            c3 = _mm256_dpbusd_epi32(c3, x2, w3);
+            d3 = _mm256_dpbusd_epi32(d3, x3, w3);
+            at += 32;
+        }
+        let acc = [
+            [a0, a1, a2, a3],
+            [b0, b1, b2, b3],
+            [c0, c1, c2, c3],
+            [d0, d1, d2, d3],
+        ];
+        for (px, a) in acc.iter().enumerate() {
+            let v = hsum4(a[0], a[1], a[2], a[3]);
+            let d = &mut sums[px][o..o + 4];
+            // SAFETY: `d` is 4 writable int32 (16 bytes).
+            unsafe { _mm_storeu_si128(d.as_mut_ptr().cast(), v) };
+        }
+        o += 4;
+    }
+    while o < out {
+        let mut acc = [z; VNNI_PIXELS];
+        let mut at = 0;
+        while at < kp {
+            let w = load32(filter, o * k + at);
+            for (a, row) in acc.iter_mut().zip(&p) {
+                *a = _mm256_dpbusd_epi32(*a, patch32(row, at), w);
+            }
+            at += 32;
+        }
+        let v = hsum4(acc[0], acc[1], acc[2], acc[3]);
+        let mut lanes = [0i32; 4];
+        // SAFETY: `lanes` is 4 writable int32 (16 bytes).
+        unsafe { _mm_storeu_si128(lanes.as_mut_ptr().cast(), v) };
+        for (px, l) in lanes.iter().enumerate() {
+            sums[px][o] = *l;
+        }
+        o += 1;
+    }
+}
+
+/// CONV_2D with `VPDPBUSD` (unsigned activations times signed weights, four products per
+/// int32 lane). Activations enter as `x + 128` (padding taps as `zero_point + 128`), so each
+/// sum exceeds TFLM's `sum(w * (x - zero_point))` by `(zero_point + 128) * sum(w)`, which is
+/// taken off the bias once per channel. Products (at most 255 * 128) and four of them fit
+/// int32; sums wrap like the portable body's.
+#[target_feature(enable = "avx2,avx512f,avx512vl,avx512vnni")]
+fn conv2d_vnni(
+    g: &ConvGeometry,
+    q: &QuantizedOutput<'_>,
+    input: &[i8],
+    filter: &[i8],
+    bias: Option<&[i32]>,
+    output: &mut [i8],
+) {
+    let k = g.filter_h * g.filter_w * g.in_c;
+    let kp = k.div_ceil(32) * 32;
+    let pad = (q.input_zero_point + 128) as u8;
+    let mut d = Decoded::new(q, bias, g.out_c);
+    for oc in 0..g.out_c {
+        let corr = (q.input_zero_point + 128).wrapping_mul(row_sum(&filter[oc * k..(oc + 1) * k]));
+        d.bias[oc] = d.bias[oc].wrapping_sub(corr);
+    }
+    let mut patch = [[0u8; PATCH]; VNNI_PIXELS];
+    let mut sums = [[0i32; CHANNELS]; VNNI_PIXELS];
+    let pixels = g.batch * g.out_h * g.out_w;
+    let mut p = 0;
+    while p < pixels {
+        // A last block of fewer pixels repeats the last one (computed, not stored twice).
+        let px = |i: usize| (p + i).min(pixels - 1);
+        for (i, row) in patch.iter_mut().enumerate() {
+            im2col_u8(g, input, px(i), pad, &mut row[..kp]);
+        }
+        let [r0, r1, r2, r3] = &patch;
+        dot_rows_vnni(
+            [&r0[..kp], &r1[..kp], &r2[..kp], &r3[..kp]],
+            filter,
+            k,
+            kp,
+            g.out_c,
+            &mut sums,
+        );
+        for (i, sum) in sums.iter().enumerate().take(pixels - p) {
+            let at = px(i) * g.out_c;
+            d.row(&sum[..g.out_c], &mut output[at..at + g.out_c]);
+        }
+        p += VNNI_PIXELS;
+    }
+}
+
+/// im2col of output pixel `pixel` (`b * out_h * out_w + oy * out_w + ox`) into `patch`:
+/// `x - zero_point` for in-image taps, 0 for padding taps and beyond the receptive field.
+#[target_feature(enable = "avx2")]
+fn im2col(g: &ConvGeometry, input: &[i8], pixel: usize, off: i16, patch: &mut [i16]) {
+    let per_image = g.out_h * g.out_w;
+    let (b, rest) = (pixel / per_image, pixel % per_image);
+    let (oy, ox) = (rest / g.out_w, rest % g.out_w);
+    let y0 = (oy * g.stride_h) as isize - g.pad_top as isize;
+    let x0 = (ox * g.stride_w) as isize - g.pad_left as isize;
+    let c = g.in_c;
+    let mut at = 0;
+    for fy in 0..g.filter_h {
+        let iy = y0 + (fy * g.dilation_h) as isize;
+        for fx in 0..g.filter_w {
+            let ix = x0 + (fx * g.dilation_w) as isize;
+            let dst = &mut patch[at..at + c];
+            if iy >= 0 && (iy as usize) < g.in_h && ix >= 0 && (ix as usize) < g.in_w {
+                let src = ((b * g.in_h + iy as usize) * g.in_w + ix as usize) * c;
+                widen(&input[src..src + c], off, dst);
+            } else {
+                dst.fill(0);
+            }
+            at += c;
+        }
+    }
+    patch[at..].fill(0);
+}
+
+#[target_feature(enable = "avx2")]
+fn conv2d_avx2(
+    g: &ConvGeometry,
+    q: &QuantizedOutput<'_>,
+    input: &[i8],
+    filter: &[i8],
+    bias: Option<&[i32]>,
+    output: &mut [i8],
+) {
+    let off = offset16(q.input_zero_point).unwrap_or(0);
+    let k = g.filter_h * g.filter_w * g.in_c;
+    let kp = k.div_ceil(16) * 16;
+    let d = Decoded::new(q, bias, g.out_c);
+    let mut patch = [[0i16; PATCH]; 2];
+    let mut sums = [[0i32; CHANNELS]; 2];
+    let pixels = g.batch * g.out_h * g.out_w;
+    let zero = _mm256_setzero_si256();
+    let mut p = 0;
+    while p < pixels {
+        let second = (p + 1).min(pixels - 1);
+        let [row0, row1] = &mut patch;
+        im2col(g, input, p, off, &mut row0[..kp]);
+        im2col(g, input, second, off, &mut row1[..kp]);
+        dot_rows(
+            [&row0[..kp], &row1[..kp]],
+            filter,
+            k,
+            kp,
+            g.out_c,
+            zero,
+            &mut sums,
+        );
+        for (i, px) in [p, second].into_iter().enumerate().take(pixels - p) {
+            d.row(
+                &sums[i][..g.out_c],
+                &mut output[px * g.out_c..(px + 1) * g.out_c],
+            );
+        }
+        p += 2;
+    }
+}
+
+/// See [`crate::kernels::fully_connected::fully_connected_i8`]: the AVX2 body when the CPU has
+/// AVX2 and the op has at most [`PATCH`] input and [`CHANNELS`] output features; otherwise the
+/// portable body.
+pub fn fully_connected_i8(
+    g: &FullyConnectedGeometry,
+    q: &QuantizedOutput<'_>,
+    input: &[i8],
+    weights: &[i8],
+    bias: Option<&[i32]>,
+    output: &mut [i8],
+) {
+    let n = g.in_features;
+    let fits = n > 0
+        && n.div_ceil(16) * 16 <= PATCH
+        && g.out_features <= CHANNELS
+        && usual_requant(q.requant)
+        && offset16(q.input_zero_point).is_some()
+        && offset16(q.filter_zero_point).is_some()
+        && input.len() == g.batch * n
+        && weights.len() == g.out_features * n
+        && bias.is_none_or(|b| b.len() == g.out_features)
+        && output.len() == g.batch * g.out_features
+        && (q.requant.len() == 1 || q.requant.len() == g.out_features);
+    if fits && has_avx2() {
+        // SAFETY: the CPU has AVX2 (checked just above).
+        unsafe { fully_connected_avx2(g, q, input, weights, bias, output) }
+    } else {
+        crate::kernels::fully_connected::fully_connected_i8_portable(
+            g, q, input, weights, bias, output,
+        )
+    }
+}
+
+#[target_feature(enable = "avx2")]
+fn fully_connected_avx2(
+    g: &FullyConnectedGeometry,
+    q: &QuantizedOutput<'_>,
+    input: &[i8],
+    weights: &[i8],
+    bias: Option<&[i32]>,
+    output: &mut [i8],
+) {
+    let n = g.in_features;
+    let np = n.div_ceil(16) * 16;
+    let off = offset16(q.input_zero_point).unwrap_or(0);
+    let woff = _mm256_set1_epi16(offset16(q.filter_zero_point).unwrap_or(0));
+    let d = Decoded::new(q, bias, g.out_features);
+    let mut rows = [[0i16; PATCH]; 2];
+    let mut sums = [[0i32; CHANNELS]; 2];
+    let mut b = 0;
+    while b < g.batch {
+        let second = (b + 1).min(g.batch - 1);
+        for (row, r) in rows.iter_mut().zip([b, second]) {
+            widen(&input[r * n..(r + 1) * n], off, &mut row[..n]);
+            row[n..np].fill(0);
+        }
+        let [row0, row1] = &rows;
+        dot_rows(
+            [&row0[..np], &row1[..np]],
+            weights,
+            n,
+            np,
+            g.out_features,
+            woff,
+            &mut sums,
+        );
+        for (i, r) in [b, second].into_iter().enumerate().take(g.batch - b) {
+            d.row(
+                &sums[i][..g.out_features],
+                &mut output[r * g.out_features..(r + 1) * g.out_features],
+            );
+        }
+        b += 2;
+    }
+}
+
+/// See [`crate::kernels::depthwise::depthwise_conv2d_i8`]: the AVX2 body when the CPU has AVX2
+/// and the op has a depth multiplier of 1, at most [`TAPS`] filter taps and [`CHANNELS`]
+/// channels; otherwise the portable body.
+pub fn depthwise_conv2d_i8(
+    g: &ConvGeometry,
+    q: &QuantizedOutput<'_>,
+    input: &[i8],
+    filter: &[i8],
+    bias: Option<&[i32]>,
+    output: &mut [i8],
+) {
+    let taps = g.filter_h * g.filter_w;
+    let fits = g.depth_multiplier == 1
+        && g.in_c == g.out_c
+        && taps > 0
+        && taps <= TAPS
+        && g.out_c <= CHANNELS
+        && usual_requant(q.requant)
+        && offset16(q.input_zero_point).is_some()
+        && input.len() == g.batch * g.in_h * g.in_w * g.in_c
+        && filter.len() == taps * g.out_c
+        && bias.is_none_or(|b| b.len() == g.out_c)
+        && output.len() == g.batch * g.out_h * g.out_w * g.out_c
+        && (q.requant.len() == 1 || q.requant.len() == g.out_c);
+    if fits && has_avx2() {
+        // SAFETY: the CPU has AVX2 (checked just above).
+        unsafe { depthwise_avx2(g, q, input, filter, bias, output) }
+    } else {
+        crate::kernels::depthwise::depthwise_conv2d_i8_portable(g, q, input, filter, bias, output)
+    }
+}
+
+/// Sixteen int8 at `at` of `s` as int16; bytes past the end of `s` read as 0.
+#[target_feature(enable = "avx2")]
+#[inline]
+fn load16(s: &[i8], at: usize) -> __m256i {
+    let v = if let Some(v) = s.get(at..at + 16) {
+        // SAFETY: `v` is 16 readable bytes.
+        unsafe { _mm_loadu_si128(v.as_ptr().cast()) }
+    } else {
+        let mut tail = [0i8; 16];
+        if let Some(v) = s.get(at..) {
+            let n = v.len().min(16);
+            tail[..n].copy_from_slice(&v[..n]);
+        }
+        // SAFETY: `tail` is 16 readable bytes.
+        unsafe { _mm_loadu_si128(tail.as_ptr().cast()) }
+    };
+    _mm256_cvtepi8_epi16(v)
+}
+
+/// Interleaved int16 weights of the depthwise fast path held on the stack at once (blocks of
+/// 16 channels times tap pairs): 20 KB, every block of a 3x3 filter up to 1 024 channels.
+const DW_WEIGHTS: usize = 320;
+
+/// Depthwise, depth multiplier 1. Channels in blocks of 16, one int16 lane each; taps in pairs
+/// interleaved (`VPUNPCKLWD` / `VPUNPCKHWD`) so that one `VPMADDWD` adds two taps' products per
+/// channel. The interleaved weights of as many blocks as [`DW_WEIGHTS`] holds are prepared once;
+/// then for each output pixel the taps' input offsets are found once and every block runs.
+/// Out-of-image taps read the zero point, and the input offset enters once per channel as
+/// `-zero_point * sum(w)`: in-image or not, each tap adds `w * (x - zero_point)`. A last block of
+/// fewer than 16 channels computes all 16 lanes and stores only its own (the other lanes read
+/// neighbouring values or zeros).
+#[target_feature(enable = "avx2")]
+fn depthwise_avx2(
+    g: &ConvGeometry,
+    q: &QuantizedOutput<'_>,
+    input: &[i8],
+    filter: &[i8],
+    bias: Option<&[i32]>,
+    output: &mut [i8],
+) {
+    let c = g.out_c;
+    let taps = g.filter_h * g.filter_w;
+    let pairs = taps.div_ceil(2);
+    let d = Decoded::new(q, bias, c);
+    let offv = _mm256_set1_epi32(-q.input_zero_point);
+    let zpv = _mm256_set1_epi16(q.input_zero_point as i16);
+    let zero = _mm256_setzero_si256();
+    let blocks = c.div_ceil(16);
+    let group = (DW_WEIGHTS / pairs).max(1);
+    // Each tap's offset from the window's corner (no division in the pixel loop).
+    let (mut tap_dy, mut tap_dx) = ([0isize; TAPS], [0isize; TAPS]);
+    for t in 0..taps {
+        tap_dy[t] = ((t / g.filter_w) * g.dilation_h) as isize;
+        tap_dx[t] = ((t % g.filter_w) * g.dilation_w) as isize;
+    }
+    const PADDING: usize = usize::MAX;
+    let mut at = [PADDING; TAPS];
+    let mut wpairs = [[zero; 2]; DW_WEIGHTS];
+    let mut base = [[zero; 2]; CHANNELS / 16];
+    let mut first = 0;
+    while first < blocks {
+        let last = (first + group).min(blocks);
+        for blk in first..last {
+            let c0 = blk * 16;
+            let (mut sum_lo, mut sum_hi) = (zero, zero);
+            for pi in 0..pairs {
+                let t0 = 2 * pi;
+                let w0 = load16(filter, t0 * c + c0);
+                let w1 = if t0 + 1 < taps {
+                    load16(filter, (t0 + 1) * c + c0)
+                } else {
+                    zero
+                };
+                // Lanes [0-3 | 8-11] and [4-7 | 12-15] of (w_t, w_t+1).
+                let wp = [_mm256_unpacklo_epi16(w0, w1), _mm256_unpackhi_epi16(w0, w1)];
+                let ones = _mm256_set1_epi16(1);
+                sum_lo = _mm256_add_epi32(sum_lo, _mm256_madd_epi16(wp[0], ones));
+                sum_hi = _mm256_add_epi32(sum_hi, _mm256_madd_epi16(wp[1], ones));
+                wpairs[(blk - first) * pairs + pi] = wp;
+            }
+            // -zero_point * sum(w), in the interleaved lane order.
+            base[blk] = [
+                _mm256_mullo_epi32(sum_lo, offv),
+                _mm256_mullo_epi32(sum_hi, offv),
+            ];
+        }
+        for b in 0..g.batch {
+            for oy in 0..g.out_h {
+                let y0 = (oy * g.stride_h) as isize - g.pad_top as isize;
+                for ox in 0..g.out_w {
+                    let x0 = (ox * g.stride_w) as isize - g.pad_left as isize;
+                    // Input offset of each tap's channel 0, or `PADDING`.
+                    for (t, a) in at.iter_mut().enumerate().take(taps) {
+                        let (iy, ix) = (y0 + tap_dy[t], x0 + tap_dx[t]);
+                        let inside =
+                            iy >= 0 && (iy as usize) < g.in_h && ix >= 0 && (ix as usize) < g.in_w;
+                        *a = if inside {
+                            ((b * g.in_h + iy as usize) * g.in_w + ix as usize) * c
+                        } else {
+                            PADDING
+                        };
+                    }
+                    let o = ((b * g.out_h + oy) * g.out_w + ox) * c;
+                    for blk in first..last {
+                        let c0 = blk * 16;
+                        let [mut lo, mut hi] = base[blk];
+                        let tap = |t: usize| match at[t] {
+                            PADDING => zpv,
+                            a => load16(input, a + c0),
+                        };
+                        for pi in 0..pairs {
+                            let t0 = 2 * pi;
+                            let x0v = tap(t0);
+                            let x1v = if t0 + 1 < taps { tap(t0 + 1) } else { zero };
+                            let wp = wpairs[(blk - first) * pairs + pi];
+                            lo = _mm256_add_epi32(
+                                lo,
+                                _mm256_madd_epi16(_mm256_unpacklo_epi16(x0v, x1v), wp[0]),
+                            );
+                            hi = _mm256_add_epi32(
+                                hi,
+                                _mm256_madd_epi16(_mm256_unpackhi_epi16(x0v, x1v), wp[1]),
+                            );
+                        }
+                        // Back to channel order: lo = [0-3 | 8-11], hi = [4-7 | 12-15].
+                        let v0 = d.eight(_mm256_permute2x128_si256::<0x20>(lo, hi), c0);
+                        let v1 = d.eight(_mm256_permute2x128_si256::<0x31>(lo, hi), c0 + 8);
+                        let width = (c - c0).min(16);
+                        if width == 16 {
+                            let dst = &mut output[o + c0..o + c0 + 16];
+                            // SAFETY: `dst` is 16 writable bytes; each store writes 8.
+                            unsafe {
+                                _mm_storel_epi64(dst.as_mut_ptr().cast(), v0);
+                                _mm_storel_epi64(dst.as_mut_ptr().add(8).cast(), v1);
+                            }
+                        } else {
+                            let mut block = [0i8; 16];
+                            // SAFETY: `block` is 16 writable bytes; each store writes 8.
+                            unsafe {
+                                _mm_storel_epi64(block.as_mut_ptr().cast(), v0);
+                                _mm_storel_epi64(block.as_mut_ptr().add(8).cast(), v1);
+                            }
+                            output[o + c0..o + c0 + width].copy_from_slice(&block[..width]);
+                        }
+                    }
+                }
+            }
+        }
+        first = last;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    extern crate std;
+
+    use super::*;
+    use crate::graph::ClampI8;
+    use crate::kernels::arch::cases::{case, Case};
+    use crate::kernels::conv::tests::{clamp, requant, requants, zero_point};
+    use crate::kernels::{conv, depthwise, fully_connected};
+    use proptest::collection::vec;
+    use proptest::prelude::*;
+
+    fn conv_both(c: &Case) -> (std::vec::Vec<i8>, std::vec::Vec<i8>) {
+        let (mut fast, mut want) = (std::vec![0i8; c.out_len()], std::vec![0i8; c.out_len()]);
+        conv2d_i8(
+            &c.g,
+            &c.q(),
+            &c.input,
+            &c.filter,
+            c.bias.as_deref(),
+            &mut fast,
+        );
+        conv::conv2d_i8_portable(
+            &c.g,
+            &c.q(),
+            &c.input,
+            &c.filter,
+            c.bias.as_deref(),
+            &mut want,
+        );
+        // On a VNNI machine the dispatch runs the VNNI body: check the plain AVX2 one too.
+        if has_avx2() && conv_fits(&c.g, &c.q(), &c.input, &c.filter, c.bias.as_deref(), &fast) {
+            let mut avx2 = std::vec![0i8; c.out_len()];
+            // SAFETY: AVX2 checked just above.
+            unsafe {
+                conv2d_avx2(
+                    &c.g,
+                    &c.q(),
+                    &c.input,
+                    &c.filter,
+                    c.bias.as_deref(),
+                    &mut avx2,
+                )
+            };
+            assert_eq!(avx2, want, "AVX2 body");
+        }
+        (fast, want)
+    }
+
+    fn depthwise_both(c: &Case) -> (std::vec::Vec<i8>, std::vec::Vec<i8>) {
+        let (mut fast, mut want) = (std::vec![0i8; c.out_len()], std::vec![0i8; c.out_len()]);
+        depthwise_conv2d_i8(
+            &c.g,
+            &c.q(),
+            &c.input,
+            &c.filter,
+            c.bias.as_deref(),
+            &mut fast,
+        );
+        depthwise::depthwise_conv2d_i8_portable(
+            &c.g,
+            &c.q(),
+            &c.input,
+            &c.filter,
+            c.bias.as_deref(),
+            &mut want,
+        );
+        (fast, want)
+    }
+
+    /// A deterministic case of the given shape (MLPerf Tiny layer shapes), data from a seed.
+    fn shaped(g: ConvGeometry, dw: bool, seed: u64) -> Case {
+        let mut s = seed;
+        let mut next = move || {
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (s >> 33) as u32
+        };
+        let filter_len = g.out_c * g.filter_h * g.filter_w * g.filter_in_c;
+        let input = (0..g.batch * g.in_h * g.in_w * g.in_c)
+            .map(|_| next() as i8)
+            .collect();
+        let filter = (0..filter_len).map(|_| next() as i8).collect();
+        let bias = Some(
+            (0..g.out_c)
+                .map(|_| (next() % 20_000) as i32 - 10_000)
+                .collect(),
+        );
+        let requant = (0..g.out_c)
+            .map(|_| Requant {
+                multiplier: (1 << 30) + (next() % (1 << 30)) as i32,
+                shift: -((next() % 10) as i32) - 6,
+            })
+            .collect();
+        let _ = dw;
+        Case {
+            g,
+            input,
+            filter,
+            bias,
+            requant,
+            zps: (-((next() % 256) as i32 - 128), (next() % 256) as i32 - 128),
+            clamp: ClampI8 {
+                min: -128,
+                max: 127,
+            },
+        }
+    }
+
+    fn geometry(
+        in_hw: usize,
+        in_c: usize,
+        out_c: usize,
+        f: usize,
+        stride: usize,
+        dw: bool,
+    ) -> ConvGeometry {
+        let pad = f / 2;
+        let out = (in_hw + 2 * pad - f) / stride + 1;
+        ConvGeometry {
+            batch: 1,
+            in_h: in_hw,
+            in_w: in_hw,
+            in_c,
+            out_h: out,
+            out_w: out,
+            out_c,
+            filter_h: f,
+            filter_w: f,
+            filter_in_c: if dw { 1 } else { in_c },
+            stride_h: stride,
+            stride_w: stride,
+            dilation_h: 1,
+            dilation_w: 1,
+            pad_top: pad,
+            pad_left: pad,
+            depth_multiplier: 1,
+        }
+    }
+
+    #[test]
+    fn this_machine_runs_the_avx2_bodies_when_it_can() {
+        // Informational on machines without AVX2: the portable body is then what runs.
+        std::eprintln!("AVX2: {}", has_avx2());
+    }
+
+    #[test]
+    fn mlperf_tiny_shapes_are_bit_exact() {
+        // ResNet-8, VWW and KWS layer shapes (conv, pointwise, strided, depthwise).
+        let convs = [
+            geometry(32, 3, 16, 3, 1, false),
+            geometry(32, 16, 16, 3, 1, false),
+            geometry(32, 16, 32, 3, 2, false),
+            geometry(16, 16, 32, 1, 2, false),
+            geometry(8, 64, 64, 3, 1, false),
+            geometry(12, 128, 256, 1, 1, false),
+            geometry(25, 64, 64, 1, 1, false),
+        ];
+        for (i, g) in convs.into_iter().enumerate() {
+            let c = shaped(g, false, i as u64);
+            let (fast, want) = conv_both(&c);
+            assert_eq!(fast, want, "conv {g:?}");
+        }
+        let dws = [
+            geometry(48, 8, 8, 3, 1, true),
+            geometry(48, 16, 16, 3, 2, true),
+            geometry(12, 128, 128, 3, 1, true),
+            geometry(25, 64, 64, 3, 1, true),
+            geometry(6, 40, 40, 3, 2, true),
+        ];
+        for (i, g) in dws.into_iter().enumerate() {
+            let c = shaped(g, true, 100 + i as u64);
+            let (fast, want) = depthwise_both(&c);
+            assert_eq!(fast, want, "depthwise {g:?}");
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        #[test]
+        fn conv_fast_path_is_bit_exact(c in case(false)) {
+            let (fast, want) = conv_both(&c);
+            prop_assert_eq!(fast, want);
+        }
+
+        #[test]
+        fn depthwise_fast_path_is_bit_exact(c in case(true)) {
+            let (fast, want) = depthwise_both(&c);
+            prop_assert_eq!(fast, want);
+        }
+
+        #[test]
+        fn fully_connected_fast_path_is_bit_exact(
+            (g, input, weights, bias, rq) in (1usize..=3, 1usize..=300, 1usize..=13).prop_flat_map(|(batch, n, o)| (
+                Just(FullyConnectedGeometry { batch, in_features: n, out_features: o }),
+                vec(any::<i8>(), batch * n),
+                vec(any::<i8>(), n * o),
+                proptest::option::of(vec(-100_000i32..=100_000, o)),
+                requants(o),
+            )),
+            zps in (zero_point(), prop_oneof![Just(0i32), zero_point()], zero_point()),
+            clamp in clamp(),
+        ) {
+            let q = QuantizedOutput {
+                input_zero_point: zps.0,
+                filter_zero_point: zps.1,
+                output_zero_point: zps.2,
+                requant: &rq,
+                clamp,
+            };
+            let len = g.batch * g.out_features;
+            let (mut fast, mut want) = (std::vec![0i8; len], std::vec![0i8; len]);
+            fully_connected_i8(&g, &q, &input, &weights, bias.as_deref(), &mut fast);
+            fully_connected::fully_connected_i8_portable(&g, &q, &input, &weights, bias.as_deref(), &mut want);
+            prop_assert_eq!(fast, want);
+        }
+
+        #[test]
+        fn eight_lane_output_stage_matches_portable(
+            acc in vec(prop_oneof![any::<i32>(), -1_000_000i32..=1_000_000, Just(i32::MIN), Just(i32::MAX)], 8),
+            rs in vec(prop_oneof![
+                requant(),
+                (any::<i32>(), -31i32..=30).prop_map(|(multiplier, shift)| Requant { multiplier, shift }),
+            ], 8),
+            zp in zero_point(),
+            clamp in clamp(),
+        ) {
+            prop_assume!(rs.iter().all(|r| r.multiplier != i32::MIN));
+            if !has_avx2() {
+                return Ok(());
+            }
+            let q = QuantizedOutput {
+                input_zero_point: 0,
+                filter_zero_point: 0,
+                output_zero_point: zp,
+                requant: &rs,
+                clamp,
+            };
+            let d = Decoded::new(&q, None, 8);
+            let mut got = [0i8; 8];
+            // SAFETY: AVX2 checked above.
+            unsafe { d.row(&acc, &mut got) };
+            for i in 0..8 {
+                prop_assert_eq!(got[i], conv::requantize(acc[i], rs[i], zp, clamp), "lane {}", i);
+            }
+        }
+    }
+}
