@@ -1,4 +1,5 @@
-//! aarch64 NEON fast paths for int8 CONV_2D, DEPTHWISE_CONV_2D and FULLY_CONNECTED.
+//! aarch64 NEON fast paths for int8 CONV_2D, DEPTHWISE_CONV_2D, FULLY_CONNECTED and same-shape
+//! ADD / SUB ([`add_sub_i8`]).
 //!
 //! Each public function has the signature of its portable kernel and returns the same bytes: it
 //! handles the shapes it was written for and hands every other one to the portable body. NEON
@@ -120,11 +121,24 @@ fn shifts(shift: i32) -> (i32, i32) {
 #[inline]
 #[target_feature(enable = "neon")]
 fn requantize4(acc: int32x4_t, offset: int32x4_t, r: Requant4, s: Stage) -> int32x4_t {
-    let x = vshlq_s32(vaddq_s32(acc, offset), r.left);
-    let high = vqrdmulhq_s32(x, r.multiplier);
+    finish4(multiply4(vaddq_s32(acc, offset), r), s)
+}
+
+/// TFLM's `MultiplyByQuantizedMultiplier(x, multiplier, shift)` in four lanes: the left shift
+/// (`SSHL`, wrapping), `SQRDMULH`, then the rounding right shift (see the module doc).
+#[inline]
+#[target_feature(enable = "neon")]
+fn multiply4(x: int32x4_t, r: Requant4) -> int32x4_t {
+    let high = vqrdmulhq_s32(vshlq_s32(x, r.left), r.multiplier);
     // -1 where high < 0 and the right shift is not 0 (the sign bit of `right` is set).
     let fixup = vshrq_n_s32::<31>(vandq_s32(high, r.right));
-    let v = vrshlq_s32(vqaddq_s32(high, fixup), r.right);
+    vrshlq_s32(vqaddq_s32(high, fixup), r.right)
+}
+
+/// The output zero point (wrapping add), then the clamp (max, then min).
+#[inline]
+#[target_feature(enable = "neon")]
+fn finish4(v: int32x4_t, s: Stage) -> int32x4_t {
     vminq_s32(vmaxq_s32(vaddq_s32(v, s.zero_point), s.min), s.max)
 }
 
@@ -930,141 +944,137 @@ fn fully_connected_neon(
     }
 }
 
+/// int8 ADD (`sub == false`) or SUB of two same-shape tensors, NEON body for
+/// `binary::add_sub_i8`: writes `out[..n]` for the largest multiple `n` of 16 not above
+/// `out.len()` and returns `n` (the caller finishes the rest), or returns 0 and writes nothing
+/// when the parameters are not the usual ones (multipliers not `i32::MIN`, rescale shifts in
+/// `-31..=0`, left shift in `0..=30`, input zero points in int8 range) or the lengths differ.
+///
+/// Bit-exact with TFLM's `AddElementwise` / `SubElementwise` arithmetic, 16 elements per step:
+/// `q - zp` widened exactly (`SSUBL`: at most 255 in magnitude, int16), then to int32 lanes;
+/// each input rescaled by [`multiply4`] with the left shift (`SSHL` wraps like the reference's
+/// `x * (1 << left_shift)`), which is `MultiplyByQuantizedMultiplierSmallerThanOneExp` of the
+/// shifted value; the wrapping sum (or difference), the output rescale (left shift 0), the
+/// zero point (wrapping add) and the clamp, as in [`requantize4`]; then narrowed (the values
+/// are in int8 range, so the plain narrowing `XTN` is exact).
+pub fn add_sub_i8(
+    sub: bool,
+    p: &crate::graph::BinaryParams,
+    zero_points: [i32; 3],
+    a: &[i8],
+    b: &[i8],
+    out: &mut [i8],
+) -> usize {
+    let usual = super::usual_add_params(p);
+    let [zp_a, zp_b, zp_out] = zero_points;
+    let (Ok(zp_a), Ok(zp_b)) = (i8::try_from(zp_a), i8::try_from(zp_b)) else {
+        return 0;
+    };
+    if !usual || a.len() != out.len() || b.len() != out.len() {
+        return 0;
+    }
+    // SAFETY: NEON is part of the aarch64 base ISA (the module's const assertion), so the
+    // `#[target_feature(enable = "neon")]` bodies can run.
+    unsafe {
+        if sub {
+            add_sub_neon::<true>(p, (zp_a, zp_b, zp_out), a, b, out)
+        } else {
+            add_sub_neon::<false>(p, (zp_a, zp_b, zp_out), a, b, out)
+        }
+    }
+}
+
+/// `q - zp` of 16 bytes as four int32 vectors (elements 0-3, 4-7, 8-11, 12-15), exact.
+#[inline]
+#[target_feature(enable = "neon")]
+fn offset16(q: int8x16_t, zp: int8x16_t) -> [int32x4_t; 4] {
+    let lo = vsubl_s8(vget_low_s8(q), vget_low_s8(zp));
+    let hi = vsubl_high_s8(q, zp);
+    [
+        vmovl_s16(vget_low_s16(lo)),
+        vmovl_high_s16(lo),
+        vmovl_s16(vget_low_s16(hi)),
+        vmovl_high_s16(hi),
+    ]
+}
+
+#[target_feature(enable = "neon")]
+fn add_sub_neon<const SUB: bool>(
+    p: &crate::graph::BinaryParams,
+    (zp_a, zp_b, zp_out): (i8, i8, i32),
+    a: &[i8],
+    b: &[i8],
+    out: &mut [i8],
+) -> usize {
+    let rescale = |r: crate::graph::Requant, left: i32| Requant4 {
+        left: vdupq_n_s32(left),
+        multiplier: vdupq_n_s32(r.multiplier),
+        right: vdupq_n_s32(r.shift),
+    };
+    let (ra, rb) = (
+        rescale(p.input0, p.left_shift),
+        rescale(p.input1, p.left_shift),
+    );
+    let ro = rescale(p.output, 0);
+    let stage = Stage {
+        zero_point: vdupq_n_s32(zp_out),
+        min: vdupq_n_s32(i32::from(p.clamp.min)),
+        max: vdupq_n_s32(i32::from(p.clamp.max)),
+    };
+    let (za, zb) = (vdupq_n_s8(zp_a), vdupq_n_s8(zp_b));
+    let (xs, _) = a.as_chunks::<16>();
+    let (ys, _) = b.as_chunks::<16>();
+    let (os, _) = out.as_chunks_mut::<16>();
+    let n = os.len();
+    for ((x, y), o) in xs.iter().zip(ys).zip(os.iter_mut()) {
+        let x = offset16(load16(x), za);
+        let y = offset16(load16(y), zb);
+        let v: [int32x4_t; 4] = core::array::from_fn(|j| {
+            let (x, y) = (multiply4(x[j], ra), multiply4(y[j], rb));
+            let raw = if SUB {
+                vsubq_s32(x, y)
+            } else {
+                vaddq_s32(x, y)
+            };
+            finish4(multiply4(raw, ro), stage)
+        });
+        let lo = vmovn_high_s32(vmovn_s32(v[0]), v[1]);
+        let hi = vmovn_high_s32(vmovn_s32(v[2]), v[3]);
+        // SAFETY: `o` is 16 writable bytes; ST1 has no alignment requirement.
+        unsafe { vst1q_s8(o.as_mut_ptr(), vmovn_high_s16(vmovn_s16(lo), hi)) };
+    }
+    16 * n
+}
+
 #[cfg(test)]
 mod tests {
     extern crate std;
 
     use super::*;
-    use crate::graph::{ClampI8, Requant};
-    use crate::kernels::conv::tests::{axis, clamp, requant, requants, zero_point};
+    use crate::graph::{BinaryParams, ClampI8, Requant};
+    use crate::kernels::arch::cases::{
+        acc, case, data, fc_case, Case, EDGE_ACCS, EDGE_MULTIPLIERS,
+    };
+    use crate::kernels::conv::tests::{clamp, requant, zero_point};
+    use crate::quant::multiply_by_quantized_multiplier_smaller_than_one;
     use proptest::collection::vec;
     use proptest::prelude::*;
-    use std::vec::Vec;
 
-    #[derive(Debug, Clone)]
-    struct Case {
-        g: ConvGeometry,
-        input: Vec<i8>,
-        filter: Vec<i8>,
-        bias: Option<Vec<i32>>,
-        requant: Vec<Requant>,
-        zps: (i32, i32),
-        clamp: ClampI8,
+    fn check_conv(c: &Case) -> Result<(), TestCaseError> {
+        let (fast, want) = c.run_conv(conv2d_i8);
+        prop_assert_eq!(fast, want);
+        Ok(())
     }
 
-    impl Case {
-        fn q(&self) -> QuantizedOutput<'_> {
-            QuantizedOutput {
-                input_zero_point: self.zps.0,
-                filter_zero_point: 0,
-                output_zero_point: self.zps.1,
-                requant: &self.requant,
-                clamp: self.clamp,
-            }
-        }
-        fn out_len(&self) -> usize {
-            self.g.batch * self.g.out_h * self.g.out_w * self.g.out_c
-        }
-        fn check_conv(&self) -> Result<(), TestCaseError> {
-            let (mut fast, mut want) = (
-                std::vec![0i8; self.out_len()],
-                std::vec![0i8; self.out_len()],
-            );
-            let b = self.bias.as_deref();
-            conv2d_i8(&self.g, &self.q(), &self.input, &self.filter, b, &mut fast);
-            conv::conv2d_i8_portable(&self.g, &self.q(), &self.input, &self.filter, b, &mut want);
-            prop_assert_eq!(fast, want);
-            Ok(())
-        }
-        fn check_depthwise(&self) -> Result<(), TestCaseError> {
-            let (mut fast, mut want) = (
-                std::vec![0i8; self.out_len()],
-                std::vec![0i8; self.out_len()],
-            );
-            let b = self.bias.as_deref();
-            depthwise_conv2d_i8(&self.g, &self.q(), &self.input, &self.filter, b, &mut fast);
-            depthwise::depthwise_conv2d_i8_portable(
-                &self.g,
-                &self.q(),
-                &self.input,
-                &self.filter,
-                b,
-                &mut want,
-            );
-            prop_assert_eq!(fast, want);
-            Ok(())
-        }
+    fn check_depthwise(c: &Case) -> Result<(), TestCaseError> {
+        let (fast, want) = c.run_depthwise(depthwise_conv2d_i8);
+        prop_assert_eq!(fast, want);
+        Ok(())
     }
 
-    /// Weights: any int8, or symmetric ones (no `-128`, which selects the paired int16 sums).
-    fn weights(len: usize) -> impl Strategy<Value = Vec<i8>> {
-        prop_oneof![vec(any::<i8>(), len), vec(-127i8..=127, len)]
-    }
-
-    /// Data for geometry `g`: random input, weights, bias, requantization, zero points, clamp.
-    fn data(g: ConvGeometry, dw: bool) -> impl Strategy<Value = Case> {
-        let filter_len = if dw {
-            g.out_c * g.filter_h * g.filter_w
-        } else {
-            g.out_c * g.filter_h * g.filter_w * g.filter_in_c
-        };
-        (
-            Just(g),
-            vec(any::<i8>(), g.batch * g.in_h * g.in_w * g.in_c),
-            weights(filter_len),
-            proptest::option::of(vec(-100_000i32..=100_000, g.out_c)),
-            requants(g.out_c),
-            (zero_point(), zero_point()),
-            clamp(),
-        )
-            .prop_map(|(g, input, filter, bias, requant, zps, clamp)| Case {
-                g,
-                input,
-                filter,
-                bias,
-                requant,
-                zps,
-                clamp,
-            })
-    }
-
-    /// Conv (or depthwise, `dw`) cases: channel counts around the vector widths (1 to 20, and
-    /// multiples of 4 up to 72: more than one 64-channel chunk), padding, stride, dilation.
-    fn case(dw: bool) -> impl Strategy<Value = Case> {
-        (
-            1usize..=2,
-            axis(2),
-            axis(2),
-            prop_oneof![1usize..=20, (1usize..=18).prop_map(|c| 4 * c)],
-            prop_oneof![1usize..=9, 60usize..=70],
-        )
-            .prop_flat_map(move |(batch, h, w, in_c, oc)| {
-                let out_c = if dw { in_c } else { oc };
-                let g = ConvGeometry {
-                    batch,
-                    in_h: h.input,
-                    in_w: w.input,
-                    in_c,
-                    out_h: h.output,
-                    out_w: w.output,
-                    out_c,
-                    filter_h: h.filter,
-                    filter_w: w.filter,
-                    filter_in_c: if dw { 1 } else { in_c },
-                    stride_h: h.stride,
-                    stride_w: w.stride,
-                    dilation_h: h.dilation,
-                    dilation_w: w.dilation,
-                    pad_top: h.pad,
-                    pad_left: w.pad,
-                    depth_multiplier: 1,
-                };
-                data(g, dw)
-            })
-    }
-
-    /// A SAME-padded geometry: `in_hw`, square filter `f`, stride `s`.
-    fn same(
+    /// A SAME-padded conv (or depthwise, `dw`) geometry, batch 1: input `in_hw`, filter `f`,
+    /// stride `s` on both axes.
+    pub fn same(
         in_hw: (usize, usize),
         in_c: usize,
         out_c: usize,
@@ -1133,43 +1143,43 @@ mod tests {
 
         #[test]
         fn conv_neon_is_bit_exact(c in case(false)) {
-            c.check_conv()?;
+            check_conv(&c)?;
         }
 
         #[test]
         fn depthwise_neon_is_bit_exact(c in case(true)) {
-            c.check_depthwise()?;
+            check_depthwise(&c)?;
         }
 
         #[test]
-        fn fully_connected_neon_is_bit_exact(
-            (g, input, weights, bias, rq) in (1usize..=3, prop_oneof![1usize..=70, 250usize..=260], prop_oneof![1usize..=9, 62usize..=70]).prop_flat_map(|(batch, n, o)| (
-                Just(FullyConnectedGeometry { batch, in_features: n, out_features: o }),
-                vec(any::<i8>(), batch * n),
-                weights(n * o),
-                proptest::option::of(vec(-100_000i32..=100_000, o)),
-                requants(o),
-            )),
-            zps in (zero_point(), prop_oneof![Just(0i32), zero_point()], zero_point()),
-            clamp in clamp(),
-        ) {
-            let q = QuantizedOutput {
-                input_zero_point: zps.0,
-                filter_zero_point: zps.1,
-                output_zero_point: zps.2,
-                requant: &rq,
-                clamp,
-            };
-            let len = g.batch * g.out_features;
-            let (mut fast, mut want) = (std::vec![0i8; len], std::vec![0i8; len]);
-            fully_connected_i8(&g, &q, &input, &weights, bias.as_deref(), &mut fast);
-            fully_connected::fully_connected_i8_portable(&g, &q, &input, &weights, bias.as_deref(), &mut want);
+        fn fully_connected_neon_is_bit_exact(c in fc_case()) {
+            let (fast, want) = c.run(fully_connected_i8);
             prop_assert_eq!(fast, want);
+        }
+
+        /// Same-shape ADD / SUB against TFLM's arithmetic: lengths around the 16-element
+        /// blocks, any usual parameters (multipliers of either sign and extreme ones, shifts
+        /// over their whole range, small right shifts often, so that rounding ties occur).
+        #[test]
+        fn add_sub_neon_matches_reference(
+            (a, b) in (0usize..80).prop_flat_map(|n| (vec(any::<i8>(), n), vec(any::<i8>(), n))),
+            sub in any::<bool>(),
+            p in binary_params(),
+            zps in (zero_point(), zero_point(), prop_oneof![zero_point(), any::<i32>()]),
+        ) {
+            let zps = [zps.0, zps.1, zps.2];
+            let mut got = std::vec![0i8; a.len()];
+            let done = add_sub_i8(sub, &p, zps, &a, &b, &mut got);
+            prop_assert_eq!(done, a.len() & !15);
+            for i in 0..done {
+                let want = add_sub_reference(sub, &p, zps, a[i], b[i]);
+                prop_assert_eq!(got[i], want, "element {} of {}", i, a.len());
+            }
         }
 
         #[test]
         fn requantize4_matches_portable(
-            acc in proptest::array::uniform4(prop_oneof![any::<i32>(), Just(i32::MIN), Just(i32::MAX), -1_000_000i32..=1_000_000]),
+            acc in proptest::array::uniform4(acc()),
             offset in proptest::array::uniform4(prop_oneof![Just(0i32), any::<i32>()]),
             r in proptest::array::uniform4(prop_oneof![
                 requant(),
@@ -1192,12 +1202,12 @@ mod tests {
 
         #[test]
         fn conv_neon_matches_on_mlperf_shapes(c in mlperf_conv()) {
-            c.check_conv()?;
+            check_conv(&c)?;
         }
 
         #[test]
         fn depthwise_neon_matches_on_mlperf_shapes(c in mlperf_depthwise()) {
-            c.check_depthwise()?;
+            check_depthwise(&c)?;
         }
     }
 
@@ -1245,37 +1255,13 @@ mod tests {
             min: -128,
             max: 127,
         };
-        let accs = [
-            i32::MIN,
-            i32::MIN + 1,
-            -(1 << 30),
-            -(1 << 30) - 1,
-            -3,
-            -2,
-            -1,
-            0,
-            1,
-            2,
-            3,
-            1 << 30,
-            i32::MAX,
-        ];
-        for m in [
-            i32::MIN,
-            i32::MAX,
-            1 << 30,
-            (1 << 30) + 1,
-            -(1 << 30),
-            0,
-            1,
-            -1,
-        ] {
+        for m in EDGE_MULTIPLIERS {
             for shift in -31..=30 {
                 let r = Requant {
                     multiplier: m,
                     shift,
                 };
-                for a in accs.windows(4) {
+                for a in EDGE_ACCS.windows(4) {
                     let acc = [a[0], a[1], a[2], a[3]];
                     let got = requantize_lanes(acc, [0; 4], [r; 4], 0, full);
                     for j in 0..4 {
@@ -1289,5 +1275,142 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// TFLM's int8 ADD / SUB of one pair, as `binary::add_sub_i8`'s scalar closure.
+    fn add_sub_reference(sub: bool, p: &BinaryParams, zps: [i32; 3], x: i8, y: i8) -> i8 {
+        let rescale = |v: i8, zp: i32, r: Requant| {
+            let v = (i32::from(v) - zp).wrapping_mul(1 << p.left_shift);
+            multiply_by_quantized_multiplier_smaller_than_one(v, r.multiplier, r.shift)
+        };
+        let (x, y) = (rescale(x, zps[0], p.input0), rescale(y, zps[1], p.input1));
+        let raw = if sub {
+            x.wrapping_sub(y)
+        } else {
+            x.wrapping_add(y)
+        };
+        let v = multiply_by_quantized_multiplier_smaller_than_one(
+            raw,
+            p.output.multiplier,
+            p.output.shift,
+        )
+        .wrapping_add(zps[2]);
+        v.clamp(i32::from(p.clamp.min), i32::from(p.clamp.max)) as i8
+    }
+
+    /// ADD / SUB parameters the fast path takes: TFLM's left shift 20 or any in `0..=30`,
+    /// rescales with any multiplier but `i32::MIN` and shifts in `-31..=0` (often `-3..=0`).
+    fn binary_params() -> impl Strategy<Value = BinaryParams> {
+        let rescale = || {
+            (
+                prop_oneof![
+                    (1i32 << 30)..=i32::MAX,
+                    (i32::MIN + 1)..=i32::MAX,
+                    Just(i32::MAX),
+                    Just(i32::MIN + 1),
+                ],
+                prop_oneof![-3i32..=0, -31i32..=0],
+            )
+                .prop_map(|(multiplier, shift)| Requant { multiplier, shift })
+        };
+        (
+            prop_oneof![Just(20i32), 0i32..=30],
+            rescale(),
+            rescale(),
+            rescale(),
+            clamp(),
+        )
+            .prop_map(|(left_shift, input0, input1, output, clamp)| BinaryParams {
+                left_shift,
+                input0,
+                input1,
+                output,
+                clamp,
+                ..BinaryParams::default()
+            })
+    }
+
+    #[test]
+    fn add_sub_neon_leaves_unusual_parameters_to_the_caller() {
+        let usual = BinaryParams {
+            left_shift: 20,
+            input0: Requant {
+                multiplier: 1 << 30,
+                shift: 0,
+            },
+            input1: Requant {
+                multiplier: 1 << 30,
+                shift: -1,
+            },
+            output: Requant {
+                multiplier: 1 << 30,
+                shift: -18,
+            },
+            clamp: ClampI8 {
+                min: -128,
+                max: 127,
+            },
+            ..BinaryParams::default()
+        };
+        let (a, b) = ([1i8; 40], [-3i8; 40]);
+        let mut out = [0i8; 40];
+        assert_eq!(add_sub_i8(false, &usual, [0; 3], &a, &b, &mut out), 32);
+        let min = Requant {
+            multiplier: i32::MIN,
+            shift: -1,
+        };
+        let positive = Requant {
+            multiplier: 1 << 30,
+            shift: 1,
+        };
+        let unusual: [(BinaryParams, [i32; 3]); 7] = [
+            (
+                BinaryParams {
+                    left_shift: 31,
+                    ..usual
+                },
+                [0; 3],
+            ),
+            (
+                BinaryParams {
+                    left_shift: -1,
+                    ..usual
+                },
+                [0; 3],
+            ),
+            (
+                BinaryParams {
+                    input0: min,
+                    ..usual
+                },
+                [0; 3],
+            ),
+            (
+                BinaryParams {
+                    output: min,
+                    ..usual
+                },
+                [0; 3],
+            ),
+            (
+                BinaryParams {
+                    input1: positive,
+                    ..usual
+                },
+                [0; 3],
+            ),
+            (usual, [128, 0, 0]),
+            (usual, [0, -129, 0]),
+        ];
+        for (p, zps) in unusual {
+            let mut out = [7i8; 40];
+            assert_eq!(
+                add_sub_i8(true, &p, zps, &a, &b, &mut out),
+                0,
+                "{p:?} {zps:?}"
+            );
+            assert_eq!(out, [7i8; 40]);
+        }
+        assert_eq!(add_sub_i8(false, &usual, [0; 3], &a, &b[..39], &mut out), 0);
     }
 }

@@ -1115,9 +1115,8 @@ mod tests {
     extern crate std;
 
     use super::*;
-    use crate::kernels::arch::cases::case;
-    use crate::kernels::conv::tests::{clamp, requant, requants, zero_point};
-    use proptest::collection::vec;
+    use crate::kernels::arch::cases::{acc, case, fc_case, EDGE_ACCS, EDGE_MULTIPLIERS};
+    use crate::kernels::conv::tests::{clamp, requant, zero_point};
     use proptest::prelude::*;
 
     proptest! {
@@ -1125,49 +1124,25 @@ mod tests {
 
         #[test]
         fn conv_fast_path_is_bit_exact(c in case(false)) {
-            let (mut fast, mut want) = (std::vec![0i8; c.out_len()], std::vec![0i8; c.out_len()]);
-            conv2d_i8(&c.g, &c.q(), &c.input, &c.filter, c.bias.as_deref(), &mut fast);
-            conv::conv2d_i8_portable(&c.g, &c.q(), &c.input, &c.filter, c.bias.as_deref(), &mut want);
+            let (fast, want) = c.run_conv(conv2d_i8);
             prop_assert_eq!(fast, want);
         }
 
         #[test]
         fn depthwise_fast_path_is_bit_exact(c in case(true)) {
-            let (mut fast, mut want) = (std::vec![0i8; c.out_len()], std::vec![0i8; c.out_len()]);
-            depthwise_conv2d_i8(&c.g, &c.q(), &c.input, &c.filter, c.bias.as_deref(), &mut fast);
-            depthwise::depthwise_conv2d_i8_portable(&c.g, &c.q(), &c.input, &c.filter, c.bias.as_deref(), &mut want);
+            let (fast, want) = c.run_depthwise(depthwise_conv2d_i8);
             prop_assert_eq!(fast, want);
         }
 
         #[test]
-        fn fully_connected_fast_path_is_bit_exact(
-            (g, input, weights, bias, rq) in (1usize..=3, 1usize..=70, 1usize..=9).prop_flat_map(|(batch, n, o)| (
-                Just(FullyConnectedGeometry { batch, in_features: n, out_features: o }),
-                vec(any::<i8>(), batch * n),
-                vec(any::<i8>(), n * o),
-                proptest::option::of(vec(-100_000i32..=100_000, o)),
-                requants(o),
-            )),
-            zps in (zero_point(), prop_oneof![Just(0i32), zero_point()], zero_point()),
-            clamp in clamp(),
-        ) {
-            let q = QuantizedOutput {
-                input_zero_point: zps.0,
-                filter_zero_point: zps.1,
-                output_zero_point: zps.2,
-                requant: &rq,
-                clamp,
-            };
-            let len = g.batch * g.out_features;
-            let (mut fast, mut want) = (std::vec![0i8; len], std::vec![0i8; len]);
-            fully_connected_i8(&g, &q, &input, &weights, bias.as_deref(), &mut fast);
-            fully_connected::fully_connected_i8_portable(&g, &q, &input, &weights, bias.as_deref(), &mut want);
+        fn fully_connected_fast_path_is_bit_exact(c in fc_case()) {
+            let (fast, want) = c.run(fully_connected_i8);
             prop_assert_eq!(fast, want);
         }
 
         #[test]
         fn requantize_matches_portable(
-            acc in prop_oneof![any::<i32>(), Just(i32::MIN), Just(i32::MAX), -1_000_000i32..=1_000_000],
+            acc in acc(),
             r in prop_oneof![
                 requant(),
                 (any::<i32>(), -31i32..=2).prop_map(|(multiplier, shift)| Requant { multiplier, shift }),
@@ -1181,7 +1156,7 @@ mod tests {
 
         #[test]
         fn channel_matches_portable(
-            acc in prop_oneof![any::<i32>(), -1_000_000i32..=1_000_000],
+            acc in acc(),
             bias in prop_oneof![Just(None), any::<i32>().prop_map(Some)],
             r in prop_oneof![
                 requant(),
@@ -1212,31 +1187,8 @@ mod tests {
             min: -128,
             max: 127,
         };
-        for &m in &[
-            i32::MIN,
-            i32::MAX,
-            1 << 30,
-            (1 << 30) + 1,
-            -(1 << 30),
-            0,
-            1,
-            -1,
-        ] {
-            for &acc in &[
-                i32::MIN,
-                i32::MIN + 1,
-                -(1 << 30),
-                -(1 << 30) - 1,
-                -3,
-                -2,
-                -1,
-                0,
-                1,
-                2,
-                3,
-                1 << 30,
-                i32::MAX,
-            ] {
+        for m in EDGE_MULTIPLIERS {
+            for acc in EDGE_ACCS {
                 for shift in -31..=1 {
                     let r = Requant {
                         multiplier: m,

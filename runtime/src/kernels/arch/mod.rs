@@ -27,3 +27,14 @@ pub mod x86_64;
 /// True when this build runs the Cortex-M DSP fast paths (ARM with the `dsp` target feature and
 /// without the `portable-kernels` feature).
 pub const CORTEX_M_DSP: bool = cfg!(kiln_dsp_kernels);
+
+/// True when int8 ADD/SUB parameters are in the range the vector fast paths handle: multipliers
+/// not `i32::MIN`, input and output shifts in `-31..=0`, left shift in `0..=30` (every model
+/// TFLM's `add_params` prepares).
+#[cfg(any(target_arch = "aarch64", target_arch = "x86_64"))]
+pub(crate) fn usual_add_params(p: &crate::graph::BinaryParams) -> bool {
+    [p.input0, p.input1, p.output]
+        .iter()
+        .all(|r| r.multiplier != i32::MIN && (-31..=0).contains(&r.shift))
+        && (0..=30).contains(&p.left_shift)
+}

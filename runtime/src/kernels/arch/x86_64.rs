@@ -121,42 +121,44 @@ fn offset16(zero_point: i32) -> Option<i16> {
     (-127..=128).contains(&off).then_some(off as i16)
 }
 
-/// The requantization of up to [`CHANNELS`] output channels, one entry per channel (a
-/// per-tensor requantization repeated), with the bias: the lanes [`requantize8`] loads.
-struct Decoded {
-    bias: [i32; CHANNELS],
-    left: [i32; CHANNELS],
-    multiplier: [i32; CHANNELS],
-    right: [i32; CHANNELS],
-    mask: [i32; CHANNELS],
+/// The requantization of up to `N` output channels `first..first + count`, one entry per channel
+/// (a per-tensor requantization repeated), with the bias: the lanes [`requantize8`] loads.
+/// Channel indices given to its methods are relative to `first`.
+struct Decoded<const N: usize> {
+    bias: [i32; N],
+    left: [i32; N],
+    multiplier: [i32; N],
+    right: [i32; N],
+    mask: [i32; N],
     zero_point: i32,
     min: i32,
     max: i32,
 }
 
-impl Decoded {
-    fn new(q: &QuantizedOutput<'_>, bias: Option<&[i32]>, channels: usize) -> Self {
+impl<const N: usize> Decoded<N> {
+    fn new(q: &QuantizedOutput<'_>, bias: Option<&[i32]>, first: usize, count: usize) -> Self {
         let mut d = Decoded {
-            bias: [0; CHANNELS],
-            left: [0; CHANNELS],
-            multiplier: [0; CHANNELS],
-            right: [0; CHANNELS],
-            mask: [0; CHANNELS],
+            bias: [0; N],
+            left: [0; N],
+            multiplier: [0; N],
+            right: [0; N],
+            mask: [0; N],
             zero_point: q.output_zero_point,
             min: i32::from(q.clamp.min),
             max: i32::from(q.clamp.max),
         };
-        for c in 0..channels {
+        for i in 0..count.min(N) {
+            let c = first + i;
             let r = if q.requant.len() > 1 {
                 q.requant[c]
             } else {
                 q.requant[0]
             };
-            d.bias[c] = bias.map_or(0, |b| b[c]);
-            d.left[c] = r.shift.max(0);
-            d.right[c] = (-r.shift).max(0);
-            d.multiplier[c] = r.multiplier;
-            d.mask[c] = ((1i64 << d.right[c]) - 1) as i32;
+            d.bias[i] = bias.map_or(0, |b| b[c]);
+            d.left[i] = r.shift.max(0);
+            d.right[i] = (-r.shift).max(0);
+            d.multiplier[i] = r.multiplier;
+            d.mask[i] = ((1i64 << d.right[i]) - 1) as i32;
         }
         d
     }
@@ -180,7 +182,7 @@ impl Decoded {
     #[target_feature(enable = "avx2")]
     #[inline]
     fn eight(&self, acc: __m256i, c: usize) -> __m128i {
-        let lanes = |a: &[i32; CHANNELS]| -> __m256i {
+        let lanes = |a: &[i32; N]| -> __m256i {
             let s = &a[c..c + 8];
             // SAFETY: `s` is 8 readable i32 (32 bytes); unaligned load.
             unsafe { _mm256_loadu_si256(s.as_ptr().cast()) }
@@ -292,10 +294,7 @@ pub fn add_sub_i8(
     b: &[i8],
     out: &mut [i8],
 ) -> usize {
-    let usual = [p.input0, p.input1, p.output]
-        .iter()
-        .all(|r| r.multiplier != i32::MIN && (-31..=0).contains(&r.shift))
-        && (0..=30).contains(&p.left_shift);
+    let usual = super::usual_add_params(p);
     if !usual || a.len() != out.len() || b.len() != out.len() || !has_avx2() {
         return 0;
     }
@@ -541,7 +540,11 @@ pub fn conv2d_i8(
     output: &mut [i8],
 ) {
     let fits = conv_fits(g, q, input, filter, bias, output);
-    if fits && has_avx512_vnni() {
+    let k4 = (g.filter_h * g.filter_w * g.in_c).div_ceil(4) * 4;
+    if fits && has_avx512_vnni() && 16 * k4 <= PACKED {
+        // SAFETY: the CPU has AVX2 and AVX-512 F/VL/VNNI (checked just above).
+        unsafe { conv2d_vnni_packed(g, q, input, filter, bias, output) }
+    } else if fits && has_avx512_vnni() {
         // SAFETY: the CPU has AVX2 and AVX-512 F/VL/VNNI (checked just above).
         unsafe { conv2d_vnni(g, q, input, filter, bias, output) }
     } else if fits && has_avx2() {
@@ -748,6 +751,210 @@ fn dot_rows_vnni(
     }
 }
 
+/// Bytes of packed weights [`conv2d_vnni_packed`] holds on the stack: at least 16 output
+/// channels' rows (receptive fields up to 2 048 values; larger ones run [`conv2d_vnni`]).
+const PACKED: usize = 32_768;
+
+/// Output channels [`conv2d_vnni_packed`] packs and decodes at once.
+const CHUNK: usize = 64;
+
+/// Packs `out_c` weight rows of `k` int8 for [`conv2d_vnni_packed`]: block `b` (channels
+/// `16b..16b + 16`), group `q` (row bytes `4q..4q + 4`) is 64 bytes at `(b * groups + q) * 64`:
+/// channels `16b..16b + 8`, 4 bytes each, then channels `16b + 8..16b + 16`. Bytes past a row
+/// or past the last channel are 0. Returns each row's sum (for the zero-point correction).
+fn pack_weights(filter: &[i8], k: usize, out_c: usize, packed: &mut [i8], sums: &mut [i32]) {
+    let groups = k.div_ceil(4);
+    let blocks = out_c.div_ceil(16);
+    packed[..blocks * groups * 64].fill(0);
+    for (oc, row) in filter.chunks_exact(k).take(out_c).enumerate() {
+        let (b, lane) = (oc / 16, oc % 16);
+        let lane_at = (lane / 8) * 32 + (lane % 8) * 4;
+        let mut quads = row.chunks_exact(4);
+        for (q, bytes) in quads.by_ref().enumerate() {
+            let at = (b * groups + q) * 64 + lane_at;
+            packed[at..at + 4].copy_from_slice(bytes);
+        }
+        let tail = quads.remainder();
+        if !tail.is_empty() {
+            let at = (b * groups + k / 4) * 64 + lane_at;
+            packed[at..at + tail.len()].copy_from_slice(tail);
+        }
+        sums[oc] = row.iter().fold(0i32, |s, &w| s.wrapping_add(i32::from(w)));
+    }
+}
+
+/// im2col of output pixel `pixel` as raw bytes: in-image taps copied, padding taps `zero_point`,
+/// whatever beyond the receptive field (it meets zero weights).
+fn im2col_raw(g: &ConvGeometry, input: &[i8], pixel: usize, zero_point: i8, patch: &mut [i8]) {
+    let per_image = g.out_h * g.out_w;
+    let (b, rest) = (pixel / per_image, pixel % per_image);
+    let (oy, ox) = (rest / g.out_w, rest % g.out_w);
+    let y0 = (oy * g.stride_h) as isize - g.pad_top as isize;
+    let x0 = (ox * g.stride_w) as isize - g.pad_left as isize;
+    let c = g.in_c;
+    let mut at = 0;
+    for fy in 0..g.filter_h {
+        let iy = y0 + (fy * g.dilation_h) as isize;
+        for fx in 0..g.filter_w {
+            let ix = x0 + (fx * g.dilation_w) as isize;
+            let dst = &mut patch[at..at + c];
+            if iy >= 0 && (iy as usize) < g.in_h && ix >= 0 && (ix as usize) < g.in_w {
+                let from = ((b * g.in_h + iy as usize) * g.in_w + ix as usize) * c;
+                dst.copy_from_slice(&input[from..from + c]);
+            } else {
+                dst.fill(zero_point);
+            }
+            at += c;
+        }
+    }
+}
+
+/// CONV_2D with `VPDPBUSD` and output channels in the vector lanes: the weights packed once per
+/// call (see [`pack_weights`]) so that one 32-byte load holds 4 consecutive weights of 8
+/// channels, and each pixel's 4 input bytes are broadcast to all lanes (and turned unsigned,
+/// `x + 128`, by one XOR). Blocks of 4 output pixels by 16 channels, 8 accumulators, no
+/// horizontal sums: the lanes go straight to the output stage. With input channels in multiples
+/// of 4, each tap's channels are read in place (padding taps from a row of zero points); otherwise
+/// (first layers: 1 or 3 channels) each pixel's receptive field is copied first. The zero-point
+/// correction as in [`conv2d_vnni`].
+#[target_feature(enable = "avx2,avx512f,avx512vl,avx512vnni")]
+fn conv2d_vnni_packed(
+    g: &ConvGeometry,
+    q: &QuantizedOutput<'_>,
+    input: &[i8],
+    filter: &[i8],
+    bias: Option<&[i32]>,
+    output: &mut [i8],
+) {
+    let k = g.filter_h * g.filter_w * g.in_c;
+    let groups = k.div_ceil(4);
+    let k4 = groups * 4;
+    let zp = q.input_zero_point as i8;
+    // Output channels packed at once: a multiple of 16, at most CHUNK, within PACKED.
+    let chunk = (PACKED / k4 / 16 * 16).min(CHUNK);
+    let mut packed = [0i8; PACKED];
+    let mut sums = [0i32; CHUNK];
+    let taps = g.filter_h * g.filter_w;
+    let direct = g.in_c.is_multiple_of(4) && taps <= TAPS;
+    let pad_row = [zp; PATCH];
+    let mut patch = [[0i8; PATCH]; VNNI_PIXELS];
+    // What each pixel reads, tap by tap (direct reads only; copied patches are read whole).
+    let mut srcs: [[&[i8]; TAPS]; VNNI_PIXELS] = [[&[]; TAPS]; VNNI_PIXELS];
+    let pixels = g.batch * g.out_h * g.out_w;
+    let per_image = g.out_h * g.out_w;
+    let z = _mm256_setzero_si256();
+    let flip = _mm256_set1_epi8(i8::MIN);
+    let mut first = 0;
+    while first < g.out_c {
+        let count = (g.out_c - first).min(chunk);
+        pack_weights(
+            &filter[first * k..(first + count) * k],
+            k,
+            count,
+            &mut packed,
+            &mut sums,
+        );
+        let mut d = Decoded::<CHUNK>::new(q, bias, first, count);
+        for (b, &sum) in d.bias.iter_mut().zip(&sums).take(count) {
+            *b = b.wrapping_sub((q.input_zero_point + 128).wrapping_mul(sum));
+        }
+        let blocks = count.div_ceil(16);
+        let mut p = 0;
+        while p < pixels {
+            // A last block of fewer pixels repeats the last one (computed, not stored twice).
+            let px = |i: usize| (p + i).min(pixels - 1);
+            let n = (pixels - p).min(VNNI_PIXELS);
+            if direct {
+                for (i, src) in srcs.iter_mut().enumerate() {
+                    let pixel = px(i);
+                    let (b, rest) = (pixel / per_image, pixel % per_image);
+                    let (oy, ox) = (rest / g.out_w, rest % g.out_w);
+                    let y0 = (oy * g.stride_h) as isize - g.pad_top as isize;
+                    let x0 = (ox * g.stride_w) as isize - g.pad_left as isize;
+                    for (t, tap) in src.iter_mut().enumerate().take(taps) {
+                        let iy = y0 + ((t / g.filter_w) * g.dilation_h) as isize;
+                        let ix = x0 + ((t % g.filter_w) * g.dilation_w) as isize;
+                        let inside =
+                            iy >= 0 && (iy as usize) < g.in_h && ix >= 0 && (ix as usize) < g.in_w;
+                        *tap = if inside {
+                            let from = ((b * g.in_h + iy as usize) * g.in_w + ix as usize) * g.in_c;
+                            &input[from..from + g.in_c]
+                        } else {
+                            &pad_row[..g.in_c]
+                        };
+                    }
+                }
+            } else {
+                for (i, row) in patch.iter_mut().enumerate() {
+                    im2col_raw(g, input, px(i), zp, &mut row[..k4]);
+                }
+            }
+            let (n_srcs, src_len) = if direct { (taps, g.in_c) } else { (1, k4) };
+            let src = |i: usize, t: usize| -> &[i8] {
+                if direct {
+                    srcs[i][t]
+                } else {
+                    &patch[i][..src_len]
+                }
+            };
+            for b in 0..blocks {
+                let mut wq = packed[b * groups * 64..(b + 1) * groups * 64].chunks_exact(64);
+                let (mut a0, mut a1, mut b0, mut b1) = (z, z, z, z);
+                let (mut c0, mut c1, mut d0, mut d1) = (z, z, z, z);
+                for t in 0..n_srcs {
+                    let quads = src(0, t)
+                        .chunks_exact(4)
+                        .zip(src(1, t).chunks_exact(4))
+                        .zip(src(2, t).chunks_exact(4))
+                        .zip(src(3, t).chunks_exact(4));
+                    for ((((x0, x1), x2), x3), w) in quads.zip(wq.by_ref()) {
+                        // SAFETY: `w` is 64 readable bytes.
+                        let (w0, w1) = unsafe {
+                            (
+                                _mm256_loadu_si256(w.as_ptr().cast()),
+                                _mm256_loadu_si256(w.as_ptr().add(32).cast()),
+                            )
+                        };
+                        let bcast = |x: &[i8]| {
+                            let v = i32::from_le_bytes([
+                                x[0] as u8, x[1] as u8, x[2] as u8, x[3] as u8,
+                            ]);
+                            _mm256_xor_si256(_mm256_set1_epi32(v), flip)
+                        };
+                        let (v0, v1, v2, v3) = (bcast(x0), bcast(x1), bcast(x2), bcast(x3));
+                        a0 = _mm256_dpbusd_epi32(a0, v0, w0);
+                        a1 = _mm256_dpbusd_epi32(a1, v0, w1);
+                        b0 = _mm256_dpbusd_epi32(b0, v1, w0);
+                        b1 = _mm256_dpbusd_epi32(b1, v1, w1);
+                        c0 = _mm256_dpbusd_epi32(c0, v2, w0);
+                        c1 = _mm256_dpbusd_epi32(c1, v2, w1);
+                        d0 = _mm256_dpbusd_epi32(d0, v3, w0);
+                        d1 = _mm256_dpbusd_epi32(d1, v3, w1);
+                    }
+                }
+                let c = b * 16;
+                let width = (count - c).min(16);
+                for (i, (lo, hi)) in [(a0, a1), (b0, b1), (c0, c1), (d0, d1)]
+                    .into_iter()
+                    .enumerate()
+                    .take(n)
+                {
+                    let mut block = [0i8; 16];
+                    // SAFETY: `block` is 16 writable bytes; each store writes 8.
+                    unsafe {
+                        _mm_storel_epi64(block.as_mut_ptr().cast(), d.eight(lo, c));
+                        _mm_storel_epi64(block.as_mut_ptr().add(8).cast(), d.eight(hi, c + 8));
+                    }
+                    let at = px(i) * g.out_c + first + c;
+                    output[at..at + width].copy_from_slice(&block[..width]);
+                }
+            }
+            p += VNNI_PIXELS;
+        }
+        first += count;
+    }
+}
+
 /// CONV_2D with `VPDPBUSD` (unsigned activations times signed weights, four products per
 /// int32 lane). Activations enter as `x + 128` (padding taps as `zero_point + 128`), so each
 /// sum exceeds TFLM's `sum(w * (x - zero_point))` by `(zero_point + 128) * sum(w)`, which is
@@ -765,7 +972,7 @@ fn conv2d_vnni(
     let k = g.filter_h * g.filter_w * g.in_c;
     let kp = k.div_ceil(32) * 32;
     let pad = (q.input_zero_point + 128) as u8;
-    let mut d = Decoded::new(q, bias, g.out_c);
+    let mut d = Decoded::<CHANNELS>::new(q, bias, 0, g.out_c);
     for oc in 0..g.out_c {
         let corr = (q.input_zero_point + 128).wrapping_mul(row_sum(&filter[oc * k..(oc + 1) * k]));
         d.bias[oc] = d.bias[oc].wrapping_sub(corr);
@@ -837,7 +1044,7 @@ fn conv2d_avx2(
     let off = offset16(q.input_zero_point).unwrap_or(0);
     let k = g.filter_h * g.filter_w * g.in_c;
     let kp = k.div_ceil(16) * 16;
-    let d = Decoded::new(q, bias, g.out_c);
+    let d = Decoded::<CHANNELS>::new(q, bias, 0, g.out_c);
     let mut patch = [[0i16; PATCH]; 2];
     let mut sums = [[0i32; CHANNELS]; 2];
     let pixels = g.batch * g.out_h * g.out_w;
@@ -913,7 +1120,7 @@ fn fully_connected_avx2(
     let np = n.div_ceil(16) * 16;
     let off = offset16(q.input_zero_point).unwrap_or(0);
     let woff = _mm256_set1_epi16(offset16(q.filter_zero_point).unwrap_or(0));
-    let d = Decoded::new(q, bias, g.out_features);
+    let d = Decoded::<CHANNELS>::new(q, bias, 0, g.out_features);
     let mut rows = [[0i16; PATCH]; 2];
     let mut sums = [[0i32; CHANNELS]; 2];
     let mut b = 0;
@@ -1018,7 +1225,7 @@ fn depthwise_avx2(
     let c = g.out_c;
     let taps = g.filter_h * g.filter_w;
     let pairs = taps.div_ceil(2);
-    let d = Decoded::new(q, bias, c);
+    let d = Decoded::<CHANNELS>::new(q, bias, 0, c);
     let offv = _mm256_set1_epi32(-q.input_zero_point);
     let zpv = _mm256_set1_epi16(q.input_zero_point as i16);
     let zero = _mm256_setzero_si256();
@@ -1133,9 +1340,9 @@ mod tests {
 
     use super::*;
     use crate::graph::ClampI8;
-    use crate::kernels::arch::cases::{case, Case};
-    use crate::kernels::conv::tests::{clamp, requant, requants, zero_point};
-    use crate::kernels::{conv, depthwise, fully_connected};
+    use crate::kernels::arch::cases::{acc, case, fc_case, Case};
+    use crate::kernels::conv;
+    use crate::kernels::conv::tests::{clamp, requant, zero_point};
     use proptest::collection::vec;
     use proptest::prelude::*;
 
@@ -1172,29 +1379,28 @@ mod tests {
                 )
             };
             assert_eq!(avx2, want, "AVX2 body");
+            if has_avx512_vnni() {
+                // The unpacked VNNI body (layers too large for the packed one).
+                let mut vnni = std::vec![0i8; c.out_len()];
+                // SAFETY: AVX2 and AVX-512 VNNI checked just above.
+                unsafe {
+                    conv2d_vnni(
+                        &c.g,
+                        &c.q(),
+                        &c.input,
+                        &c.filter,
+                        c.bias.as_deref(),
+                        &mut vnni,
+                    )
+                };
+                assert_eq!(vnni, want, "unpacked VNNI body");
+            }
         }
         (fast, want)
     }
 
     fn depthwise_both(c: &Case) -> (std::vec::Vec<i8>, std::vec::Vec<i8>) {
-        let (mut fast, mut want) = (std::vec![0i8; c.out_len()], std::vec![0i8; c.out_len()]);
-        depthwise_conv2d_i8(
-            &c.g,
-            &c.q(),
-            &c.input,
-            &c.filter,
-            c.bias.as_deref(),
-            &mut fast,
-        );
-        depthwise::depthwise_conv2d_i8_portable(
-            &c.g,
-            &c.q(),
-            &c.input,
-            &c.filter,
-            c.bias.as_deref(),
-            &mut want,
-        );
-        (fast, want)
+        c.run_depthwise(depthwise_conv2d_i8)
     }
 
     /// A deterministic case of the given shape (MLPerf Tiny layer shapes), data from a seed.
@@ -1321,34 +1527,14 @@ mod tests {
         }
 
         #[test]
-        fn fully_connected_fast_path_is_bit_exact(
-            (g, input, weights, bias, rq) in (1usize..=3, 1usize..=300, 1usize..=13).prop_flat_map(|(batch, n, o)| (
-                Just(FullyConnectedGeometry { batch, in_features: n, out_features: o }),
-                vec(any::<i8>(), batch * n),
-                vec(any::<i8>(), n * o),
-                proptest::option::of(vec(-100_000i32..=100_000, o)),
-                requants(o),
-            )),
-            zps in (zero_point(), prop_oneof![Just(0i32), zero_point()], zero_point()),
-            clamp in clamp(),
-        ) {
-            let q = QuantizedOutput {
-                input_zero_point: zps.0,
-                filter_zero_point: zps.1,
-                output_zero_point: zps.2,
-                requant: &rq,
-                clamp,
-            };
-            let len = g.batch * g.out_features;
-            let (mut fast, mut want) = (std::vec![0i8; len], std::vec![0i8; len]);
-            fully_connected_i8(&g, &q, &input, &weights, bias.as_deref(), &mut fast);
-            fully_connected::fully_connected_i8_portable(&g, &q, &input, &weights, bias.as_deref(), &mut want);
+        fn fully_connected_fast_path_is_bit_exact(c in fc_case()) {
+            let (fast, want) = c.run(fully_connected_i8);
             prop_assert_eq!(fast, want);
         }
 
         #[test]
         fn eight_lane_output_stage_matches_portable(
-            acc in vec(prop_oneof![any::<i32>(), -1_000_000i32..=1_000_000, Just(i32::MIN), Just(i32::MAX)], 8),
+            acc in vec(acc(), 8),
             rs in vec(prop_oneof![
                 requant(),
                 (any::<i32>(), -31i32..=30).prop_map(|(multiplier, shift)| Requant { multiplier, shift }),
@@ -1367,7 +1553,7 @@ mod tests {
                 requant: &rs,
                 clamp,
             };
-            let d = Decoded::new(&q, None, 8);
+            let d = Decoded::<8>::new(&q, None, 0, 8);
             let mut got = [0i8; 8];
             // SAFETY: AVX2 checked above.
             unsafe { d.row(&acc, &mut got) };
