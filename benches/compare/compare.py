@@ -5,7 +5,9 @@ Run through scripts/compare-runtimes.sh, which builds the release `kiln`, makes 
 environment with pinned ai-edge-litert / onnxruntime / numpy and calls this file.
 
 For each model (KWS, ResNet-8, VWW) on the same input (the first TFLM golden sample):
-- Kiln int8: `kiln convert` of the int8 .tflite, timed by `kiln bench --json` (portable kernels),
+- Kiln int8: `kiln convert` of the int8 .tflite, timed by `kiln bench --json` (kiln-runtime's
+  kernels as a device build runs them: on x86-64 the AVX2 / AVX-512 VNNI fast paths when the CPU
+  has them; the table says which),
   and the float model on kiln-runtime's candle backend (`--backend candle`, f32).
 - LiteRT int8: ai_edge_litert.interpreter.Interpreter(num_threads=1) on the int8 .tflite.
 - ONNX Runtime int8: the float .onnx quantized statically by onnxruntime.quantization (QDQ,
@@ -174,7 +176,7 @@ def main():
         f"each, {a.runs} timed runs after {warmup} warm-up runs, median / p99 in µs, the first golden "
         f"sample as input (`scripts/compare-runtimes.sh`). ai-edge-litert {getattr(ai_edge_litert, '__version__', '?')}, "
         f"onnxruntime {onnxruntime.__version__}, numpy {np.__version__}; load average when it started: "
-        f"{os.getloadavg()[0]:.2f}.",
+        f"{os.getloadavg()[0]:.2f}. Kiln's int8 kernels here: {rows[0]['kiln'].get('kernels', '?') if rows and rows[0].get('kiln') else '?'}.",
         "",
         "| model | Kiln int8 | LiteRT int8 | ORT int8 (QDQ) | ORT f32 | Kiln candle f32 | Kiln / LiteRT | Kiln / ORT int8 |",
         "|---|---|---|---|---|---|---|---|",

@@ -30,6 +30,9 @@ pub struct HostBench {
     pub target: &'static str,
     /// The backend.
     pub backend: Backend,
+    /// The int8 kernel bodies kiln-runtime runs on this CPU (`avx512-vnni`, `avx2`, `neon`,
+    /// `portable`; see `kiln_runtime::kernels::arch::active`); the candle backend reports `candle`.
+    pub kernels: &'static str,
     /// Timed runs.
     pub runs: usize,
     /// Median latency of one inference, microseconds.
@@ -142,6 +145,10 @@ pub fn bench_host(
     Ok(HostBench {
         target: "host",
         backend,
+        kernels: match backend {
+            Backend::Portable => kiln_runtime::kernels::arch::active(),
+            Backend::Candle => "candle",
+        },
         runs,
         median_us: median,
         p99_us: percentile(&times, 99.0),

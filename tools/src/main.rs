@@ -703,10 +703,11 @@ fn bench(
         println!("{}", serde_json::to_string_pretty(&r)?);
     } else {
         eprintln!(
-            "{}: {} runs on the host ({:?} backend{}): median {:.1} us, p99 {:.1} us, min {:.1} us; {} MACs ({:.0} MACs/us at the median), arena {} bytes",
+            "{}: {} runs on the host ({:?} backend, {} kernels{}): median {:.1} us, p99 {:.1} us, min {:.1} us; {} MACs ({:.0} MACs/us at the median), arena {} bytes",
             model.display(),
             r.runs,
             r.backend,
+            r.kernels,
             if r.selftest_input { ", self-test input" } else { ", zero input" },
             r.median_us,
             r.p99_us,

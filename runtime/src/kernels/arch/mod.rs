@@ -38,3 +38,23 @@ pub(crate) fn usual_add_params(p: &crate::graph::BinaryParams) -> bool {
         .all(|r| r.multiplier != i32::MIN && (-31..=0).contains(&r.shift))
         && (0..=30).contains(&p.left_shift)
 }
+
+/// Which int8 kernel bodies conv, depthwise and fully connected run in this build on this CPU:
+/// `cortex-m-dsp`, `neon`, `avx512-vnni` (x86-64 with VPDPBUSD; AVX2 for the rest), `avx2` or
+/// `portable`.
+pub fn active() -> &'static str {
+    #[cfg(kiln_dsp_kernels)]
+    return "cortex-m-dsp";
+    #[cfg(kiln_neon_kernels)]
+    return "neon";
+    #[cfg(kiln_x86_kernels)]
+    return if x86_64::has_avx512_vnni() {
+        "avx512-vnni"
+    } else if x86_64::has_avx2() {
+        "avx2"
+    } else {
+        "portable"
+    };
+    #[cfg(not(any(kiln_dsp_kernels, kiln_neon_kernels, kiln_x86_kernels)))]
+    return "portable";
+}

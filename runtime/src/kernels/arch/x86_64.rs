@@ -826,18 +826,60 @@ fn conv2d_vnni_packed(
     bias: Option<&[i32]>,
     output: &mut [i8],
 ) {
+    // Stack buffers sized to the layer's class (zero-filling them is not free on small layers).
+    let k4 = (g.filter_h * g.filter_w * g.in_c).div_ceil(4) * 4;
+    let direct = g.in_c.is_multiple_of(4) && g.in_c <= PAD_ROW && g.filter_h * g.filter_w <= TAPS;
+    let small = g.out_c.div_ceil(16) * 16 * k4 <= SMALL_PACKED;
+    let run = |packed: &mut [i8], patch: &mut [i8], output: &mut [i8]| {
+        conv2d_vnni_packed_in(g, q, input, filter, bias, output, packed, patch)
+    };
+    match (small, direct) {
+        (true, true) => run(&mut [0; SMALL_PACKED], &mut [], output),
+        (false, true) => run(&mut [0; PACKED], &mut [], output),
+        (true, false) => run(
+            &mut [0; SMALL_PACKED],
+            &mut [0; VNNI_PIXELS * PATCH][..VNNI_PIXELS * k4],
+            output,
+        ),
+        (false, false) => run(
+            &mut [0; PACKED],
+            &mut [0; VNNI_PIXELS * PATCH][..VNNI_PIXELS * k4],
+            output,
+        ),
+    }
+}
+
+/// Packed-weight bytes of a small layer (all of its output channels).
+const SMALL_PACKED: usize = 8_192;
+
+/// Longest row of zero points for padding taps read in place (input channels).
+const PAD_ROW: usize = 1_024;
+
+/// [`conv2d_vnni_packed`] with its buffers: `packed` (at least 16 rows of the receptive field
+/// rounded up to 4), and `patch` (4 receptive fields, rounded up to 4) when the input channels
+/// are not read in place, else empty.
+#[target_feature(enable = "avx2,avx512f,avx512vl,avx512vnni")]
+#[allow(clippy::too_many_arguments)]
+fn conv2d_vnni_packed_in(
+    g: &ConvGeometry,
+    q: &QuantizedOutput<'_>,
+    input: &[i8],
+    filter: &[i8],
+    bias: Option<&[i32]>,
+    output: &mut [i8],
+    packed: &mut [i8],
+    patch: &mut [i8],
+) {
     let k = g.filter_h * g.filter_w * g.in_c;
     let groups = k.div_ceil(4);
     let k4 = groups * 4;
     let zp = q.input_zero_point as i8;
-    // Output channels packed at once: a multiple of 16, at most CHUNK, within PACKED.
-    let chunk = (PACKED / k4 / 16 * 16).min(CHUNK);
-    let mut packed = [0i8; PACKED];
+    // Output channels packed at once: a multiple of 16, at most CHUNK, within `packed`.
+    let chunk = (packed.len() / k4 / 16 * 16).min(CHUNK);
     let mut sums = [0i32; CHUNK];
     let taps = g.filter_h * g.filter_w;
-    let direct = g.in_c.is_multiple_of(4) && taps <= TAPS;
-    let pad_row = [zp; PATCH];
-    let mut patch = [[0i8; PATCH]; VNNI_PIXELS];
+    let direct = patch.is_empty();
+    let pad_row = [zp; PAD_ROW];
     // What each pixel reads, tap by tap (direct reads only; copied patches are read whole).
     let mut srcs: [[&[i8]; TAPS]; VNNI_PIXELS] = [[&[]; TAPS]; VNNI_PIXELS];
     let pixels = g.batch * g.out_h * g.out_w;
@@ -851,7 +893,7 @@ fn conv2d_vnni_packed(
             &filter[first * k..(first + count) * k],
             k,
             count,
-            &mut packed,
+            packed,
             &mut sums,
         );
         let mut d = Decoded::<CHUNK>::new(q, bias, first, count);
@@ -885,8 +927,8 @@ fn conv2d_vnni_packed(
                     }
                 }
             } else {
-                for (i, row) in patch.iter_mut().enumerate() {
-                    im2col_raw(g, input, px(i), zp, &mut row[..k4]);
+                for (i, row) in patch.chunks_exact_mut(k4).enumerate() {
+                    im2col_raw(g, input, px(i), zp, row);
                 }
             }
             let (n_srcs, src_len) = if direct { (taps, g.in_c) } else { (1, k4) };
@@ -894,7 +936,7 @@ fn conv2d_vnni_packed(
                 if direct {
                     srcs[i][t]
                 } else {
-                    &patch[i][..src_len]
+                    &patch[i * src_len..(i + 1) * src_len]
                 }
             };
             for b in 0..blocks {
@@ -1202,8 +1244,12 @@ fn load16(s: &[i8], at: usize) -> __m256i {
 }
 
 /// Interleaved int16 weights of the depthwise fast path held on the stack at once (blocks of
-/// 16 channels times tap pairs): 20 KB, every block of a 3x3 filter up to 1 024 channels.
-const DW_WEIGHTS: usize = 320;
+/// 16 channels times tap pairs): 8 KB, four blocks of the largest filter ([`TAPS`] taps).
+const DW_WEIGHTS: usize = 128;
+
+/// Blocks of 16 channels the depthwise fast path prepares at once (their requantization
+/// decoded, their weights interleaved).
+const DW_BLOCKS: usize = 4;
 
 /// Depthwise, depth multiplier 1. Channels in blocks of 16, one int16 lane each; taps in pairs
 /// interleaved (`VPUNPCKLWD` / `VPUNPCKHWD`) so that one `VPMADDWD` adds two taps' products per
@@ -1225,12 +1271,11 @@ fn depthwise_avx2(
     let c = g.out_c;
     let taps = g.filter_h * g.filter_w;
     let pairs = taps.div_ceil(2);
-    let d = Decoded::<CHANNELS>::new(q, bias, 0, c);
     let offv = _mm256_set1_epi32(-q.input_zero_point);
     let zpv = _mm256_set1_epi16(q.input_zero_point as i16);
     let zero = _mm256_setzero_si256();
     let blocks = c.div_ceil(16);
-    let group = (DW_WEIGHTS / pairs).max(1);
+    let group = (DW_WEIGHTS / pairs).clamp(1, DW_BLOCKS);
     // Each tap's offset from the window's corner (no division in the pixel loop).
     let (mut tap_dy, mut tap_dx) = ([0isize; TAPS], [0isize; TAPS]);
     for t in 0..taps {
@@ -1240,10 +1285,16 @@ fn depthwise_avx2(
     const PADDING: usize = usize::MAX;
     let mut at = [PADDING; TAPS];
     let mut wpairs = [[zero; 2]; DW_WEIGHTS];
-    let mut base = [[zero; 2]; CHANNELS / 16];
+    let mut base = [[zero; 2]; DW_BLOCKS];
     let mut first = 0;
     while first < blocks {
         let last = (first + group).min(blocks);
+        let d = Decoded::<{ DW_BLOCKS * 16 }>::new(
+            q,
+            bias,
+            first * 16,
+            ((last * 16).min(c)) - first * 16,
+        );
         for blk in first..last {
             let c0 = blk * 16;
             let (mut sum_lo, mut sum_hi) = (zero, zero);
@@ -1263,7 +1314,7 @@ fn depthwise_avx2(
                 wpairs[(blk - first) * pairs + pi] = wp;
             }
             // -zero_point * sum(w), in the interleaved lane order.
-            base[blk] = [
+            base[blk - first] = [
                 _mm256_mullo_epi32(sum_lo, offv),
                 _mm256_mullo_epi32(sum_hi, offv),
             ];
@@ -1287,7 +1338,7 @@ fn depthwise_avx2(
                     let o = ((b * g.out_h + oy) * g.out_w + ox) * c;
                     for blk in first..last {
                         let c0 = blk * 16;
-                        let [mut lo, mut hi] = base[blk];
+                        let [mut lo, mut hi] = base[blk - first];
                         let tap = |t: usize| match at[t] {
                             PADDING => zpv,
                             a => load16(input, a + c0),
@@ -1307,8 +1358,9 @@ fn depthwise_avx2(
                             );
                         }
                         // Back to channel order: lo = [0-3 | 8-11], hi = [4-7 | 12-15].
-                        let v0 = d.eight(_mm256_permute2x128_si256::<0x20>(lo, hi), c0);
-                        let v1 = d.eight(_mm256_permute2x128_si256::<0x31>(lo, hi), c0 + 8);
+                        let local = c0 - first * 16;
+                        let v0 = d.eight(_mm256_permute2x128_si256::<0x20>(lo, hi), local);
+                        let v1 = d.eight(_mm256_permute2x128_si256::<0x31>(lo, hi), local + 8);
                         let width = (c - c0).min(16);
                         if width == 16 {
                             let dst = &mut output[o + c0..o + c0 + 16];
