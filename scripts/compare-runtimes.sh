@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Kiln beside LiteRT and ONNX Runtime on the MLPerf Tiny models, one thread each, same inputs:
+# Kiln beside LiteRT, ONNX Runtime and tract on the MLPerf Tiny models, one thread each, same inputs:
 #
 #   ./scripts/compare-runtimes.sh [--runs N] [--write BENCHMARKS.md]
 #
@@ -12,9 +12,12 @@ export KILN_TESTDATA="${KILN_TESTDATA:-$(pwd)/../shared/testdata}"
 [ -d "$KILN_TESTDATA/models/mlperf-tiny" ] || { echo "error: no MLPerf Tiny models under $KILN_TESTDATA (set KILN_TESTDATA)"; exit 1; }
 command -v python3 >/dev/null || { echo "error: python3 is required"; exit 1; }
 cargo build --release -q -p kiln
+# tract (its own workspace: a large dependency the test suite does not need).
+CARGO_TARGET_DIR=target/compare-tract cargo build --release -q --manifest-path benches/compare/tract/Cargo.toml
 venv=target/compare-venv
 if [ ! -x "$venv/bin/python" ]; then
   python3 -m venv "$venv"
   "$venv/bin/pip" install -q ai-edge-litert==2.3.0 onnxruntime==1.32.0 numpy==2.4.6 onnx==1.22.0
 fi
-exec "$venv/bin/python" benches/compare/compare.py --kiln target/release/kiln --testdata "$KILN_TESTDATA" "$@"
+exec "$venv/bin/python" benches/compare/compare.py --kiln target/release/kiln \
+  --tract target/compare-tract/release/kiln-compare-tract --testdata "$KILN_TESTDATA" "$@"

@@ -13,6 +13,8 @@ For each model (KWS, ResNet-8, VWW) on the same input (the first TFLM golden sam
 - ONNX Runtime int8: the float .onnx quantized statically by onnxruntime.quantization (QDQ,
   per-channel weights, calibrated on the first 50 samples of the data set), one thread; and the
   float .onnx itself. KWS has no ONNX model in the test data: its ONNX columns are empty.
+- tract (the Rust crate tract-onnx, benches/compare/tract, single-threaded): the same float .onnx
+  and the same QDQ .onnx, optimized by tract (`into_optimized`); "—" where tract refuses a model.
 
 Every runtime does the same number of warm-up runs and timed runs; medians and p99 (nearest
 rank) in microseconds. Prints a Markdown table; with --write FILE, replaces the part of FILE
@@ -113,9 +115,21 @@ def kiln_bench(kiln, model, runs, backend):
     return json.loads(out.stdout)
 
 
+def tract_run(tract, path, x, runs, warmup, tmp):
+    """tract's latency on an ONNX model via benches/compare/tract, or None if tract fails."""
+    raw = os.path.join(tmp, "tract-input.f32")
+    x.astype("<f4").tofile(raw)
+    out = subprocess.run([tract, path, raw, str(runs), str(warmup)], capture_output=True, text=True)
+    if out.returncode != 0:
+        print(f"tract on {os.path.basename(path)}: {out.stderr.strip()}", file=sys.stderr)
+        return None
+    return json.loads(out.stdout)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--kiln", required=True)
+    ap.add_argument("--tract", help="the kiln-compare-tract binary (benches/compare/tract)")
     ap.add_argument("--testdata", required=True)
     ap.add_argument("--runs", type=int, default=300)
     ap.add_argument("--write")
@@ -152,6 +166,9 @@ def main():
             ort_quantize(path, q, xs[:50])
             row["ort_int8"] = ort_run(q, xs[0], a.runs, warmup)
             row["ort_f32"] = ort_run(path, xs[0], a.runs, warmup)
+            if a.tract:
+                row["tract_f32"] = tract_run(a.tract, path, xs[0], a.runs, warmup, tmp)
+                row["tract_int8"] = tract_run(a.tract, q, xs[0], a.runs, warmup, tmp)
         rows.append(row)
         print(json.dumps(row), file=sys.stderr)
 
@@ -178,14 +195,15 @@ def main():
         f"onnxruntime {onnxruntime.__version__}, numpy {np.__version__}; load average when it started: "
         f"{os.getloadavg()[0]:.2f}. Kiln's int8 kernels here: {rows[0]['kiln'].get('kernels', '?') if rows and rows[0].get('kiln') else '?'}.",
         "",
-        "| model | Kiln int8 | LiteRT int8 | ORT int8 (QDQ) | ORT f32 | Kiln candle f32 | Kiln / LiteRT | Kiln / ORT int8 |",
-        "|---|---|---|---|---|---|---|---|",
+        "| model | Kiln int8 | LiteRT int8 | ORT int8 (QDQ) | ORT f32 | tract int8 (QDQ) | tract f32 | Kiln candle f32 | Kiln / LiteRT | Kiln / ORT int8 | Kiln / tract int8 |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r['model']} | {cell(r, 'kiln')} / {cell(r, 'kiln', 'p99_us')} | {cell(r, 'litert')} / "
-            f"{cell(r, 'litert', 'p99_us')} | {cell(r, 'ort_int8')} | {cell(r, 'ort_f32')} | {cell(r, 'candle')} | "
-            f"{ratio(r, 'litert')} | {ratio(r, 'ort_int8')} |")
+            f"{cell(r, 'litert', 'p99_us')} | {cell(r, 'ort_int8')} | {cell(r, 'ort_f32')} | "
+            f"{cell(r, 'tract_int8')} | {cell(r, 'tract_f32')} | {cell(r, 'candle')} | "
+            f"{ratio(r, 'litert')} | {ratio(r, 'ort_int8')} | {ratio(r, 'tract_int8')} |")
     table = "\n".join(lines) + "\n"
     print(table)
     if a.write:
