@@ -200,6 +200,33 @@ impl<const N: usize> Decoded<N> {
         )
     }
 
+    /// [`Decoded::eight`] on sixteen lanes with AVX-512 (channels `c..c + 16`): sixteen int8.
+    /// The same arithmetic as [`requantize8`], with mask registers for the blends and compares
+    /// and one saturating narrow (a no-op on clamped values) at the end.
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    fn sixteen(&self, acc: __m512i, c: usize) -> __m128i {
+        let lanes = |a: &[i32; N]| -> __m512i {
+            let s = &a[c..c + 16];
+            // SAFETY: `s` is 16 readable i32 (64 bytes); unaligned load.
+            unsafe { _mm512_loadu_si512(s.as_ptr().cast()) }
+        };
+        let x = _mm512_add_epi32(acc, lanes(&self.bias));
+        let v = multiply16(
+            x,
+            lanes(&self.left),
+            lanes(&self.multiplier),
+            lanes(&self.right),
+            lanes(&self.mask),
+        );
+        let v = _mm512_add_epi32(v, _mm512_set1_epi32(self.zero_point));
+        let v = _mm512_min_epi32(
+            _mm512_max_epi32(v, _mm512_set1_epi32(self.min)),
+            _mm512_set1_epi32(self.max),
+        );
+        _mm512_cvtsepi32_epi8(v)
+    }
+
     /// Requantizes `sums[..n]` (channels `0..n`) into `out[..n]`.
     #[target_feature(enable = "avx2")]
     fn row(&self, sums: &[i32], out: &mut [i8]) {
@@ -298,8 +325,66 @@ pub fn add_sub_i8(
     if !usual || a.len() != out.len() || b.len() != out.len() || !has_avx2() {
         return 0;
     }
+    if has_avx512_vnni() {
+        // SAFETY: the CPU has AVX-512 F (checked just above, with VNNI).
+        return unsafe { add_sub_avx512(sub, p, zero_points, a, b, out) };
+    }
     // SAFETY: the CPU has AVX2 (checked just above).
     unsafe { add_sub_avx2(sub, p, zero_points, a, b, out) }
+}
+
+/// [`add_sub_avx2`] on sixteen lanes (AVX-512): the first `n - n % 16` elements.
+#[target_feature(enable = "avx512f")]
+fn add_sub_avx512(
+    sub: bool,
+    p: &crate::graph::BinaryParams,
+    [zp_a, zp_b, zp_out]: [i32; 3],
+    a: &[i8],
+    b: &[i8],
+    out: &mut [i8],
+) -> usize {
+    let lanes = |r: Requant| {
+        let right = -r.shift;
+        (
+            _mm512_set1_epi32(r.multiplier),
+            _mm512_set1_epi32(right),
+            _mm512_set1_epi32(((1i64 << right) - 1) as i32),
+        )
+    };
+    let (m0, r0, k0) = lanes(p.input0);
+    let (m1, r1, k1) = lanes(p.input1);
+    let (mo, ro, ko) = lanes(p.output);
+    let left = _mm512_set1_epi32(p.left_shift);
+    let zero = _mm512_setzero_si512();
+    let (za, zb) = (_mm512_set1_epi32(zp_a), _mm512_set1_epi32(zp_b));
+    let zo = _mm512_set1_epi32(zp_out);
+    let (lo, hi) = (
+        _mm512_set1_epi32(i32::from(p.clamp.min)),
+        _mm512_set1_epi32(i32::from(p.clamp.max)),
+    );
+    let load16 = |s: &[i8], i: usize| {
+        let v = &s[i..i + 16];
+        // SAFETY: `v` is 16 readable bytes.
+        _mm512_cvtepi8_epi32(unsafe { _mm_loadu_si128(v.as_ptr().cast()) })
+    };
+    let n = out.len() - out.len() % 16;
+    let mut i = 0;
+    while i < n {
+        let x = multiply16(_mm512_sub_epi32(load16(a, i), za), left, m0, r0, k0);
+        let y = multiply16(_mm512_sub_epi32(load16(b, i), zb), left, m1, r1, k1);
+        let raw = if sub {
+            _mm512_sub_epi32(x, y)
+        } else {
+            _mm512_add_epi32(x, y)
+        };
+        let v = _mm512_add_epi32(multiply16(raw, zero, mo, ro, ko), zo);
+        let v = _mm512_min_epi32(_mm512_max_epi32(v, lo), hi);
+        let d = &mut out[i..i + 16];
+        // SAFETY: `d` is 16 writable bytes.
+        unsafe { _mm_storeu_si128(d.as_mut_ptr().cast(), _mm512_cvtsepi32_epi8(v)) };
+        i += 16;
+    }
+    n
 }
 
 #[target_feature(enable = "avx2")]
@@ -354,6 +439,38 @@ fn add_sub_avx2(
         i += 8;
     }
     n
+}
+
+/// [`multiply8`] on sixteen lanes (AVX-512): TFLM's `MultiplyByQuantizedMultiplier(x,
+/// multiplier, left - right)`, with mask registers for the blends and compares. `mask` is
+/// `2^right - 1`. Multipliers must not be `i32::MIN`; `left`, `right` in `0..=31`.
+#[target_feature(enable = "avx512f")]
+#[inline]
+fn multiply16(
+    x: __m512i,
+    left: __m512i,
+    multiplier: __m512i,
+    right: __m512i,
+    mask: __m512i,
+) -> __m512i {
+    let x = _mm512_sllv_epi32(x, left);
+    let nudge = _mm512_set1_epi64(1 << 30);
+    let even = _mm512_srli_epi64::<31>(_mm512_add_epi64(_mm512_mul_epi32(x, multiplier), nudge));
+    let odd = _mm512_srli_epi64::<31>(_mm512_add_epi64(
+        _mm512_mul_epi32(
+            _mm512_srli_epi64::<32>(x),
+            _mm512_srli_epi64::<32>(multiplier),
+        ),
+        nudge,
+    ));
+    let high = _mm512_mask_blend_epi32(0xaaaa, even, _mm512_slli_epi64::<32>(odd));
+    let remainder = _mm512_and_si512(high, mask);
+    let negative = _mm512_cmplt_epi32_mask(high, _mm512_setzero_si512());
+    let half = _mm512_srli_epi32::<1>(mask);
+    let threshold = _mm512_mask_add_epi32(half, negative, half, _mm512_set1_epi32(1));
+    let up = _mm512_cmpgt_epi32_mask(remainder, threshold);
+    let shifted = _mm512_srav_epi32(high, right);
+    _mm512_mask_add_epi32(shifted, up, shifted, _mm512_set1_epi32(1))
 }
 
 /// Sums four int32 accumulators' lanes: `[sum(a), sum(b), sum(c), sum(d)]` (wrapping).
@@ -543,7 +660,7 @@ pub fn conv2d_i8(
     let k4 = (g.filter_h * g.filter_w * g.in_c).div_ceil(4) * 4;
     if fits && has_avx512_vnni() && 16 * k4 <= PACKED {
         // SAFETY: the CPU has AVX2 and AVX-512 F/VL/VNNI (checked just above).
-        unsafe { conv2d_vnni_packed(g, q, input, filter, bias, output) }
+        unsafe { conv2d_vnni512(g, q, input, filter, bias, output) }
     } else if fits && has_avx512_vnni() {
         // SAFETY: the CPU has AVX2 and AVX-512 F/VL/VNNI (checked just above).
         unsafe { conv2d_vnni(g, q, input, filter, bias, output) }
@@ -751,14 +868,14 @@ fn dot_rows_vnni(
     }
 }
 
-/// Bytes of packed weights [`conv2d_vnni_packed`] holds on the stack: at least 16 output
+/// Bytes of packed weights [`conv2d_vnni512`] holds on the stack: at least 16 output
 /// channels' rows (receptive fields up to 2 048 values; larger ones run [`conv2d_vnni`]).
 const PACKED: usize = 32_768;
 
-/// Output channels [`conv2d_vnni_packed`] packs and decodes at once.
+/// Output channels [`conv2d_vnni512`] packs and decodes at once.
 const CHUNK: usize = 64;
 
-/// Packs `out_c` weight rows of `k` int8 for [`conv2d_vnni_packed`]: block `b` (channels
+/// Packs `out_c` weight rows of `k` int8 for [`conv2d_vnni512`]: block `b` (channels
 /// `16b..16b + 16`), group `q` (row bytes `4q..4q + 4`) is 64 bytes at `(b * groups + q) * 64`:
 /// channels `16b..16b + 8`, 4 bytes each, then channels `16b + 8..16b + 16`. Bytes past a row
 /// or past the last channel are 0. Returns each row's sum (for the zero-point correction).
@@ -783,6 +900,34 @@ fn pack_weights(filter: &[i8], k: usize, out_c: usize, packed: &mut [i8], sums: 
     }
 }
 
+/// `dst.copy_from_slice(src)` for the short rows of an im2col (a tap's channels): 32 and 16 bytes
+/// at a time in vector registers instead of a call to `memmove` per tap.
+#[inline(always)]
+fn copy_short(src: &[i8], dst: &mut [i8]) {
+    let n = src.len().min(dst.len());
+    let mut i = 0;
+    while i + 32 <= n {
+        let (s, d) = (&src[i..i + 32], &mut dst[i..i + 32]);
+        // SAFETY: `s` and `d` are 32 readable / writable bytes; SSE2 is baseline on x86-64.
+        unsafe {
+            let lo = _mm_loadu_si128(s.as_ptr().cast());
+            let hi = _mm_loadu_si128(s.as_ptr().add(16).cast());
+            _mm_storeu_si128(d.as_mut_ptr().cast(), lo);
+            _mm_storeu_si128(d.as_mut_ptr().add(16).cast(), hi);
+        }
+        i += 32;
+    }
+    if i + 16 <= n {
+        let (s, d) = (&src[i..i + 16], &mut dst[i..i + 16]);
+        // SAFETY: `s` and `d` are 16 readable / writable bytes; SSE2 is baseline on x86-64.
+        unsafe { _mm_storeu_si128(d.as_mut_ptr().cast(), _mm_loadu_si128(s.as_ptr().cast())) };
+        i += 16;
+    }
+    for (d, &v) in dst[i..n].iter_mut().zip(&src[i..n]) {
+        *d = v;
+    }
+}
+
 /// im2col of output pixel `pixel` as raw bytes: in-image taps copied, padding taps `zero_point`,
 /// whatever beyond the receptive field (it meets zero weights).
 fn im2col_raw(g: &ConvGeometry, input: &[i8], pixel: usize, zero_point: i8, patch: &mut [i8]) {
@@ -800,7 +945,7 @@ fn im2col_raw(g: &ConvGeometry, input: &[i8], pixel: usize, zero_point: i8, patc
             let dst = &mut patch[at..at + c];
             if iy >= 0 && (iy as usize) < g.in_h && ix >= 0 && (ix as usize) < g.in_w {
                 let from = ((b * g.in_h + iy as usize) * g.in_w + ix as usize) * c;
-                dst.copy_from_slice(&input[from..from + c]);
+                copy_short(&input[from..from + c], dst);
             } else {
                 dst.fill(zero_point);
             }
@@ -809,16 +954,54 @@ fn im2col_raw(g: &ConvGeometry, input: &[i8], pixel: usize, zero_point: i8, patc
     }
 }
 
-/// CONV_2D with `VPDPBUSD` and output channels in the vector lanes: the weights packed once per
-/// call (see [`pack_weights`]) so that one 32-byte load holds 4 consecutive weights of 8
-/// channels, and each pixel's 4 input bytes are broadcast to all lanes (and turned unsigned,
-/// `x + 128`, by one XOR). Blocks of 4 output pixels by 16 channels, 8 accumulators, no
-/// horizontal sums: the lanes go straight to the output stage. With input channels in multiples
-/// of 4, each tap's channels are read in place (padding taps from a row of zero points); otherwise
-/// (first layers: 1 or 3 channels) each pixel's receptive field is copied first. The zero-point
-/// correction as in [`conv2d_vnni`].
+/// Output pixels of one [`conv2d_vnni512`] block.
+const PIXELS_512: usize = 8;
+
+/// The sum of int8 values (wrapping), 32 at a time (`VPSADBW` of the values made unsigned),
+/// then 16, then one by one.
+#[target_feature(enable = "avx2")]
+fn sum_i8(v: &[i8]) -> i32 {
+    let flip = _mm256_set1_epi8(i8::MIN);
+    let mut acc = _mm256_setzero_si256();
+    let mut chunks = v.chunks_exact(32);
+    for c in chunks.by_ref() {
+        // SAFETY: `c` is 32 readable bytes.
+        let x = unsafe { _mm256_loadu_si256(c.as_ptr().cast()) };
+        // Sums of (x + 128) per 8 bytes, in four 64-bit lanes.
+        let sad = _mm256_sad_epu8(_mm256_xor_si256(x, flip), _mm256_setzero_si256());
+        acc = _mm256_add_epi64(acc, sad);
+    }
+    let mut rest = chunks.remainder();
+    let mut lanes = [0i64; 4];
+    // SAFETY: `lanes` is 32 writable bytes.
+    unsafe { _mm256_storeu_si256(lanes.as_mut_ptr().cast(), acc) };
+    let mut total = lanes.iter().sum::<i64>() - 128 * (v.len() - rest.len()) as i64;
+    if rest.len() >= 16 {
+        // SAFETY: `rest` has at least 16 readable bytes.
+        let x = unsafe { _mm_loadu_si128(rest.as_ptr().cast()) };
+        let sad = _mm_sad_epu8(
+            _mm_xor_si128(x, _mm256_castsi256_si128(flip)),
+            _mm_setzero_si128(),
+        );
+        total +=
+            i64::from(_mm_cvtsi128_si32(sad)) + i64::from(_mm_extract_epi32::<2>(sad)) - 128 * 16;
+        rest = &rest[16..];
+    }
+    rest.iter()
+        .fold(total as i32, |s, &x| s.wrapping_add(i32::from(x)))
+}
+
+/// CONV_2D with 512-bit `VPDPBUSD`. The packed weights (see [`pack_weights`]; one 64-byte load =
+/// 4 consecutive weights of 16 channels) are made unsigned (`w + 128`) and the activations stay
+/// signed: each pixel's receptive field is copied as it is (padding taps hold the zero point,
+/// bytes past the field 0), and its 4 bytes at a time are the instruction's broadcast operand.
+/// So a sum is `sum((w + 128) * x)`: TFLM's `sum(w * (x - zero_point))` is that minus
+/// `128 * sum(x)` (per pixel, taken off before the output stage) minus `zero_point * sum(w)` (per
+/// channel, taken off the bias). Blocks of 8 pixels by 16 channels: 8 accumulators, one weight
+/// load and 8 `VPDPBUSD` per 4 input bytes (512 MACs). Products are at most `255 * 128` and four
+/// of them fit int32; sums wrap like the portable body's.
 #[target_feature(enable = "avx2,avx512f,avx512vl,avx512vnni")]
-fn conv2d_vnni_packed(
+fn conv2d_vnni512(
     g: &ConvGeometry,
     q: &QuantizedOutput<'_>,
     input: &[i8],
@@ -826,41 +1009,36 @@ fn conv2d_vnni_packed(
     bias: Option<&[i32]>,
     output: &mut [i8],
 ) {
-    // Stack buffers sized to the layer's class (zero-filling them is not free on small layers).
     let k4 = (g.filter_h * g.filter_w * g.in_c).div_ceil(4) * 4;
-    let direct = g.in_c.is_multiple_of(4) && g.in_c <= PAD_ROW && g.filter_h * g.filter_w <= TAPS;
     let small = g.out_c.div_ceil(16) * 16 * k4 <= SMALL_PACKED;
-    let run = |packed: &mut [i8], patch: &mut [i8], output: &mut [i8]| {
-        conv2d_vnni_packed_in(g, q, input, filter, bias, output, packed, patch)
-    };
-    match (small, direct) {
-        (true, true) => run(&mut [0; SMALL_PACKED], &mut [], output),
-        (false, true) => run(&mut [0; PACKED], &mut [], output),
-        (true, false) => run(
+    let mut patch = [0i8; PIXELS_512 * PATCH_512];
+    let patch = &mut patch[..PIXELS_512 * k4];
+    if small {
+        conv2d_vnni512_in(
+            g,
+            q,
+            input,
+            filter,
+            bias,
+            output,
             &mut [0; SMALL_PACKED],
-            &mut [0; VNNI_PIXELS * PATCH][..VNNI_PIXELS * k4],
-            output,
-        ),
-        (false, false) => run(
-            &mut [0; PACKED],
-            &mut [0; VNNI_PIXELS * PATCH][..VNNI_PIXELS * k4],
-            output,
-        ),
+            patch,
+        )
+    } else {
+        conv2d_vnni512_in(g, q, input, filter, bias, output, &mut [0; PACKED], patch)
     }
 }
+
+/// Longest receptive field of [`conv2d_vnni512`] (values, rounded up to 4): 16 channels' packed
+/// rows fit [`PACKED`].
+const PATCH_512: usize = PACKED / 16;
 
 /// Packed-weight bytes of a small layer (all of its output channels).
 const SMALL_PACKED: usize = 8_192;
 
-/// Longest row of zero points for padding taps read in place (input channels).
-const PAD_ROW: usize = 1_024;
-
-/// [`conv2d_vnni_packed`] with its buffers: `packed` (at least 16 rows of the receptive field
-/// rounded up to 4), and `patch` (4 receptive fields, rounded up to 4) when the input channels
-/// are not read in place, else empty.
 #[target_feature(enable = "avx2,avx512f,avx512vl,avx512vnni")]
 #[allow(clippy::too_many_arguments)]
-fn conv2d_vnni_packed_in(
+fn conv2d_vnni512_in(
     g: &ConvGeometry,
     q: &QuantizedOutput<'_>,
     input: &[i8],
@@ -873,19 +1051,13 @@ fn conv2d_vnni_packed_in(
     let k = g.filter_h * g.filter_w * g.in_c;
     let groups = k.div_ceil(4);
     let k4 = groups * 4;
-    let zp = q.input_zero_point as i8;
-    // Output channels packed at once: a multiple of 16, at most CHUNK, within `packed`.
     let chunk = (packed.len() / k4 / 16 * 16).min(CHUNK);
     let mut sums = [0i32; CHUNK];
-    let taps = g.filter_h * g.filter_w;
-    let direct = patch.is_empty();
-    let pad_row = [zp; PAD_ROW];
-    // What each pixel reads, tap by tap (direct reads only; copied patches are read whole).
-    let mut srcs: [[&[i8]; TAPS]; VNNI_PIXELS] = [[&[]; TAPS]; VNNI_PIXELS];
+    let zp = q.input_zero_point as i8;
+    let mut xsum = [0i32; PIXELS_512];
     let pixels = g.batch * g.out_h * g.out_w;
-    let per_image = g.out_h * g.out_w;
-    let z = _mm256_setzero_si256();
-    let flip = _mm256_set1_epi8(i8::MIN);
+    let flip = _mm512_set1_epi8(i8::MIN);
+    let z = _mm512_setzero_si512();
     let mut first = 0;
     while first < g.out_c {
         let count = (g.out_c - first).min(chunk);
@@ -896,102 +1068,70 @@ fn conv2d_vnni_packed_in(
             packed,
             &mut sums,
         );
+        let blocks = count.div_ceil(16);
+        for w in packed[..blocks * groups * 64].chunks_exact_mut(64) {
+            // SAFETY: `w` is 64 readable and writable bytes.
+            unsafe {
+                let v = _mm512_loadu_si512(w.as_ptr().cast());
+                _mm512_storeu_si512(w.as_mut_ptr().cast(), _mm512_xor_si512(v, flip));
+            }
+        }
         let mut d = Decoded::<CHUNK>::new(q, bias, first, count);
         for (b, &sum) in d.bias.iter_mut().zip(&sums).take(count) {
-            *b = b.wrapping_sub((q.input_zero_point + 128).wrapping_mul(sum));
+            *b = b.wrapping_sub(q.input_zero_point.wrapping_mul(sum));
         }
-        let blocks = count.div_ceil(16);
         let mut p = 0;
         while p < pixels {
-            // A last block of fewer pixels repeats the last one (computed, not stored twice).
             let px = |i: usize| (p + i).min(pixels - 1);
-            let n = (pixels - p).min(VNNI_PIXELS);
-            if direct {
-                for (i, src) in srcs.iter_mut().enumerate() {
-                    let pixel = px(i);
-                    let (b, rest) = (pixel / per_image, pixel % per_image);
-                    let (oy, ox) = (rest / g.out_w, rest % g.out_w);
-                    let y0 = (oy * g.stride_h) as isize - g.pad_top as isize;
-                    let x0 = (ox * g.stride_w) as isize - g.pad_left as isize;
-                    for (t, tap) in src.iter_mut().enumerate().take(taps) {
-                        let iy = y0 + ((t / g.filter_w) * g.dilation_h) as isize;
-                        let ix = x0 + ((t % g.filter_w) * g.dilation_w) as isize;
-                        let inside =
-                            iy >= 0 && (iy as usize) < g.in_h && ix >= 0 && (ix as usize) < g.in_w;
-                        *tap = if inside {
-                            let from = ((b * g.in_h + iy as usize) * g.in_w + ix as usize) * g.in_c;
-                            &input[from..from + g.in_c]
-                        } else {
-                            &pad_row[..g.in_c]
-                        };
-                    }
-                }
-            } else {
-                for (i, row) in patch.chunks_exact_mut(k4).enumerate() {
-                    im2col_raw(g, input, px(i), zp, row);
-                }
+            let n = (pixels - p).min(PIXELS_512);
+            for (i, row) in patch.chunks_exact_mut(k4).enumerate() {
+                im2col_raw(g, input, px(i), zp, &mut row[..k]);
+                row[k..].fill(0);
+                xsum[i] = sum_i8(&row[..k]);
             }
-            let (n_srcs, src_len) = if direct { (taps, g.in_c) } else { (1, k4) };
-            let src = |i: usize, t: usize| -> &[i8] {
-                if direct {
-                    srcs[i][t]
-                } else {
-                    &patch[i * src_len..(i + 1) * src_len]
-                }
-            };
+            // Each row as groups of 4 bytes, `groups` of them (bounds known to the loop below).
+            let rows: [&[[i8; 4]]; PIXELS_512] =
+                core::array::from_fn(|i| &patch[i * k4..(i + 1) * k4].as_chunks::<4>().0[..groups]);
             for b in 0..blocks {
-                let mut wq = packed[b * groups * 64..(b + 1) * groups * 64].chunks_exact(64);
-                let (mut a0, mut a1, mut b0, mut b1) = (z, z, z, z);
-                let (mut c0, mut c1, mut d0, mut d1) = (z, z, z, z);
-                for t in 0..n_srcs {
-                    let quads = src(0, t)
-                        .chunks_exact(4)
-                        .zip(src(1, t).chunks_exact(4))
-                        .zip(src(2, t).chunks_exact(4))
-                        .zip(src(3, t).chunks_exact(4));
-                    for ((((x0, x1), x2), x3), w) in quads.zip(wq.by_ref()) {
-                        // SAFETY: `w` is 64 readable bytes.
-                        let (w0, w1) = unsafe {
-                            (
-                                _mm256_loadu_si256(w.as_ptr().cast()),
-                                _mm256_loadu_si256(w.as_ptr().add(32).cast()),
-                            )
-                        };
-                        let bcast = |x: &[i8]| {
-                            let v = i32::from_le_bytes([
-                                x[0] as u8, x[1] as u8, x[2] as u8, x[3] as u8,
-                            ]);
-                            _mm256_xor_si256(_mm256_set1_epi32(v), flip)
-                        };
-                        let (v0, v1, v2, v3) = (bcast(x0), bcast(x1), bcast(x2), bcast(x3));
-                        a0 = _mm256_dpbusd_epi32(a0, v0, w0);
-                        a1 = _mm256_dpbusd_epi32(a1, v0, w1);
-                        b0 = _mm256_dpbusd_epi32(b0, v1, w0);
-                        b1 = _mm256_dpbusd_epi32(b1, v1, w1);
-                        c0 = _mm256_dpbusd_epi32(c0, v2, w0);
-                        c1 = _mm256_dpbusd_epi32(c1, v2, w1);
-                        d0 = _mm256_dpbusd_epi32(d0, v3, w0);
-                        d1 = _mm256_dpbusd_epi32(d1, v3, w1);
-                    }
+                let w = &packed[b * groups * 64..(b + 1) * groups * 64];
+                let (mut a0, mut a1, mut a2, mut a3) = (z, z, z, z);
+                let (mut a4, mut a5, mut a6, mut a7) = (z, z, z, z);
+                let bcast = |x: [i8; 4]| _mm512_set1_epi32(i32::from_le_bytes(x.map(|v| v as u8)));
+                for (j, wq) in w.chunks_exact(64).enumerate() {
+                    // SAFETY: `wq` is 64 readable bytes.
+                    let wv = unsafe { _mm512_loadu_si512(wq.as_ptr().cast()) };
+                    a0 = _mm512_dpbusd_epi32(a0, wv, bcast(rows[0][j]));
+                    a1 = _mm512_dpbusd_epi32(a1, wv, bcast(rows[1][j]));
+                    a2 = _mm512_dpbusd_epi32(a2, wv, bcast(rows[2][j]));
+                    a3 = _mm512_dpbusd_epi32(a3, wv, bcast(rows[3][j]));
+                    a4 = _mm512_dpbusd_epi32(a4, wv, bcast(rows[4][j]));
+                    a5 = _mm512_dpbusd_epi32(a5, wv, bcast(rows[5][j]));
+                    a6 = _mm512_dpbusd_epi32(a6, wv, bcast(rows[6][j]));
+                    a7 = _mm512_dpbusd_epi32(a7, wv, bcast(rows[7][j]));
                 }
                 let c = b * 16;
                 let width = (count - c).min(16);
-                for (i, (lo, hi)) in [(a0, a1), (b0, b1), (c0, c1), (d0, d1)]
+                for (i, acc) in [a0, a1, a2, a3, a4, a5, a6, a7]
                     .into_iter()
                     .enumerate()
                     .take(n)
                 {
-                    let mut block = [0i8; 16];
-                    // SAFETY: `block` is 16 writable bytes; each store writes 8.
-                    unsafe {
-                        _mm_storel_epi64(block.as_mut_ptr().cast(), d.eight(lo, c));
-                        _mm_storel_epi64(block.as_mut_ptr().add(8).cast(), d.eight(hi, c + 8));
-                    }
+                    let acc = _mm512_sub_epi32(acc, _mm512_set1_epi32(xsum[i].wrapping_mul(128)));
+                    let v = d.sixteen(acc, c);
                     let at = px(i) * g.out_c + first + c;
-                    output[at..at + width].copy_from_slice(&block[..width]);
+                    if width == 16 {
+                        let dst = &mut output[at..at + 16];
+                        // SAFETY: `dst` is 16 writable bytes.
+                        unsafe { _mm_storeu_si128(dst.as_mut_ptr().cast(), v) };
+                    } else {
+                        let mut block = [0i8; 16];
+                        // SAFETY: `block` is 16 writable bytes.
+                        unsafe { _mm_storeu_si128(block.as_mut_ptr().cast(), v) };
+                        output[at..at + width].copy_from_slice(&block[..width]);
+                    }
                 }
             }
-            p += VNNI_PIXELS;
+            p += PIXELS_512;
         }
         first += count;
     }
@@ -1582,6 +1722,42 @@ mod tests {
         fn fully_connected_fast_path_is_bit_exact(c in fc_case()) {
             let (fast, want) = c.run(fully_connected_i8);
             prop_assert_eq!(fast, want);
+        }
+
+        #[test]
+        fn add_and_sub_bodies_match_the_scalar_kernel(
+            (a, b) in (0usize..100).prop_flat_map(|n| (vec(any::<i8>(), n), vec(any::<i8>(), n))),
+            scales in (0.002f32..0.2, 0.002f32..0.2, 0.002f32..0.2),
+            zps in (zero_point(), zero_point(), zero_point()),
+            clamp in clamp(),
+            sub in any::<bool>(),
+        ) {
+            if !has_avx2() {
+                return Ok(());
+            }
+            let p = crate::kernels::quantize::add_params(scales.0, scales.1, scales.2, clamp);
+            let zp = [zps.0, zps.1, zps.2];
+            // The scalar kernel, one element at a time (too short for any fast path).
+            let one = crate::kernels::binary::BroadcastShapes::new(&[1], &[1], &[1]).unwrap();
+            let want: std::vec::Vec<i8> = a.iter().zip(&b).map(|(&x, &y)| {
+                let mut o = [0i8];
+                if sub {
+                    crate::kernels::binary::sub_i8(&one, &p, zp, &[x], &[y], &mut o);
+                } else {
+                    crate::kernels::binary::add_i8(&one, &p, zp, &[x], &[y], &mut o);
+                }
+                o[0]
+            }).collect();
+            let mut out = std::vec![0i8; a.len()];
+            // SAFETY: AVX2 checked above.
+            let n = unsafe { add_sub_avx2(sub, &p, zp, &a, &b, &mut out) };
+            prop_assert_eq!(&out[..n], &want[..n], "AVX2 body");
+            if has_avx512_vnni() {
+                let mut out = std::vec![0i8; a.len()];
+                // SAFETY: AVX-512 checked just above.
+                let n = unsafe { add_sub_avx512(sub, &p, zp, &a, &b, &mut out) };
+                prop_assert_eq!(&out[..n], &want[..n], "AVX-512 body");
+            }
         }
 
         #[test]
