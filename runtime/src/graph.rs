@@ -320,11 +320,11 @@ pub struct ConcatParams {
 /// What an op does.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq)]
 pub enum OpKind {
-    /// inputs: input, filter, [bias]; output.
+    /// inputs: input, filter, \[bias\]; output.
     Conv2d(ConvParams),
-    /// inputs: input, filter (1,H,W,C*M), [bias]; output.
+    /// inputs: input, filter (1,H,W,C*M), \[bias\]; output.
     DepthwiseConv2d(ConvParams),
-    /// inputs: input, weights (out, in), [bias]; output.
+    /// inputs: input, weights (out, in), \[bias\]; output.
     FullyConnected(FullyConnectedParams),
     /// Element-wise sum with NumPy broadcasting.
     Add(BinaryParams),

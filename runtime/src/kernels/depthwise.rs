@@ -4,7 +4,7 @@
 //!
 //! The int8 body follows TFLM's reference `integer_ops/depthwise_conv.h` exactly (same per-output
 //! sum, bias, requantization, zero point and clamp as CONV_2D). Both bodies walk one output pixel
-//! at a time and keep up to [`CHUNK`] output-channel accumulators on the stack, so each in-image
+//! at a time and keep up to `CHUNK` output-channel accumulators on the stack, so each in-image
 //! tap is one pass over a contiguous filter row (and, for `depth_multiplier == 1`, a contiguous
 //! input row).
 

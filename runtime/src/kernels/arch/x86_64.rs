@@ -14,7 +14,7 @@
 //! - Padding. Taps outside the image are zeros in the im2col patch (conv) or the zero point
 //!   itself (depthwise, where the offset is added once per channel as `offset * sum(w)`): both
 //!   add exactly 0, as skipping them does.
-//! - Output stage. [`requantize8`] is TFLM's `MultiplyByQuantizedMultiplier`, zero point and
+//! - Output stage. `requantize8` is TFLM's `MultiplyByQuantizedMultiplier`, zero point and
 //!   clamp on eight lanes: the left shift as a lane-wise shift (wrapping, as the portable
 //!   `wrapping_mul(1 << left)`), the doubling high multiply as `(a * b + 2^30) >> 31` on 64-bit
 //!   lanes (equal to gemmlowp's rounding for every pair but `a = b = i32::MIN`, which the entry
@@ -1333,7 +1333,7 @@ fn fully_connected_avx2(
 }
 
 /// See [`crate::kernels::depthwise::depthwise_conv2d_i8`]: the AVX2 body when the CPU has AVX2
-/// and the op has a depth multiplier of 1, at most [`TAPS`] filter taps and [`CHANNELS`]
+/// and the op has a depth multiplier of 1, at most `TAPS` (64) filter taps and [`CHANNELS`]
 /// channels; otherwise the portable body.
 pub fn depthwise_conv2d_i8(
     g: &ConvGeometry,
