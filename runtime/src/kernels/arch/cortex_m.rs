@@ -553,18 +553,9 @@ pub fn requantize(acc: i32, r: Requant, output_zero_point: i32, clamp: ClampI8) 
 /// 24 bytes each).
 const CHANNELS: usize = 64;
 
-/// True when every requantization entry is in the range [`Channel`] handles (multiplier not
-/// `i32::MIN`, shift in `-31..=30`: every valid TFLite model). Kernels run the portable body
-/// otherwise.
-fn usual_requant(q: &QuantizedOutput<'_>) -> bool {
-    q.requant
-        .iter()
-        .all(|r| r.multiplier != i32::MIN && (-31..=30).contains(&r.shift))
-}
-
 /// One output channel's bias and requantization, decoded once per kernel call and applied to
 /// every output of the channel: [`requantize`] with the left shift as a multiplier, and the
-/// rounding right shift's mask prepared. Only for [`usual_requant`] parameters.
+/// rounding right shift's mask prepared. Only for [`super::usual_requant`] parameters.
 #[derive(Clone, Copy, Default)]
 struct Channel {
     /// `bias * scale` (wrapping): `(acc + bias) * scale` is `acc * scale + bias * scale` modulo
@@ -599,7 +590,7 @@ impl OutputStage {
 
 impl Channel {
     /// Channel `oc` of `q` (per-tensor when `q.requant` has one entry); `q` must pass
-    /// [`usual_requant`].
+    /// [`super::usual_requant`].
     fn new(oc: usize, bias: Option<&[i32]>, q: &QuantizedOutput<'_>) -> Self {
         let r = if q.requant.len() > 1 {
             q.requant[oc]
@@ -764,7 +755,7 @@ pub fn conv2d_i8(
                 && k <= MAX_PATCH
                 && k > 0
                 && g.out_c > 0
-                && usual_requant(q) =>
+                && super::usual_requant(q.requant) =>
         {
             off
         }
@@ -864,7 +855,7 @@ pub fn depthwise_conv2d_i8(
             if g.depth_multiplier == 1
                 && g.in_c.is_multiple_of(4)
                 && g.out_c == g.in_c
-                && usual_requant(q) =>
+                && super::usual_requant(q.requant) =>
         {
             off
         }
@@ -1055,7 +1046,7 @@ pub fn fully_connected_i8(
             if q.filter_zero_point == 0
                 && n <= MAX_FC_FEATURES
                 && g.out_features > 0
-                && usual_requant(q) =>
+                && super::usual_requant(q.requant) =>
         {
             off
         }

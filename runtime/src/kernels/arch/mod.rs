@@ -58,3 +58,13 @@ pub fn active() -> &'static str {
     #[cfg(not(any(kiln_dsp_kernels, kiln_neon_kernels, kiln_x86_kernels)))]
     return "portable";
 }
+
+/// True when every requantization entry is in the range the Cortex-M and x86-64 output stages
+/// handle: multiplier not `i32::MIN` (their `(a * b + 2^30) >> 31` high multiply equals
+/// gemmlowp's everywhere else; proof at `cortex_m::requantize`) and shift in `-31..=30` (every
+/// valid TFLite model). Kernels run the portable body otherwise.
+pub(crate) fn usual_requant(requant: &[crate::graph::Requant]) -> bool {
+    requant
+        .iter()
+        .all(|r| r.multiplier != i32::MIN && (-31..=30).contains(&r.shift))
+}

@@ -106,14 +106,6 @@ unsafe fn xgetbv0() -> u64 {
     unsafe { _xgetbv(0) }
 }
 
-/// True when every requantization entry is in the range the output stage handles (multiplier not
-/// `i32::MIN`, shift in `-31..=30`: every valid TFLite model).
-fn usual_requant(requant: &[Requant]) -> bool {
-    requant
-        .iter()
-        .all(|r| r.multiplier != i32::MIN && (-31..=30).contains(&r.shift))
-}
-
 /// `-zero_point` when every `v - zero_point` of an int8 `v` fits int16 exactly with room for
 /// [`VPMADDWD`]'s pair sums (`|v| <= 255` for every valid model).
 fn offset16(zero_point: i32) -> Option<i16> {
@@ -636,7 +628,7 @@ fn conv_fits(
         && k > 0
         && k.div_ceil(32) * 32 <= PATCH
         && g.out_c <= CHANNELS
-        && usual_requant(q.requant)
+        && super::usual_requant(q.requant)
         && offset16(q.input_zero_point).is_some()
         && input.len() == g.batch * g.in_h * g.in_w * g.in_c
         && filter.len() == g.out_c * k
@@ -1271,7 +1263,7 @@ pub fn fully_connected_i8(
     let fits = n > 0
         && n.div_ceil(16) * 16 <= PATCH
         && g.out_features <= CHANNELS
-        && usual_requant(q.requant)
+        && super::usual_requant(q.requant)
         && offset16(q.input_zero_point).is_some()
         && offset16(q.filter_zero_point).is_some()
         && input.len() == g.batch * n
@@ -1349,7 +1341,7 @@ pub fn depthwise_conv2d_i8(
         && taps > 0
         && taps <= TAPS
         && g.out_c <= CHANNELS
-        && usual_requant(q.requant)
+        && super::usual_requant(q.requant)
         && offset16(q.input_zero_point).is_some()
         && input.len() == g.batch * g.in_h * g.in_w * g.in_c
         && filter.len() == taps * g.out_c
