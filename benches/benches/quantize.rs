@@ -5,7 +5,6 @@
 use criterion::{criterion_group, criterion_main, Criterion};
 use kiln::npy::{read_real, Array};
 use kiln::quantize::pipeline::{quantize, Precision, Request};
-use kiln::quantize::QuantizeOptions;
 
 fn quantize_resnet8(c: &mut Criterion) {
     let Some(dir) = kiln_benches::testdata() else {
@@ -27,17 +26,8 @@ fn quantize_resnet8(c: &mut Criterion) {
     group.bench_function("resnet8_int8_100_samples", |b| {
         b.iter(|| {
             let req = Request {
-                name: "resnet8".into(),
-                graph: graph.clone(),
-                source: serde_json::Value::Null,
-                calib: &calib,
-                calib_sha256: String::new(),
-                precision: Precision::Int8,
-                options: QuantizeOptions::default(),
-                eval: None,
-                max_accuracy_drop: None,
                 selftest_count: 4,
-                extra: serde_json::Value::Null,
+                ..Request::new("resnet8", graph.clone(), &calib, Precision::Int8)
             };
             quantize(req, |_, _, _| {}).expect("quantize")
         })

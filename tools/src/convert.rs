@@ -78,13 +78,33 @@ pub fn assemble_graph_with_lineage(
     lineage: serde_json::Value,
 ) -> Result<Vec<u8>> {
     let lowered = lower(g)?;
-    let mut json = serde_json::json!({ "name": name, "kiln_version": env!("CARGO_PKG_VERSION"), "arena_bytes": lowered.arena_bytes });
+    let mut json = serde_json::json!({
+        "name": name,
+        "kiln_version": env!("CARGO_PKG_VERSION"),
+        "arena_bytes": lowered.arena_bytes,
+        "tensor_names": lowered.constant_names(g),
+    });
     if let (Some(obj), serde_json::Value::Object(extra)) = (json.as_object_mut(), lineage) {
         obj.extend(extra);
     }
     let json = json.to_string();
     let manifest = postcard::to_allocvec(&Manifest { name, json: &json })?;
     assemble(&lowered, &manifest, None)
+}
+
+/// A bare artifact of an already lowered graph: GRAPH, WEIGHTS and a MANIFEST with `name` and the
+/// JSON object `json` exactly as given (no lineage, no `tensor_names` unless `json` has them).
+///
+/// # Errors
+/// The sections do not fit the format's limits.
+pub fn assemble_lowered(
+    lowered: &Lowered,
+    name: &str,
+    json: &serde_json::Value,
+) -> Result<Vec<u8>> {
+    let json = json.to_string();
+    let manifest = postcard::to_allocvec(&Manifest { name, json: &json })?;
+    assemble(lowered, &manifest, None)
 }
 
 fn assemble(lowered: &Lowered, manifest: &[u8], self_tests: Option<&[u8]>) -> Result<Vec<u8>> {
@@ -132,6 +152,8 @@ pub fn convert_graph_with(
     samples: Option<(&Array, usize)>,
     precision: Precision,
 ) -> Result<Converted> {
+    graph = crate::lower::normalize(&graph).context("cannot prepare the model")?;
+    crate::passes::fold_constants(&mut graph);
     if precision == Precision::Fp16 {
         graph = to_fp16(&graph).context("cannot store the model as f16")?;
     }
@@ -143,6 +165,7 @@ pub fn convert_graph_with(
         "conversion": { "command": "convert", "precision": precision.name() },
         "arena_bytes": lowered.arena_bytes,
         "liveness_lower_bound_bytes": lowered.liveness_lower_bound,
+        "tensor_names": lowered.constant_names(&graph),
     })
     .to_string();
     let manifest = postcard::to_allocvec(&Manifest { name, json: &json })?;

@@ -614,14 +614,22 @@ fn write_npz(path: &Path, x: &Array, y: &[i64]) -> Result<()> {
 }
 
 /// The float artifact: GRAPH, WEIGHTS, a MANIFEST and SELFTEST vectors from `selftest`.
-fn float_artifact(g: &Graph, selftest: &Array, count: usize, json: &str) -> Result<Vec<u8>> {
+fn float_artifact(
+    g: &Graph,
+    selftest: &Array,
+    count: usize,
+    mut json: serde_json::Value,
+) -> Result<Vec<u8>> {
     // The bare artifact computes the self-test outputs; the final one adds them.
     let bare = assemble_graph(g, "kiln-demo-float")?;
     let cases = capture_raw(&bare, selftest, count)?;
     let lowered = lower(g)?;
+    if let Some(obj) = json.as_object_mut() {
+        obj.insert("tensor_names".into(), lowered.constant_names(g));
+    }
     let manifest = postcard::to_allocvec(&Manifest {
         name: "kiln-demo-float",
-        json,
+        json: &json.to_string(),
     })?;
     let selftest = encode_self_tests(&cases)?;
     write_artifact(
@@ -808,9 +816,8 @@ pub fn run(opts: &DemoOptions) -> Result<DemoReport> {
         "kiln_version": env!("CARGO_PKG_VERSION"),
         "source": { "format": "kiln-demo", "seed": opts.seed, "epochs": opts.epochs, "train_samples": opts.train },
         "pruning": pruning,
-    })
-    .to_string();
-    let float_bytes = float_artifact(&graph, &calib, 4, &float_json)?;
+    });
+    let float_bytes = float_artifact(&graph, &calib, 4, float_json)?;
     let float_path = opts.out.join("demo-float.kiln");
     write(&float_path, &float_bytes)?;
     let eval = EvalSet {

@@ -53,6 +53,28 @@ pub struct LowerOptions {
     pub keep_all_alive: bool,
 }
 
+impl Lowered {
+    /// The MANIFEST's `tensor_names`: one entry per artifact tensor, the source model's name of
+    /// each constant (weights, biases, operands) and `null` for activations, so that `kiln
+    /// export-weights` writes the model's own names and its output applies back by name with
+    /// `--weights`. `g` is the graph this was lowered from.
+    pub fn constant_names(&self, g: &Graph) -> serde_json::Value {
+        let count = self.tensor_index.iter().flatten().count();
+        let mut names = vec![serde_json::Value::Null; count];
+        for (h, a) in self.tensor_index.iter().enumerate() {
+            let (Some(a), Some(t)) = (a, g.tensors.get(h)) else {
+                continue;
+            };
+            if t.data.is_some() && !t.name.is_empty() {
+                if let Some(slot) = names.get_mut(usize::from(*a)) {
+                    *slot = t.name.clone().into();
+                }
+            }
+        }
+        names.into()
+    }
+}
+
 struct WeightsBuilder {
     bytes: Vec<u8>,
 }

@@ -9,7 +9,6 @@ mod common;
 use kiln::artifact::AlignedBytes;
 use kiln::npy::{read_npz_i8, read_real, Array};
 use kiln::quantize::pipeline::{quantize, Precision, Request};
-use kiln::quantize::QuantizeOptions;
 use kiln::runner::{run_batch, Outputs};
 use kiln_runtime::candle_backend::CandleModel;
 use kiln_runtime::graph::DType;
@@ -126,19 +125,7 @@ fn resnet8_f32_and_fp16_on_candle_match_the_portable_kernels() {
         .expect("convert")
         .artifact;
     let fp16_artifact = quantize(
-        Request {
-            name: "r8".into(),
-            graph,
-            source: serde_json::Value::Null,
-            calib: &calib,
-            calib_sha256: String::new(),
-            precision: Precision::Fp16,
-            options: QuantizeOptions::default(),
-            eval: None,
-            max_accuracy_drop: None,
-            selftest_count: 1,
-            extra: serde_json::Value::Null,
-        },
+        Request::new("r8", graph, &calib, Precision::Fp16),
         |_, _, _| {},
     )
     .expect("quantize")

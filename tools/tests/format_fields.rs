@@ -20,7 +20,6 @@ use kiln_runtime::format::{SectionKind, HEADER_LEN, SECTION_ENTRY_LEN, TRAILER_F
 use kiln_runtime::graph::{
     DType, GraphHeader, Location, OpDef, OpKind, Quant, ScratchRef, TensorDef, MAX_RANK, NO_TENSOR,
 };
-use kiln_runtime::sections::Manifest;
 use kiln_runtime::{Interpreter, Model, ModelError};
 use sha2::{Digest, Sha256};
 
@@ -224,23 +223,7 @@ fn synthetic_graph(int8: bool) -> ir::Graph {
 
 fn synthetic_artifact(int8: bool) -> Vec<u8> {
     let lowered = lower(&synthetic_graph(int8)).expect("lower the synthetic graph");
-    let manifest = postcard::to_allocvec(&Manifest {
-        name: "synthetic",
-        json: "{}",
-    })
-    .unwrap();
-    write_artifact(
-        HeaderFields {
-            arena_bytes: lowered.arena_bytes as u32,
-            ..Default::default()
-        },
-        &[
-            (SectionKind::Graph, &lowered.graph),
-            (SectionKind::Weights, &lowered.weights),
-            (SectionKind::Manifest, &manifest),
-        ],
-    )
-    .unwrap()
+    kiln::convert::assemble_lowered(&lowered, "synthetic", &serde_json::json!({})).unwrap()
 }
 
 fn base() -> Vec<u8> {

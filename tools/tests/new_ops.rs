@@ -5,15 +5,13 @@
 //!
 //! Everything is built in code with a fixed pseudo-random generator; no test data is needed.
 
-use kiln::artifact::{write_artifact, AlignedBytes, HeaderFields};
+use kiln::artifact::AlignedBytes;
 use kiln::ir;
 use kiln::lower::{lower, to_fp16, Lowered};
-use kiln_runtime::format::SectionKind;
 use kiln_runtime::graph::{
     Activation, BinaryParams, ClampI8, DType, GraphHeader, OpDef, OpKind, UnaryFn,
 };
 use kiln_runtime::kernels::quantize::add_params;
-use kiln_runtime::sections::Manifest;
 use kiln_runtime::{Interpreter, Model, ModelError};
 
 // ---------------------------------------------------------------------------------------------
@@ -149,23 +147,7 @@ fn binary_graph(
 }
 
 fn artifact_of(l: &Lowered) -> Vec<u8> {
-    let manifest = postcard::to_allocvec(&Manifest {
-        name: "new_ops",
-        json: "{}",
-    })
-    .unwrap();
-    write_artifact(
-        HeaderFields {
-            arena_bytes: l.arena_bytes as u32,
-            ..Default::default()
-        },
-        &[
-            (SectionKind::Graph, &l.graph),
-            (SectionKind::Weights, &l.weights),
-            (SectionKind::Manifest, &manifest),
-        ],
-    )
-    .unwrap()
+    kiln::convert::assemble_lowered(l, "new_ops", &serde_json::json!({})).unwrap()
 }
 
 /// Input or output values: real values for float tensors, raw values for int8 ones.

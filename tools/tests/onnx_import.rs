@@ -6,7 +6,6 @@ mod common;
 
 use std::path::Path;
 
-use kiln::artifact::{write_artifact, HeaderFields};
 use kiln::import::onnx::{
     decode_tensor, import_onnx, import_onnx_model, permute, OnnxError, OnnxModel, TensorValues,
 };
@@ -14,9 +13,7 @@ use kiln::import::onnx_proto as pb;
 use kiln::ir::{Graph, OpKind};
 use kiln::npy::Array;
 use kiln::runner::{run_batch, Outputs};
-use kiln_runtime::format::SectionKind;
 use kiln_runtime::graph::DType;
-use kiln_runtime::sections::Manifest;
 use prost::Message;
 
 fn onnx_dir(dir: &Path) -> std::path::PathBuf {
@@ -26,23 +23,7 @@ fn onnx_dir(dir: &Path) -> std::path::PathBuf {
 /// Lowers a graph and writes a bare artifact.
 fn artifact(g: &Graph) -> Vec<u8> {
     let lowered = kiln::lower::lower(g).expect("lowers");
-    let manifest = postcard::to_allocvec(&Manifest {
-        name: "onnx-test",
-        json: "{}",
-    })
-    .unwrap();
-    write_artifact(
-        HeaderFields {
-            arena_bytes: lowered.arena_bytes as u32,
-            ..Default::default()
-        },
-        &[
-            (SectionKind::Graph, &lowered.graph),
-            (SectionKind::Weights, &lowered.weights),
-            (SectionKind::Manifest, &manifest),
-        ],
-    )
-    .unwrap()
+    kiln::convert::assemble_lowered(&lowered, "onnx-test", &serde_json::json!({})).unwrap()
 }
 
 /// Runs a batch of float samples (already in the IR input layout) through an artifact.

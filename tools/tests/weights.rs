@@ -172,6 +172,12 @@ fn run_f32(artifact: &[u8], x: &Array) -> Vec<f32> {
     }
 }
 
+/// An artifact of `lowered` whose MANIFEST has no `tensor_names` (as older artifacts and other
+/// writers have it): the export then names tensors by artifact position.
+fn unnamed(lowered: &kiln::lower::Lowered, name: &str) -> Vec<u8> {
+    kiln::convert::assemble_lowered(lowered, name, &serde_json::json!({ "name": name })).unwrap()
+}
+
 fn resnet() -> Option<(Vec<u8>, Graph)> {
     let dir = common::testdata()?;
     let path = common::mlperf(&dir, "pretrainedResnet.tflite");
@@ -290,7 +296,7 @@ fn exported_weights_scaled_and_renamed_apply_to_the_graph() {
         return;
     };
     let converted = convert_tflite(&source, "resnet8").unwrap();
-    let exported = export_weights(&converted.artifact, false).unwrap();
+    let exported = export_weights(&unnamed(&converted.lowered, "resnet8"), false).unwrap();
     let st = SafeTensors::deserialize(&exported).unwrap();
 
     // Artifact tensor index → graph tensor.
@@ -366,39 +372,12 @@ fn exported_weights_scaled_and_renamed_apply_to_the_graph() {
 }
 
 #[test]
-fn manifest_tensor_names_name_the_export_so_it_applies_back() {
-    use kiln_runtime::format::SectionKind;
-    use kiln_runtime::sections::Manifest;
+fn converted_artifacts_name_their_constants_so_the_export_applies_back() {
     let Some((source, g)) = resnet() else {
         return;
     };
-    let converted = convert_tflite(&source, "resnet8").unwrap();
-    let lowered = &converted.lowered;
-    let count = lowered.tensor_index.iter().flatten().count();
-    let mut names = vec![serde_json::Value::Null; count];
-    for (h, a) in lowered.tensor_index.iter().enumerate() {
-        if let Some(a) = a {
-            names[*a as usize] = g.tensors[h].name.clone().into();
-        }
-    }
-    let json = serde_json::json!({ "name": "resnet8", "tensor_names": names }).to_string();
-    let manifest = postcard::to_allocvec(&Manifest {
-        name: "resnet8",
-        json: &json,
-    })
-    .unwrap();
-    let artifact = kiln::artifact::write_artifact(
-        kiln::artifact::HeaderFields {
-            arena_bytes: lowered.arena_bytes as u32,
-            ..Default::default()
-        },
-        &[
-            (SectionKind::Graph, &lowered.graph),
-            (SectionKind::Weights, &lowered.weights),
-            (SectionKind::Manifest, &manifest),
-        ],
-    )
-    .unwrap();
+    // `convert` writes the model's constant names into the MANIFEST (`tensor_names`).
+    let artifact = convert_tflite(&source, "resnet8").unwrap().artifact;
     let exported = export_weights(&artifact, false).unwrap();
     let (_, meta) = SafeTensors::read_metadata(&exported).unwrap();
     let meta = meta.metadata().clone().unwrap();
@@ -832,8 +811,9 @@ fn dequantized_int8_export_is_scale_times_q_minus_zero_point_per_channel() {
     let source = std::fs::read(&path).unwrap();
     let (g, _, _) = kiln::import::import_file(&path).unwrap();
     let converted = convert_tflite(&source, "kws").unwrap();
-    let raw = export_weights(&converted.artifact, false).unwrap();
-    let deq = export_weights(&converted.artifact, true).unwrap();
+    let artifact = unnamed(&converted.lowered, "kws");
+    let raw = export_weights(&artifact, false).unwrap();
+    let deq = export_weights(&artifact, true).unwrap();
     let raw_st = SafeTensors::deserialize(&raw).unwrap();
     let deq_st = SafeTensors::deserialize(&deq).unwrap();
     let (_, meta) = SafeTensors::read_metadata(&raw).unwrap();
@@ -946,18 +926,8 @@ fn f16_artifact_exports_f16_and_dequantizes_to_f32() {
     assert_eq!(raw.len(), 6);
     let mut names: Vec<&String> = raw.keys().collect();
     names.sort();
-    // Inputs are tensor 0; constants follow in op order.
-    assert_eq!(
-        names,
-        [
-            "t1_CONV_2D_weights",
-            "t2_CONV_2D_bias",
-            "t4_DEPTHWISE_CONV_2D_weights",
-            "t5_DEPTHWISE_CONV_2D_bias",
-            "t8_FULLY_CONNECTED_weights",
-            "t9_FULLY_CONNECTED_bias",
-        ]
-    );
+    // The MANIFEST names the constants (`tensor_names`), so the export uses the graph's names.
+    assert_eq!(names, ["conv.b", "conv.w", "dw.b", "dw.w", "fc.b", "fc.w"]);
     for (name, (dtype, data)) in &raw {
         assert_eq!(*dtype, Dtype::F16);
         let v = deq.tensor(name).unwrap();
@@ -1005,7 +975,7 @@ fn cli_export_weights_writes_a_safetensors_file() {
     let bytes = std::fs::read(&out).unwrap();
     let st = SafeTensors::deserialize(&bytes).unwrap();
     assert_eq!(st.len(), 6);
-    let w = st.tensor("t1_CONV_2D_weights").unwrap();
+    let w = st.tensor("conv.w").unwrap();
     assert_eq!(w.shape(), [4, 2, 2, 3]);
     assert_eq!(f32s(w.data()), values_of(&small_graph(), "conv.w"));
     let (_, meta) = SafeTensors::read_metadata(&bytes).unwrap();
@@ -1027,4 +997,61 @@ fn cli_export_weights_writes_a_safetensors_file() {
         "{err}"
     );
     std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn quantized_export_dequantizes_to_the_float_models_names_and_values() {
+    use kiln::npy::read_real;
+    use kiln::quantize::pipeline::{quantize, Precision, Request};
+    let Some((_, g)) = resnet() else {
+        return;
+    };
+    let dir = common::testdata().unwrap();
+    let Array::F32 { shape, data } = read_real(&dir.join("data/ic01.npz"), None, None).unwrap()
+    else {
+        panic!("float samples expected")
+    };
+    let per: usize = shape[1..].iter().product();
+    let calib = Array::F32 {
+        shape: vec![8, shape[1], shape[2], shape[3]],
+        data: data[..8 * per].to_vec(),
+    };
+    let q = quantize(
+        Request::new("r8", g.clone(), &calib, Precision::Int8),
+        |_, _, _| {},
+    )
+    .unwrap();
+    // An int8 artifact exported with --dequantize carries the float model's names, so a user can
+    // inspect it, edit it and apply it back to the float model by name.
+    let exported = export_weights(&q.artifact, true).unwrap();
+    let file = SafeTensors::deserialize(&exported).unwrap();
+    let mut g2 = g.clone();
+    let report = apply_weights(&mut g2, &exported, true).unwrap();
+    assert_eq!(report.replaced.len(), file.names().len());
+    let filters = conv_filters(&g);
+    assert!(!filters.is_empty());
+    for &f in &filters {
+        let t = &g.tensors[f];
+        assert!(
+            report.replaced.contains(&t.name),
+            "conv filter {} came back by name",
+            t.name
+        );
+        // Per-channel symmetric int8: each value within half a step of the float original.
+        let (a, b) = (
+            f32s(t.data.as_ref().unwrap()),
+            f32s(g2.tensors[f].data.as_ref().unwrap()),
+        );
+        let per_out = a.len() / t.shape[0];
+        for (o, (ra, rb)) in a.chunks(per_out).zip(b.chunks(per_out)).enumerate() {
+            let step = ra.iter().fold(0f32, |m, v| m.max(v.abs())) / 127.0;
+            for (x, y) in ra.iter().zip(rb) {
+                assert!(
+                    (x - y).abs() <= step * 0.5001 + 1e-7,
+                    "{} channel {o}: {x} came back as {y}",
+                    t.name
+                );
+            }
+        }
+    }
 }

@@ -17,7 +17,7 @@ use crate::exec_candle::CandleGraph;
 use crate::ir::{Graph, OpKind, TensorId};
 use crate::lower::{dequantized, normalize};
 use crate::npy::Array;
-use crate::passes::{consumers, fuse_activations};
+use crate::passes::{consumers, fold_constants, fuse_activations};
 use crate::quantize::calibrate::samples_f32;
 use anyhow::{anyhow, bail, Result};
 use candle_core::{Device, Tensor};
@@ -664,6 +664,7 @@ pub fn prune_structured_with(
         bail!("sparsity must be in [0, 1), got {mac_fraction}");
     }
     let mut g = normalize(g)?;
+    fold_constants(&mut g);
     fuse_activations(&mut g);
     let mut report = PruneReport {
         macs_before: graph_macs(&g),

@@ -441,7 +441,18 @@ fn constant_for(
             }
         }
     }
-    nt.name = format!("{}#{op_index}", src.name);
+    // A constant read by several ops is quantized for each of them: the copies are told apart by
+    // the op's index. A constant read once keeps its source name, so that an exported artifact's
+    // weights apply back to the float model by name.
+    let uses = g
+        .ops
+        .iter()
+        .flat_map(|o| o.inputs.iter().flatten())
+        .filter(|&&i| i == t)
+        .count();
+    if uses > 1 {
+        nt.name = format!("{}#{op_index}", src.name);
+    }
     out.tensors.push(nt);
     Ok(out.tensors.len() - 1)
 }

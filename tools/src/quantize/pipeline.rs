@@ -11,7 +11,7 @@ use crate::eval::{anomaly_scores, auc, run_real, top1};
 use crate::ir::{Graph, OpKind};
 use crate::lower::{lower, normalize, to_fp16, Lowered};
 use crate::npy::Array;
-use crate::passes::fuse_activations;
+use crate::passes::{fold_constants, fuse_activations};
 use crate::runner::capture_raw;
 use anyhow::{bail, Context, Result};
 use kiln_runtime::format::SectionKind;
@@ -100,6 +100,26 @@ pub struct Request<'a> {
     pub selftest_count: usize,
     /// Extra lineage entries (options of the command line, weights file digests, ...).
     pub extra: serde_json::Value,
+}
+
+impl<'a> Request<'a> {
+    /// A request with no lineage, default quantizer options, no evaluation set or gate and one
+    /// self-test vector; set the other fields with struct update syntax.
+    pub fn new(name: &str, graph: Graph, calib: &'a Array, precision: Precision) -> Self {
+        Request {
+            name: name.into(),
+            graph,
+            source: serde_json::Value::Null,
+            calib,
+            calib_sha256: String::new(),
+            precision,
+            options: QuantizeOptions::default(),
+            eval: None,
+            max_accuracy_drop: None,
+            selftest_count: 1,
+            extra: serde_json::Value::Null,
+        }
+    }
 }
 
 /// One row of the per-layer report.
@@ -317,6 +337,7 @@ pub fn quantize(
     mut progress: impl FnMut(&str, usize, usize),
 ) -> Result<Quantized> {
     let mut g = normalize(&req.graph)?;
+    fold_constants(&mut g);
     fuse_activations(&mut g);
     if g.inputs.len() != 1 || g.outputs.len() != 1 {
         bail!("kiln quantize handles models with one input and one output");
@@ -522,6 +543,7 @@ pub fn quantize(
         },
         "precision_per_op": layers.iter().map(|l| l.precision.clone()).collect::<Vec<_>>(),
         "arena_bytes": lowered.arena_bytes,
+        "tensor_names": lowered.constant_names(&qgraph),
     })
     .to_string();
     let manifest = postcard::to_allocvec(&Manifest {
