@@ -330,12 +330,22 @@ impl<'m, 'a> Interpreter<'m, 'a> {
     /// # Errors
     /// Only if the model is inconsistent, which [`Model::load`] rules out.
     pub fn invoke(&mut self) -> Result<(), InvokeError> {
+        self.invoke_observed(|_| {})
+    }
+
+    /// [`Interpreter::invoke`], calling `after_op(index)` when op `index` has run (for per-op
+    /// timing or tracing; the output of that op can be read from the arena at that moment).
+    ///
+    /// # Errors
+    /// As [`Interpreter::invoke`].
+    pub fn invoke_observed(&mut self, mut after_op: impl FnMut(usize)) -> Result<(), InvokeError> {
         let model = self.model;
         let ops = model.ops();
         for item in ops {
             let (index, op) = item?;
             let prepared = prepare_op(&model, index, &op)?;
             run_op(&model, &op, &prepared, self.arena)?;
+            after_op(usize::from(index));
         }
         Ok(())
     }

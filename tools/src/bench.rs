@@ -51,6 +51,27 @@ pub struct HostBench {
     pub arena_bytes: usize,
     /// Whether the input was the artifact's first self-test case (else zeros).
     pub selftest_input: bool,
+    /// With `per_op`: each op's median time over a second set of `runs` inferences (portable
+    /// backend only), in execution order.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ops: Option<Vec<OpTime>>,
+}
+
+/// One op's share of an inference (`kiln bench --per-op`).
+#[derive(Clone, Debug, Serialize)]
+pub struct OpTime {
+    /// Op index in execution order.
+    pub index: usize,
+    /// Operator name.
+    pub op: &'static str,
+    /// Output shape.
+    pub output_shape: Vec<u32>,
+    /// Multiply-accumulates.
+    pub macs: u64,
+    /// Median time of this op, microseconds.
+    pub median_us: f64,
+    /// This op's median as a fraction of the sum of all ops' medians.
+    pub share: f64,
 }
 
 /// The raw input bytes of the first SELFTEST case, if the artifact has one.
@@ -74,7 +95,9 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 }
 
 /// Times `runs` inferences of `artifact` (after `runs / 10 + 3` warm-up runs), calling
-/// `progress(done, total)` as it goes.
+/// `progress(done, total)` as it goes. With `per_op` (portable backend), `runs` more inferences
+/// time each op on its own; the headline figures come from the first set, free of that
+/// instrumentation.
 ///
 /// # Errors
 /// An invalid artifact, `runs == 0`, or a model the backend cannot run.
@@ -82,10 +105,14 @@ pub fn bench_host(
     artifact: &[u8],
     runs: usize,
     backend: Backend,
+    per_op: bool,
     mut progress: impl FnMut(usize, usize),
 ) -> Result<HostBench> {
     if runs == 0 {
         bail!("--runs must be at least 1");
+    }
+    if per_op && backend == Backend::Candle {
+        bail!("--per-op times kiln-runtime's own kernels; drop --backend candle");
     }
     let report = crate::inspect::inspect(artifact)?;
     let bytes = AlignedBytes::new(artifact);
@@ -128,7 +155,7 @@ pub fn bench_host(
         Ok(())
     };
     let warmup = runs / 10 + 3;
-    let total = warmup + runs;
+    let total = warmup + runs * (1 + usize::from(per_op));
     for w in 0..warmup {
         once()?;
         progress(w + 1, total);
@@ -140,6 +167,45 @@ pub fn bench_host(
         times.push(t.elapsed().as_secs_f64() * 1e6);
         progress(warmup + r + 1, total);
     }
+    let ops = if per_op {
+        let mut per: Vec<Vec<f64>> = vec![Vec::with_capacity(runs); report.ops.len()];
+        for r in 0..runs {
+            let mut t = Instant::now();
+            interp.invoke_observed(|index| {
+                let now = Instant::now();
+                if let Some(v) = per.get_mut(index) {
+                    v.push((now - t).as_secs_f64() * 1e6);
+                }
+                t = now;
+            })?;
+            progress(warmup + runs + r + 1, total);
+        }
+        let medians: Vec<f64> = per
+            .iter_mut()
+            .map(|v| {
+                v.sort_by(f64::total_cmp);
+                percentile(v, 50.0)
+            })
+            .collect();
+        let sum: f64 = medians.iter().sum();
+        Some(
+            report
+                .ops
+                .iter()
+                .zip(&medians)
+                .map(|(row, &m)| OpTime {
+                    index: row.index,
+                    op: row.op,
+                    output_shape: row.output_shape.clone(),
+                    macs: row.macs,
+                    median_us: m,
+                    share: if sum > 0.0 { m / sum } else { 0.0 },
+                })
+                .collect(),
+        )
+    } else {
+        None
+    };
     times.sort_by(f64::total_cmp);
     let median = percentile(&times, 50.0);
     Ok(HostBench {
@@ -162,6 +228,7 @@ pub fn bench_host(
         },
         arena_bytes: report.arena_bytes,
         selftest_input: input.is_some(),
+        ops,
     })
 }
 

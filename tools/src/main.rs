@@ -109,7 +109,8 @@ enum Command {
     /// come first; then each of --runs inferences is timed on its own. `--backend candle` times
     /// kiln-runtime's candle backend on the CPU instead of the portable kernels.
     ///
-    /// Example: kiln bench kws.kiln --runs 500 --json
+    /// Examples: kiln bench kws.kiln --runs 500 --json; kiln bench vww.kiln --per-op (where the
+    /// time goes, op by op)
     Bench {
         /// The artifact.
         model: PathBuf,
@@ -133,6 +134,10 @@ enum Command {
         /// `portable` (the kernels devices run) or `candle`.
         #[arg(long, value_enum, default_value = "portable")]
         backend: RunBackend,
+        /// Host: also time every op on its own (a second set of --runs inferences) and print
+        /// where the time goes, op by op.
+        #[arg(long)]
+        per_op: bool,
         /// Print the figures as JSON on stdout.
         #[arg(long)]
         json: bool,
@@ -648,7 +653,7 @@ fn bench(
     target: BenchTarget,
     runs: usize,
     (mhz, portable_kernels): (f64, bool),
-    backend: RunBackend,
+    (backend, per_op): (RunBackend, bool),
     json: bool,
 ) -> Result<()> {
     let artifact = read(model)?;
@@ -661,6 +666,9 @@ fn bench(
     if let Some(t) = qemu_target {
         if backend != RunBackend::Portable {
             bail!("--backend candle runs on the host only; drop it for --target {t}");
+        }
+        if per_op {
+            bail!("--per-op times ops on the host only; drop it for --target {t}");
         }
         let spinner = progress(0, "benchmarking");
         spinner.enable_steady_tick(std::time::Duration::from_millis(200));
@@ -694,7 +702,7 @@ fn bench(
         RunBackend::Portable => kiln::bench::Backend::Portable,
         RunBackend::Candle => kiln::bench::Backend::Candle,
     };
-    let r = kiln::bench::bench_host(&artifact, runs, backend, |done, total| {
+    let r = kiln::bench::bench_host(&artifact, runs, backend, per_op, |done, total| {
         bar.set_length(total as u64);
         bar.set_position(done as u64);
     })?;
@@ -716,6 +724,35 @@ fn bench(
             r.macs_per_us,
             r.arena_bytes
         );
+        if let Some(ops) = &r.ops {
+            eprintln!(
+                "{:>4}  {:<20} {:<16} {:>11} {:>10} {:>6} {:>9}",
+                "#", "op", "output", "MACs", "median us", "share", "MACs/us"
+            );
+            for o in ops {
+                let shape = o
+                    .output_shape
+                    .iter()
+                    .map(u32::to_string)
+                    .collect::<Vec<_>>()
+                    .join("x");
+                let rate = if o.median_us > 0.0 && o.macs > 0 {
+                    format!("{:.0}", o.macs as f64 / o.median_us)
+                } else {
+                    "-".into()
+                };
+                eprintln!(
+                    "{:>4}  {:<20} {:<16} {:>11} {:>10.2} {:>5.1}% {:>9}",
+                    o.index,
+                    o.op,
+                    shape,
+                    o.macs,
+                    o.median_us,
+                    o.share * 100.0,
+                    rate
+                );
+            }
+        }
     }
     Ok(())
 }
@@ -1592,8 +1629,16 @@ fn main() -> ExitCode {
             mhz,
             portable_kernels,
             backend,
+            per_op,
             json,
-        } => bench(&model, target, runs, (mhz, portable_kernels), backend, json),
+        } => bench(
+            &model,
+            target,
+            runs,
+            (mhz, portable_kernels),
+            (backend, per_op),
+            json,
+        ),
         Command::Quantize {
             model,
             output,

@@ -60,6 +60,56 @@ fn bench_reports_median_and_p99_of_a_real_model() {
 }
 
 #[test]
+fn per_op_times_say_where_an_inference_goes() {
+    let Some(dir) = common::testdata() else {
+        return;
+    };
+    let out = tempfile::tempdir().expect("tempdir");
+    let model = kws_artifact(&dir, out.path());
+    let path = model.to_str().expect("path");
+    let run = kiln(&["bench", path, "--runs", "20", "--per-op", "--json"]);
+    assert!(run.status.success(), "{run:?}");
+    let r: serde_json::Value = serde_json::from_slice(&run.stdout).expect("json");
+    let ops = r["ops"].as_array().expect("ops with --per-op");
+    // KWS: CONV_2D, 4 x (DEPTHWISE_CONV_2D, CONV_2D), AVERAGE_POOL_2D, RESHAPE, FC, SOFTMAX.
+    assert_eq!(ops.len(), 13);
+    assert_eq!(ops[0]["op"], "CONV_2D");
+    assert_eq!(ops[1]["op"], "DEPTHWISE_CONV_2D");
+    assert_eq!(ops[12]["op"], "SOFTMAX");
+    let macs: u64 = ops.iter().map(|o| o["macs"].as_u64().expect("macs")).sum();
+    assert_eq!(macs, 2_656_768, "the ops' MACs add up to the model's");
+    let share: f64 = ops
+        .iter()
+        .map(|o| o["share"].as_f64().expect("share"))
+        .sum();
+    assert!((share - 1.0).abs() < 1e-6, "shares add up to 1: {share}");
+    assert!(ops
+        .iter()
+        .all(|o| o["median_us"].as_f64().expect("us") >= 0.0));
+    // The convolutions carry the work: more time than the reshape.
+    assert!(
+        ops[0]["median_us"].as_f64() > ops[10]["median_us"].as_f64(),
+        "{r}"
+    );
+    // Without the flag there is no per-op table; the table for people goes with the summary.
+    let plain = kiln(&["bench", path, "--runs", "5", "--json"]);
+    let r: serde_json::Value = serde_json::from_slice(&plain.stdout).expect("json");
+    assert!(r.get("ops").is_none());
+    let table = kiln(&["bench", path, "--runs", "5", "--per-op"]);
+    assert!(table.status.success(), "{table:?}");
+    let text = String::from_utf8_lossy(&table.stderr);
+    assert!(
+        text.contains("DEPTHWISE_CONV_2D") && text.contains("share"),
+        "{text}"
+    );
+    // Where it cannot apply, one line says so.
+    let refused = kiln(&["bench", path, "--backend", "candle", "--per-op"]);
+    assert!(!refused.status.success());
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(err.contains("--per-op"), "{err}");
+}
+
+#[test]
 fn bench_refuses_bad_arguments_with_one_line() {
     let out = tempfile::tempdir().expect("tempdir");
     let missing = out.path().join("missing.kiln");

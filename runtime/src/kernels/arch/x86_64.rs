@@ -892,11 +892,13 @@ fn pack_weights(filter: &[i8], k: usize, out_c: usize, packed: &mut [i8], sums: 
     }
 }
 
-/// `dst.copy_from_slice(src)` for the short rows of an im2col (a tap's channels): 32 and 16 bytes
-/// at a time in vector registers instead of a call to `memmove` per tap.
+/// `dst[..n].copy_from_slice(&src[..n])` (`n` the shorter length) for the short runs of an
+/// im2col, without a call to `memmove`: 32 bytes at a time, then one or two overlapping loads
+/// and stores that cover the rest exactly (e.g. 9 bytes as bytes 0..8 and 1..9).
 #[inline(always)]
-fn copy_short(src: &[i8], dst: &mut [i8]) {
+fn copy_run(src: &[i8], dst: &mut [i8]) {
     let n = src.len().min(dst.len());
+    let (src, dst) = (&src[..n], &mut dst[..n]);
     let mut i = 0;
     while i + 32 <= n {
         let (s, d) = (&src[i..i + 32], &mut dst[i..i + 32]);
@@ -909,19 +911,48 @@ fn copy_short(src: &[i8], dst: &mut [i8]) {
         }
         i += 32;
     }
-    if i + 16 <= n {
-        let (s, d) = (&src[i..i + 16], &mut dst[i..i + 16]);
-        // SAFETY: `s` and `d` are 16 readable / writable bytes; SSE2 is baseline on x86-64.
-        unsafe { _mm_storeu_si128(d.as_mut_ptr().cast(), _mm_loadu_si128(s.as_ptr().cast())) };
-        i += 16;
+    let rest = n - i;
+    if rest >= 16 {
+        // Two 16-byte copies: [i, i + 16) and [n - 16, n).
+        for at in [i, n - 16] {
+            let (s, d) = (&src[at..at + 16], &mut dst[at..at + 16]);
+            // SAFETY: `s` and `d` are 16 readable / writable bytes; SSE2 is baseline on x86-64.
+            unsafe { _mm_storeu_si128(d.as_mut_ptr().cast(), _mm_loadu_si128(s.as_ptr().cast())) };
+        }
+    } else if rest >= 8 {
+        for at in [i, n - 8] {
+            let v = u64::from_le_bytes(bytes_of::<8>(&src[at..at + 8]));
+            put_bytes(&mut dst[at..at + 8], &v.to_le_bytes());
+        }
+    } else if rest >= 4 {
+        for at in [i, n - 4] {
+            let v = u32::from_le_bytes(bytes_of::<4>(&src[at..at + 4]));
+            put_bytes(&mut dst[at..at + 4], &v.to_le_bytes());
+        }
+    } else {
+        for (d, &v) in dst[i..].iter_mut().zip(&src[i..]) {
+            *d = v;
+        }
     }
-    for (d, &v) in dst[i..n].iter_mut().zip(&src[i..n]) {
-        *d = v;
+}
+
+/// The `N` bytes of `s` (exactly `N` long) as unsigned bytes.
+#[inline(always)]
+fn bytes_of<const N: usize>(s: &[i8]) -> [u8; N] {
+    core::array::from_fn(|k| s[k] as u8)
+}
+
+/// Writes `bytes` into `d` (exactly as long).
+#[inline(always)]
+fn put_bytes(d: &mut [i8], bytes: &[u8]) {
+    for (d, &b) in d.iter_mut().zip(bytes) {
+        *d = b as i8;
     }
 }
 
 /// im2col of output pixel `pixel` as raw bytes: in-image taps copied, padding taps `zero_point`,
-/// whatever beyond the receptive field (it meets zero weights).
+/// whatever beyond the receptive field (it meets zero weights). A filter row that lies inside
+/// the image (dilation 1 along x) is one contiguous run of the input, copied at once.
 fn im2col_raw(g: &ConvGeometry, input: &[i8], pixel: usize, zero_point: i8, patch: &mut [i8]) {
     let per_image = g.out_h * g.out_w;
     let (b, rest) = (pixel / per_image, pixel % per_image);
@@ -929,20 +960,30 @@ fn im2col_raw(g: &ConvGeometry, input: &[i8], pixel: usize, zero_point: i8, patc
     let y0 = (oy * g.stride_h) as isize - g.pad_top as isize;
     let x0 = (ox * g.stride_w) as isize - g.pad_left as isize;
     let c = g.in_c;
+    let run = g.filter_w * c;
+    let row_inside =
+        g.dilation_w == 1 && x0 >= 0 && x0 as usize + g.filter_w <= g.in_w && g.filter_w > 0;
     let mut at = 0;
     for fy in 0..g.filter_h {
         let iy = y0 + (fy * g.dilation_h) as isize;
-        for fx in 0..g.filter_w {
-            let ix = x0 + (fx * g.dilation_w) as isize;
-            let dst = &mut patch[at..at + c];
-            if iy >= 0 && (iy as usize) < g.in_h && ix >= 0 && (ix as usize) < g.in_w {
-                let from = ((b * g.in_h + iy as usize) * g.in_w + ix as usize) * c;
-                copy_short(&input[from..from + c], dst);
-            } else {
-                dst.fill(zero_point);
+        let dst = &mut patch[at..at + run];
+        if iy < 0 || iy as usize >= g.in_h {
+            dst.fill(zero_point);
+        } else if row_inside {
+            let from = ((b * g.in_h + iy as usize) * g.in_w + x0 as usize) * c;
+            copy_run(&input[from..from + run], dst);
+        } else {
+            for (fx, tap) in dst.chunks_exact_mut(c.max(1)).enumerate() {
+                let ix = x0 + (fx * g.dilation_w) as isize;
+                if ix >= 0 && (ix as usize) < g.in_w {
+                    let from = ((b * g.in_h + iy as usize) * g.in_w + ix as usize) * c;
+                    copy_run(&input[from..from + c], tap);
+                } else {
+                    tap.fill(zero_point);
+                }
             }
-            at += c;
         }
+        at += run;
     }
 }
 
@@ -1001,32 +1042,70 @@ fn conv2d_vnni512(
     bias: Option<&[i32]>,
     output: &mut [i8],
 ) {
+    // Stack buffers sized to the layer (zeroing 48 KB for a small layer costs more than it).
     let k4 = (g.filter_h * g.filter_w * g.in_c).div_ceil(4) * 4;
+    let short = patch_stride(g) <= SHORT_PATCH;
     let small = g.out_c.div_ceil(16) * 16 * k4 <= SMALL_PACKED;
-    let mut patch = [0i8; PIXELS_512 * PATCH_512];
-    let patch = &mut patch[..PIXELS_512 * k4];
-    if small {
-        conv2d_vnni512_in(
-            g,
-            q,
-            input,
-            filter,
-            bias,
-            output,
-            &mut [0; SMALL_PACKED],
-            patch,
-        )
-    } else {
-        conv2d_vnni512_in(g, q, input, filter, bias, output, &mut [0; PACKED], patch)
+    match (short, small) {
+        (true, true) => conv2d_vnni512_with::<{ PIXELS_512 * SHORT_PATCH }, SMALL_PACKED>(
+            g, q, input, filter, bias, output,
+        ),
+        (true, false) => conv2d_vnni512_with::<{ PIXELS_512 * SHORT_PATCH }, PACKED>(
+            g, q, input, filter, bias, output,
+        ),
+        (false, true) => conv2d_vnni512_with::<{ PIXELS_512 * PATCH_512 }, SMALL_PACKED>(
+            g, q, input, filter, bias, output,
+        ),
+        (false, false) => conv2d_vnni512_with::<{ PIXELS_512 * PATCH_512 }, PACKED>(
+            g, q, input, filter, bias, output,
+        ),
     }
+}
+
+/// [`conv2d_vnni512`] with a patch of `P` and packed weights of `W` bytes on the stack.
+#[target_feature(enable = "avx2,avx512f,avx512vl,avx512vnni")]
+fn conv2d_vnni512_with<const P: usize, const W: usize>(
+    g: &ConvGeometry,
+    q: &QuantizedOutput<'_>,
+    input: &[i8],
+    filter: &[i8],
+    bias: Option<&[i32]>,
+    output: &mut [i8],
+) {
+    let mut patch = [0i8; P];
+    let mut packed = [0i8; W];
+    conv2d_vnni512_in(g, q, input, filter, bias, output, &mut packed, &mut patch)
 }
 
 /// Longest receptive field of [`conv2d_vnni512`] (values, rounded up to 4): 16 channels' packed
 /// rows fit [`PACKED`].
 const PATCH_512: usize = PACKED / 16;
 
+/// Patch row bytes of the smaller stack buffer of [`conv2d_vnni512`].
+const SHORT_PATCH: usize = 256;
+
 /// Packed-weight bytes of a small layer (all of its output channels).
 const SMALL_PACKED: usize = 8_192;
+
+/// Bytes between two rows of the [`conv2d_vnni512`] patch: the receptive field rounded up to
+/// 32, so that each row's sum runs over whole 32-byte vectors (the bytes past the field are 0).
+fn patch_stride(g: &ConvGeometry) -> usize {
+    (g.filter_h * g.filter_w * g.in_c).div_ceil(32) * 32
+}
+
+/// True when the receptive field of output pixel `p` is input pixel `p`'s channels, in place:
+/// a 1x1 filter, stride 1, no padding, and whole groups of 4 channels.
+fn reads_input_rows(g: &ConvGeometry) -> bool {
+    g.filter_h == 1
+        && g.filter_w == 1
+        && g.stride_h == 1
+        && g.stride_w == 1
+        && g.pad_top == 0
+        && g.pad_left == 0
+        && g.in_h == g.out_h
+        && g.in_w == g.out_w
+        && g.in_c.is_multiple_of(4)
+}
 
 #[target_feature(enable = "avx2,avx512f,avx512vl,avx512vnni")]
 #[allow(clippy::too_many_arguments)]
@@ -1043,6 +1122,8 @@ fn conv2d_vnni512_in(
     let k = g.filter_h * g.filter_w * g.in_c;
     let groups = k.div_ceil(4);
     let k4 = groups * 4;
+    let stride = patch_stride(g);
+    let direct = reads_input_rows(g);
     let chunk = (packed.len() / k4 / 16 * 16).min(CHUNK);
     let mut sums = [0i32; CHUNK];
     let zp = q.input_zero_point as i8;
@@ -1076,30 +1157,43 @@ fn conv2d_vnni512_in(
         while p < pixels {
             let px = |i: usize| (p + i).min(pixels - 1);
             let n = (pixels - p).min(PIXELS_512);
-            for (i, row) in patch.chunks_exact_mut(k4).enumerate() {
-                im2col_raw(g, input, px(i), zp, &mut row[..k]);
-                row[k..].fill(0);
-                xsum[i] = sum_i8(&row[..k]);
-            }
-            // Each row as groups of 4 bytes, `groups` of them (bounds known to the loop below).
-            let rows: [&[[i8; 4]]; PIXELS_512] =
-                core::array::from_fn(|i| &patch[i * k4..(i + 1) * k4].as_chunks::<4>().0[..groups]);
+            // Each pixel's receptive field: `groups` groups of 4 bytes.
+            let rows: [&[i8]; PIXELS_512] = if direct {
+                let rows: [&[i8]; PIXELS_512] =
+                    core::array::from_fn(|i| &input[px(i) * k..px(i) * k + k4]);
+                for (x, row) in xsum.iter_mut().zip(rows) {
+                    *x = sum_i8(row);
+                }
+                rows
+            } else {
+                for (i, row) in patch.chunks_exact_mut(stride).take(PIXELS_512).enumerate() {
+                    im2col_raw(g, input, px(i), zp, &mut row[..k]);
+                    row[k..].fill(0);
+                    xsum[i] = sum_i8(row);
+                }
+                core::array::from_fn(|i| &patch[i * stride..i * stride + k4])
+            };
+            let r: [*const [u8; 4]; PIXELS_512] = rows.map(|r| r.as_ptr().cast());
             for b in 0..blocks {
                 let w = &packed[b * groups * 64..(b + 1) * groups * 64];
                 let (mut a0, mut a1, mut a2, mut a3) = (z, z, z, z);
                 let (mut a4, mut a5, mut a6, mut a7) = (z, z, z, z);
-                let bcast = |x: [i8; 4]| _mm512_set1_epi32(i32::from_le_bytes(x.map(|v| v as u8)));
+                // SAFETY (for the reads below): `j < groups` and every row holds `4 * groups`
+                // readable bytes (`rows` above), read unaligned 4 at a time.
+                let bcast = |row: *const [u8; 4], j: usize| {
+                    _mm512_set1_epi32(i32::from_le_bytes(unsafe { row.add(j).read_unaligned() }))
+                };
                 for (j, wq) in w.chunks_exact(64).enumerate() {
                     // SAFETY: `wq` is 64 readable bytes.
                     let wv = unsafe { _mm512_loadu_si512(wq.as_ptr().cast()) };
-                    a0 = _mm512_dpbusd_epi32(a0, wv, bcast(rows[0][j]));
-                    a1 = _mm512_dpbusd_epi32(a1, wv, bcast(rows[1][j]));
-                    a2 = _mm512_dpbusd_epi32(a2, wv, bcast(rows[2][j]));
-                    a3 = _mm512_dpbusd_epi32(a3, wv, bcast(rows[3][j]));
-                    a4 = _mm512_dpbusd_epi32(a4, wv, bcast(rows[4][j]));
-                    a5 = _mm512_dpbusd_epi32(a5, wv, bcast(rows[5][j]));
-                    a6 = _mm512_dpbusd_epi32(a6, wv, bcast(rows[6][j]));
-                    a7 = _mm512_dpbusd_epi32(a7, wv, bcast(rows[7][j]));
+                    a0 = _mm512_dpbusd_epi32(a0, wv, bcast(r[0], j));
+                    a1 = _mm512_dpbusd_epi32(a1, wv, bcast(r[1], j));
+                    a2 = _mm512_dpbusd_epi32(a2, wv, bcast(r[2], j));
+                    a3 = _mm512_dpbusd_epi32(a3, wv, bcast(r[3], j));
+                    a4 = _mm512_dpbusd_epi32(a4, wv, bcast(r[4], j));
+                    a5 = _mm512_dpbusd_epi32(a5, wv, bcast(r[5], j));
+                    a6 = _mm512_dpbusd_epi32(a6, wv, bcast(r[6], j));
+                    a7 = _mm512_dpbusd_epi32(a7, wv, bcast(r[7], j));
                 }
                 let c = b * 16;
                 let width = (count - c).min(16);
@@ -1119,7 +1213,7 @@ fn conv2d_vnni512_in(
                         let mut block = [0i8; 16];
                         // SAFETY: `block` is 16 writable bytes.
                         unsafe { _mm_storeu_si128(block.as_mut_ptr().cast(), v) };
-                        output[at..at + width].copy_from_slice(&block[..width]);
+                        copy_run(&block[..width], &mut output[at..at + width]);
                     }
                 }
             }
