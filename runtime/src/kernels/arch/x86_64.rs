@@ -63,15 +63,15 @@ pub fn has_avx2() -> bool {
     cfg!(target_feature = "avx2") || level() >= 2
 }
 
-/// True when this CPU also runs AVX-512 VNNI on 256-bit vectors (`VPDPBUSD ymm`: Ice Lake and
-/// later Intel cores, AMD Zen 4 and later) and the OS saves the AVX-512 state.
+/// True when this CPU also runs AVX-512 F / BW / VL and VNNI (`VPDPBUSD`, `VPDPWSSD`: Ice Lake
+/// and later Intel cores, AMD Zen 4 and later) and the OS saves the AVX-512 state.
 pub fn has_avx512_vnni() -> bool {
     level() >= 3
 }
 
 fn detect() -> u8 {
     // CPUID leaf 1: ECX bit 27 OSXSAVE (XGETBV usable), bit 28 AVX. Leaf 7: EBX bit 5 AVX2,
-    // bit 16 AVX512F, bit 31 AVX512VL; ECX bit 11 AVX512_VNNI.
+    // bit 16 AVX512F, bit 30 AVX512BW, bit 31 AVX512VL; ECX bit 11 AVX512_VNNI.
     let max_leaf = __cpuid(0).eax;
     if max_leaf < 7 {
         return 1;
@@ -92,8 +92,8 @@ fn detect() -> u8 {
     }
     // Opmask, ZMM_Hi256 and Hi16_ZMM state (bits 5-7) for EVEX-encoded instructions.
     let avx512_state = xcr0 & 0xe0 == 0xe0;
-    if avx512_state && l7.ebx & (1 << 16) != 0 && l7.ebx & (1 << 31) != 0 && l7.ecx & (1 << 11) != 0
-    {
+    let avx512 = [16, 30, 31].iter().all(|&bit| l7.ebx & (1 << bit) != 0);
+    if avx512_state && avx512 && l7.ecx & (1 << 11) != 0 {
         3
     } else {
         2
@@ -129,6 +129,16 @@ struct Decoded<const N: usize> {
 
 impl<const N: usize> Decoded<N> {
     fn new(q: &QuantizedOutput<'_>, bias: Option<&[i32]>, first: usize, count: usize) -> Self {
+        Self::lanes(q, bias, count, |i| first + i)
+    }
+
+    /// Lanes `0..count` holding the output stage of channel `channel(lane)`.
+    fn lanes(
+        q: &QuantizedOutput<'_>,
+        bias: Option<&[i32]>,
+        count: usize,
+        channel: impl Fn(usize) -> usize,
+    ) -> Self {
         let mut d = Decoded {
             bias: [0; N],
             left: [0; N],
@@ -140,7 +150,7 @@ impl<const N: usize> Decoded<N> {
             max: i32::from(q.clamp.max),
         };
         for i in 0..count.min(N) {
-            let c = first + i;
+            let c = channel(i);
             let r = if q.requant.len() > 1 {
                 q.requant[c]
             } else {
@@ -153,6 +163,19 @@ impl<const N: usize> Decoded<N> {
             d.mask[i] = ((1i64 << d.right[i]) - 1) as i32;
         }
         d
+    }
+
+    /// Copies lanes 0-7 into lanes 8-15 (two pixels of 8 channels in one vector).
+    fn repeat8(&mut self) {
+        for a in [
+            &mut self.bias,
+            &mut self.left,
+            &mut self.multiplier,
+            &mut self.right,
+            &mut self.mask,
+        ] {
+            a.copy_within(0..8, 8);
+        }
     }
 
     /// Scalar output stage of channel `c` (tails): `conv::requantize` of `acc + bias`.
@@ -950,79 +973,225 @@ fn put_bytes(d: &mut [i8], bytes: &[u8]) {
     }
 }
 
-/// im2col of output pixel `pixel` as raw bytes: in-image taps copied, padding taps `zero_point`,
-/// whatever beyond the receptive field (it meets zero weights). A filter row that lies inside
-/// the image (dilation 1 along x) is one contiguous run of the input, copied at once.
-fn im2col_raw(g: &ConvGeometry, input: &[i8], pixel: usize, zero_point: i8, patch: &mut [i8]) {
-    let per_image = g.out_h * g.out_w;
-    let (b, rest) = (pixel / per_image, pixel % per_image);
-    let (oy, ox) = (rest / g.out_w, rest % g.out_w);
+/// An output pixel's coordinates, stepped through the output in order (no divisions per pixel).
+#[derive(Clone, Copy, Debug, Default)]
+struct Pixel {
+    b: usize,
+    oy: usize,
+    ox: usize,
+}
+
+impl Pixel {
+    /// The next output pixel in NHWC order.
+    fn advance(&mut self, g: &ConvGeometry) {
+        self.ox += 1;
+        if self.ox == g.out_w {
+            self.ox = 0;
+            self.oy += 1;
+            if self.oy == g.out_h {
+                self.oy = 0;
+                self.b += 1;
+            }
+        }
+    }
+}
+
+/// im2col of output pixel `pixel` as raw bytes, returning the sum of the `patch.len()` values
+/// written (wrapping): in-image taps copied, padding taps `zero_point`. A filter row that lies
+/// inside the image (dilation 1 along x) is one contiguous run of the input, copied at once.
+/// The sum is taken from the loaded registers, not read back from the patch (a load straddling
+/// fresh narrow stores would stall on store forwarding).
+#[target_feature(enable = "avx2,avx512f,avx512bw,avx512vl")]
+fn im2col_sum(
+    g: &ConvGeometry,
+    input: &[i8],
+    pixel: Pixel,
+    zero_point: i8,
+    patch: &mut [i8],
+) -> i32 {
+    let Pixel { b, oy, ox } = pixel;
     let y0 = (oy * g.stride_h) as isize - g.pad_top as isize;
     let x0 = (ox * g.stride_w) as isize - g.pad_left as isize;
     let c = g.in_c;
     let run = g.filter_w * c;
     let row_inside =
         g.dilation_w == 1 && x0 >= 0 && x0 as usize + g.filter_w <= g.in_w && g.filter_w > 0;
+    let mut sums = Sums512::new();
     let mut at = 0;
     for fy in 0..g.filter_h {
         let iy = y0 + (fy * g.dilation_h) as isize;
         let dst = &mut patch[at..at + run];
         if iy < 0 || iy as usize >= g.in_h {
-            dst.fill(zero_point);
+            sums.fill(dst, zero_point);
         } else if row_inside {
             let from = ((b * g.in_h + iy as usize) * g.in_w + x0 as usize) * c;
-            copy_run(&input[from..from + run], dst);
+            sums.copy(&input[from..from + run], dst);
         } else {
             for (fx, tap) in dst.chunks_exact_mut(c.max(1)).enumerate() {
                 let ix = x0 + (fx * g.dilation_w) as isize;
                 if ix >= 0 && (ix as usize) < g.in_w {
                     let from = ((b * g.in_h + iy as usize) * g.in_w + ix as usize) * c;
-                    copy_run(&input[from..from + c], tap);
+                    sums.copy(&input[from..from + c], tap);
                 } else {
-                    tap.fill(zero_point);
+                    sums.fill(tap, zero_point);
                 }
             }
         }
         at += run;
     }
+    sums.total()
+}
+
+/// The input offset of output pixel `pixel`'s receptive field when all of it lies inside the
+/// image (its first filter row's first tap); `None` when a tap reads padding.
+fn in_image(g: &ConvGeometry, pixel: Pixel) -> Option<usize> {
+    let Pixel { b, oy, ox } = pixel;
+    let y0 = (oy * g.stride_h).checked_sub(g.pad_top)?;
+    let x0 = (ox * g.stride_w).checked_sub(g.pad_left)?;
+    let y_end = y0 + (g.filter_h.max(1) - 1) * g.dilation_h;
+    let x_end = x0 + (g.filter_w.max(1) - 1) * g.dilation_w;
+    (y_end < g.in_h && x_end < g.in_w).then(|| ((b * g.in_h + y0) * g.in_w + x0) * g.in_c)
+}
+
+/// Copies and fills of [`im2col_sum`], with the running sum of the bytes written.
+struct Sums512 {
+    /// `VPSADBW` sums of the copied bytes made unsigned (`x + 128`).
+    sad: __m256i,
+    /// Bytes counted in `sad` (each adds 128 beyond its value).
+    counted: i64,
+    /// Sum of the filled bytes.
+    filled: i64,
+}
+
+/// 16 zero bytes then 16 bytes of all ones: 16 bytes from offset `r` keep the last `r` lanes.
+const LAST_LANES: [i8; 32] = {
+    let mut t = [0i8; 32];
+    let mut i = 16;
+    while i < 32 {
+        t[i] = -1;
+        i += 1;
+    }
+    t
+};
+
+impl Sums512 {
+    #[target_feature(enable = "avx2")]
+    fn new() -> Self {
+        Sums512 {
+            sad: _mm256_setzero_si256(),
+            counted: 0,
+            filled: 0,
+        }
+    }
+
+    #[target_feature(enable = "avx2")]
+    #[inline]
+    fn add16(&mut self, x: __m128i, bytes: i64) {
+        let flip = _mm_set1_epi8(i8::MIN);
+        let sad = _mm_sad_epu8(_mm_xor_si128(x, flip), _mm_setzero_si128());
+        self.sad = _mm256_add_epi64(self.sad, _mm256_zextsi128_si256(sad));
+        self.counted += bytes;
+    }
+
+    /// Copies `src` into `dst` (the shorter length) and adds its values to the sum.
+    #[target_feature(enable = "avx2,avx512f,avx512bw,avx512vl")]
+    #[inline]
+    fn copy(&mut self, src: &[i8], dst: &mut [i8]) {
+        let n = src.len().min(dst.len());
+        self.take(&src[..n], Some(&mut dst[..n]));
+    }
+
+    /// Adds the values of `src` to the sum.
+    #[target_feature(enable = "avx2,avx512f,avx512bw,avx512vl")]
+    #[inline]
+    fn add(&mut self, src: &[i8]) {
+        self.take(src, None);
+    }
+
+    /// Adds `src` to the sum and, with `dst` (as long as `src`), copies it there: whole 32- and
+    /// 16-byte vectors, then the last 16 bytes again (overlapping, only the new lanes summed);
+    /// runs shorter than 16 with one masked move.
+    #[target_feature(enable = "avx2,avx512f,avx512bw,avx512vl")]
+    #[inline]
+    fn take(&mut self, src: &[i8], mut dst: Option<&mut [i8]>) {
+        let n = src.len();
+        if let Some(d) = &dst {
+            assert_eq!(d.len(), n);
+        }
+        if n < 16 {
+            let mask = (1u16 << n).wrapping_sub(1);
+            // SAFETY: the mask selects bytes `0..n`, inside `src` (and `dst`); masked-off bytes
+            // are neither read nor written (AVX-512BW masked moves suppress them). They load as 0.
+            let v = unsafe { _mm_maskz_loadu_epi8(mask, src.as_ptr()) };
+            if let Some(d) = dst {
+                // SAFETY: as above, for `dst`.
+                unsafe { _mm_mask_storeu_epi8(d.as_mut_ptr(), mask, v) };
+            }
+            self.add16(v, 16);
+            return;
+        }
+        let flip = _mm256_set1_epi8(i8::MIN);
+        let mut i = 0;
+        while i + 32 <= n {
+            // SAFETY: bytes `i..i + 32` are inside `src` (and `dst`).
+            let v = unsafe { _mm256_loadu_si256(src.as_ptr().add(i).cast()) };
+            if let Some(d) = dst.as_deref_mut() {
+                // SAFETY: as above.
+                unsafe { _mm256_storeu_si256(d.as_mut_ptr().add(i).cast(), v) };
+            }
+            let sad = _mm256_sad_epu8(_mm256_xor_si256(v, flip), _mm256_setzero_si256());
+            self.sad = _mm256_add_epi64(self.sad, sad);
+            self.counted += 32;
+            i += 32;
+        }
+        if i + 16 <= n {
+            // SAFETY: bytes `i..i + 16` are inside `src` (and `dst`).
+            let v = unsafe { _mm_loadu_si128(src.as_ptr().add(i).cast()) };
+            if let Some(d) = dst.as_deref_mut() {
+                // SAFETY: as above.
+                unsafe { _mm_storeu_si128(d.as_mut_ptr().add(i).cast(), v) };
+            }
+            self.add16(v, 16);
+            i += 16;
+        }
+        let r = n - i;
+        if r > 0 {
+            // The last 16 bytes (n >= 16); only the last `r` are new to the sum.
+            // SAFETY: bytes `n - 16..n` are inside `src` (and `dst`).
+            let v = unsafe { _mm_loadu_si128(src.as_ptr().add(n - 16).cast()) };
+            if let Some(d) = dst {
+                // SAFETY: as above.
+                unsafe { _mm_storeu_si128(d.as_mut_ptr().add(n - 16).cast(), v) };
+            }
+            let keep = &LAST_LANES[r..r + 16];
+            // SAFETY: `keep` is 16 readable bytes.
+            let keep = unsafe { _mm_loadu_si128(keep.as_ptr().cast()) };
+            let x = _mm_and_si128(_mm_xor_si128(v, _mm_set1_epi8(i8::MIN)), keep);
+            let sad = _mm_sad_epu8(x, _mm_setzero_si128());
+            self.sad = _mm256_add_epi64(self.sad, _mm256_zextsi128_si256(sad));
+            self.counted += r as i64;
+        }
+    }
+
+    /// Fills `dst` with `value` and adds it to the sum.
+    #[inline]
+    fn fill(&mut self, dst: &mut [i8], value: i8) {
+        dst.fill(value);
+        self.filled += i64::from(value) * dst.len() as i64;
+    }
+
+    /// The sum of everything written, wrapping to int32 as the portable kernel's sums do.
+    #[target_feature(enable = "avx2")]
+    fn total(&self) -> i32 {
+        let mut lanes = [0i64; 4];
+        // SAFETY: `lanes` is 32 writable bytes.
+        unsafe { _mm256_storeu_si256(lanes.as_mut_ptr().cast(), self.sad) };
+        (lanes.iter().sum::<i64>() - self.counted * 128 + self.filled) as i32
+    }
 }
 
 /// Output pixels of one [`conv2d_vnni512`] block.
 const PIXELS_512: usize = 8;
-
-/// The sum of int8 values (wrapping), 32 at a time (`VPSADBW` of the values made unsigned),
-/// then 16, then one by one.
-#[target_feature(enable = "avx2")]
-fn sum_i8(v: &[i8]) -> i32 {
-    let flip = _mm256_set1_epi8(i8::MIN);
-    let mut acc = _mm256_setzero_si256();
-    let mut chunks = v.chunks_exact(32);
-    for c in chunks.by_ref() {
-        // SAFETY: `c` is 32 readable bytes.
-        let x = unsafe { _mm256_loadu_si256(c.as_ptr().cast()) };
-        // Sums of (x + 128) per 8 bytes, in four 64-bit lanes.
-        let sad = _mm256_sad_epu8(_mm256_xor_si256(x, flip), _mm256_setzero_si256());
-        acc = _mm256_add_epi64(acc, sad);
-    }
-    let mut rest = chunks.remainder();
-    let mut lanes = [0i64; 4];
-    // SAFETY: `lanes` is 32 writable bytes.
-    unsafe { _mm256_storeu_si256(lanes.as_mut_ptr().cast(), acc) };
-    let mut total = lanes.iter().sum::<i64>() - 128 * (v.len() - rest.len()) as i64;
-    if rest.len() >= 16 {
-        // SAFETY: `rest` has at least 16 readable bytes.
-        let x = unsafe { _mm_loadu_si128(rest.as_ptr().cast()) };
-        let sad = _mm_sad_epu8(
-            _mm_xor_si128(x, _mm256_castsi256_si128(flip)),
-            _mm_setzero_si128(),
-        );
-        total +=
-            i64::from(_mm_cvtsi128_si32(sad)) + i64::from(_mm_extract_epi32::<2>(sad)) - 128 * 16;
-        rest = &rest[16..];
-    }
-    rest.iter()
-        .fold(total as i32, |s, &x| s.wrapping_add(i32::from(x)))
-}
 
 /// CONV_2D with 512-bit `VPDPBUSD`. The packed weights (see [`pack_weights`]; one 64-byte load =
 /// 4 consecutive weights of 16 channels) are made unsigned (`w + 128`) and the activations stay
@@ -1033,7 +1202,7 @@ fn sum_i8(v: &[i8]) -> i32 {
 /// channel, taken off the bias). Blocks of 8 pixels by 16 channels: 8 accumulators, one weight
 /// load and 8 `VPDPBUSD` per 4 input bytes (512 MACs). Products are at most `255 * 128` and four
 /// of them fit int32; sums wrap like the portable body's.
-#[target_feature(enable = "avx2,avx512f,avx512vl,avx512vnni")]
+#[target_feature(enable = "avx2,avx512f,avx512bw,avx512vl,avx512vnni")]
 fn conv2d_vnni512(
     g: &ConvGeometry,
     q: &QuantizedOutput<'_>,
@@ -1063,7 +1232,7 @@ fn conv2d_vnni512(
 }
 
 /// [`conv2d_vnni512`] with a patch of `P` and packed weights of `W` bytes on the stack.
-#[target_feature(enable = "avx2,avx512f,avx512vl,avx512vnni")]
+#[target_feature(enable = "avx2,avx512f,avx512bw,avx512vl,avx512vnni")]
 fn conv2d_vnni512_with<const P: usize, const W: usize>(
     g: &ConvGeometry,
     q: &QuantizedOutput<'_>,
@@ -1107,7 +1276,7 @@ fn reads_input_rows(g: &ConvGeometry) -> bool {
         && g.in_c.is_multiple_of(4)
 }
 
-#[target_feature(enable = "avx2,avx512f,avx512vl,avx512vnni")]
+#[target_feature(enable = "avx2,avx512f,avx512bw,avx512vl,avx512vnni")]
 #[allow(clippy::too_many_arguments)]
 fn conv2d_vnni512_in(
     g: &ConvGeometry,
@@ -1124,6 +1293,18 @@ fn conv2d_vnni512_in(
     let k4 = groups * 4;
     let stride = patch_stride(g);
     let direct = reads_input_rows(g);
+    // Filter rows of whole groups of 4 (contiguous in the input): pixels whose receptive field
+    // lies inside the image are read in place, one run per filter row; others from the patch.
+    let implicit = !direct && g.dilation_w == 1 && (g.filter_w * g.in_c).is_multiple_of(4);
+    let (segments, seg_groups) = if implicit {
+        (g.filter_h, g.filter_w * g.in_c / 4)
+    } else {
+        (1, groups)
+    };
+    debug_assert_eq!(segments * seg_groups, groups);
+    let row_step = g.dilation_h * g.in_w * g.in_c;
+    let mut interior = [None::<usize>; PIXELS_512];
+    let two_pixels = g.out_c == 8;
     let chunk = (packed.len() / k4 / 16 * 16).min(CHUNK);
     let mut sums = [0i32; CHUNK];
     let zp = q.input_zero_point as i8;
@@ -1153,7 +1334,11 @@ fn conv2d_vnni512_in(
         for (b, &sum) in d.bias.iter_mut().zip(&sums).take(count) {
             *b = b.wrapping_sub(q.input_zero_point.wrapping_mul(sum));
         }
+        if two_pixels {
+            d.repeat8();
+        }
         let mut p = 0;
+        let mut cursor = Pixel::default();
         while p < pixels {
             let px = |i: usize| (p + i).min(pixels - 1);
             let n = (pixels - p).min(PIXELS_512);
@@ -1162,46 +1347,92 @@ fn conv2d_vnni512_in(
                 let rows: [&[i8]; PIXELS_512] =
                     core::array::from_fn(|i| &input[px(i) * k..px(i) * k + k4]);
                 for (x, row) in xsum.iter_mut().zip(rows) {
-                    *x = sum_i8(row);
+                    let mut sums = Sums512::new();
+                    sums.add(row);
+                    *x = sums.total();
                 }
                 rows
             } else {
+                // Rows past the last pixel repeat it (their results are not stored).
+                let mut at = cursor;
                 for (i, row) in patch.chunks_exact_mut(stride).take(PIXELS_512).enumerate() {
-                    im2col_raw(g, input, px(i), zp, &mut row[..k]);
-                    row[k..].fill(0);
-                    xsum[i] = sum_i8(row);
+                    interior[i] = if implicit { in_image(g, at) } else { None };
+                    xsum[i] = match interior[i] {
+                        // Read in place: only the sum is taken here.
+                        Some(from) => {
+                            let mut sums = Sums512::new();
+                            for fy in 0..g.filter_h {
+                                let run = from + fy * row_step;
+                                sums.add(&input[run..run + seg_groups * 4]);
+                            }
+                            sums.total()
+                        }
+                        // Bytes `k..stride` stay 0 from the buffer's creation.
+                        None => im2col_sum(g, input, at, zp, &mut row[..k]),
+                    };
+                    if p + i + 1 < pixels {
+                        at.advance(g);
+                    }
                 }
+                cursor = at;
                 core::array::from_fn(|i| &patch[i * stride..i * stride + k4])
             };
-            let r: [*const [u8; 4]; PIXELS_512] = rows.map(|r| r.as_ptr().cast());
+            // Each pixel's receptive field as `segments` runs of `seg_groups` groups of 4 bytes:
+            // run `s` of pixel `i` starts `s * step[i]` bytes after `base[i]`.
+            let mut base: [*const i8; PIXELS_512] = rows.map(|r| r.as_ptr());
+            let mut step = [seg_groups * 4; PIXELS_512];
+            for (i, inner) in interior.iter().enumerate().take(PIXELS_512) {
+                if let Some(at) = inner {
+                    base[i] = input[*at..].as_ptr();
+                    step[i] = row_step;
+                }
+            }
             for b in 0..blocks {
                 let w = &packed[b * groups * 64..(b + 1) * groups * 64];
                 let (mut a0, mut a1, mut a2, mut a3) = (z, z, z, z);
                 let (mut a4, mut a5, mut a6, mut a7) = (z, z, z, z);
-                // SAFETY (for the reads below): `j < groups` and every row holds `4 * groups`
-                // readable bytes (`rows` above), read unaligned 4 at a time.
-                let bcast = |row: *const [u8; 4], j: usize| {
-                    _mm512_set1_epi32(i32::from_le_bytes(unsafe { row.add(j).read_unaligned() }))
-                };
-                for (j, wq) in w.chunks_exact(64).enumerate() {
-                    // SAFETY: `wq` is 64 readable bytes.
-                    let wv = unsafe { _mm512_loadu_si512(wq.as_ptr().cast()) };
-                    a0 = _mm512_dpbusd_epi32(a0, wv, bcast(r[0], j));
-                    a1 = _mm512_dpbusd_epi32(a1, wv, bcast(r[1], j));
-                    a2 = _mm512_dpbusd_epi32(a2, wv, bcast(r[2], j));
-                    a3 = _mm512_dpbusd_epi32(a3, wv, bcast(r[3], j));
-                    a4 = _mm512_dpbusd_epi32(a4, wv, bcast(r[4], j));
-                    a5 = _mm512_dpbusd_epi32(a5, wv, bcast(r[5], j));
-                    a6 = _mm512_dpbusd_epi32(a6, wv, bcast(r[6], j));
-                    a7 = _mm512_dpbusd_epi32(a7, wv, bcast(r[7], j));
+                for (sgm, ws) in w.chunks_exact(seg_groups * 64).enumerate() {
+                    // SAFETY (for the reads below): run `sgm` of each pixel holds `4 * seg_groups`
+                    // readable bytes (a patch row's part, or an in-image run of the input, see
+                    // `interior`), read unaligned 4 at a time with `j < seg_groups`.
+                    let r: [*const [u8; 4]; PIXELS_512] =
+                        core::array::from_fn(|i| unsafe { base[i].add(sgm * step[i]).cast() });
+                    let bcast = |row: *const [u8; 4], j: usize| {
+                        // SAFETY: see above.
+                        let bytes = unsafe { row.add(j).read_unaligned() };
+                        _mm512_set1_epi32(i32::from_le_bytes(bytes))
+                    };
+                    for (j, wq) in ws.chunks_exact(64).enumerate() {
+                        // SAFETY: `wq` is 64 readable bytes.
+                        let wv = unsafe { _mm512_loadu_si512(wq.as_ptr().cast()) };
+                        a0 = _mm512_dpbusd_epi32(a0, wv, bcast(r[0], j));
+                        a1 = _mm512_dpbusd_epi32(a1, wv, bcast(r[1], j));
+                        a2 = _mm512_dpbusd_epi32(a2, wv, bcast(r[2], j));
+                        a3 = _mm512_dpbusd_epi32(a3, wv, bcast(r[3], j));
+                        a4 = _mm512_dpbusd_epi32(a4, wv, bcast(r[4], j));
+                        a5 = _mm512_dpbusd_epi32(a5, wv, bcast(r[5], j));
+                        a6 = _mm512_dpbusd_epi32(a6, wv, bcast(r[6], j));
+                        a7 = _mm512_dpbusd_epi32(a7, wv, bcast(r[7], j));
+                    }
                 }
                 let c = b * 16;
                 let width = (count - c).min(16);
-                for (i, acc) in [a0, a1, a2, a3, a4, a5, a6, a7]
-                    .into_iter()
-                    .enumerate()
-                    .take(n)
-                {
+                let accs = [a0, a1, a2, a3, a4, a5, a6, a7];
+                if two_pixels {
+                    // 8 channels: pixels i and i + 1 share one output stage and one store.
+                    for i in (0..n).step_by(2) {
+                        let lo = _mm512_sub_epi32(accs[i], _mm512_set1_epi32(xsum[i] << 7));
+                        let hi = _mm512_sub_epi32(accs[i + 1], _mm512_set1_epi32(xsum[i + 1] << 7));
+                        // Lanes 8-15 take the second pixel's lanes 0-7.
+                        let hi = _mm512_shuffle_i32x4::<0b0100_0100>(hi, hi);
+                        let v = d.sixteen(_mm512_mask_blend_epi32(0xff00, lo, hi), 0);
+                        let at = px(i) * 8;
+                        let bytes = if i + 1 < n { 16 } else { 8 };
+                        store16(v, &mut output[at..at + bytes]);
+                    }
+                    continue;
+                }
+                for (i, acc) in accs.into_iter().enumerate().take(n) {
                     let acc = _mm512_sub_epi32(acc, _mm512_set1_epi32(xsum[i].wrapping_mul(128)));
                     let v = d.sixteen(acc, c);
                     let at = px(i) * g.out_c + first + c;
@@ -1442,11 +1673,198 @@ pub fn depthwise_conv2d_i8(
         && bias.is_none_or(|b| b.len() == g.out_c)
         && output.len() == g.batch * g.out_h * g.out_w * g.out_c
         && (q.requant.len() == 1 || q.requant.len() == g.out_c);
-    if fits && has_avx2() {
+    if fits && has_avx512_vnni() && dw512_fits(g) {
+        // SAFETY: the CPU has AVX2 and AVX-512 F/BW/VL/VNNI (checked just above).
+        unsafe { depthwise_vnni512(g, q, input, filter, bias, output) }
+    } else if fits && has_avx2() {
         // SAFETY: the CPU has AVX2 (checked just above).
         unsafe { depthwise_avx2(g, q, input, filter, bias, output) }
     } else {
         crate::kernels::depthwise::depthwise_conv2d_i8_portable(g, q, input, filter, bias, output)
+    }
+}
+
+/// Channels [`depthwise_vnni512`] decodes at once (its output stage holds them all).
+const DW512_CHANNELS: usize = 256;
+
+/// Interleaved weight vectors [`depthwise_vnni512`] holds: blocks of 16 channels times tap pairs.
+const DW512_WEIGHTS: usize = 128;
+
+/// Bytes of padded input rows [`depthwise_vnni512`] holds on the stack.
+const DW512_ROWS: usize = 16_384;
+
+/// Bytes read past a padded row's last pixel (a last block of fewer than 16 lanes).
+const DW512_SLACK: usize = 16;
+
+/// Pixels of a padded input row of [`depthwise_vnni512`]: what the filter spans over the row.
+fn dw512_span(g: &ConvGeometry) -> usize {
+    (g.out_w - 1) * g.stride_w + (g.filter_w - 1) * g.dilation_w + 1
+}
+
+/// How [`depthwise_vnni512`] lays out its lanes: 16 consecutive bytes of an output row (the
+/// channels of `16 / c` neighbouring pixels) when the stride along x is 1 and `c` divides 16;
+/// otherwise 16 channels of one pixel.
+fn dw512_packs_pixels(g: &ConvGeometry) -> bool {
+    g.stride_w == 1 && g.out_c < 16 && 16 % g.out_c == 0
+}
+
+/// Whether [`depthwise_vnni512`] takes the layer: its channels, weights and padded rows fit the
+/// stack buffers.
+fn dw512_fits(g: &ConvGeometry) -> bool {
+    let c = g.out_c;
+    let pairs = (g.filter_h * g.filter_w).div_ceil(2);
+    c <= DW512_CHANNELS
+        && g.out_w > 0
+        && g.filter_w > 0
+        && c.div_ceil(16) * pairs <= DW512_WEIGHTS
+        && g.filter_h * (dw512_span(g) * c + DW512_SLACK) <= DW512_ROWS
+}
+
+/// Depthwise, depth multiplier 1, with 512-bit `VPDPWSSD`. For each output row, the input rows
+/// its taps read are first copied into padded rows (the zero point left and right of the image,
+/// and in place of rows above or below it), so the inner loop has no bounds to test. Lanes are
+/// 16 channels of one pixel, or, for a stride of 1 along x and fewer than 16 channels dividing
+/// 16, 16 consecutive bytes of the output row (several pixels at once); a lane's tap reads the
+/// padded row at the same offset plus the tap's. Two taps' int8 values are interleaved and widened
+/// to int16 (`VPUNPCKLBW`, `VPMOVSXBW`) and one `VPDPWSSD` adds both products per lane. The sums
+/// are `sum(w * x)`; the input offset enters once per channel as `-zero_point * sum(w)` with the
+/// bias (padding holds the zero point, so each tap adds `w * (x - zero_point)` as TFLM's does).
+/// Lanes past the channels compute garbage that is never stored.
+#[target_feature(enable = "avx2,avx512f,avx512bw,avx512vl,avx512vnni")]
+fn depthwise_vnni512(
+    g: &ConvGeometry,
+    q: &QuantizedOutput<'_>,
+    input: &[i8],
+    filter: &[i8],
+    bias: Option<&[i32]>,
+    output: &mut [i8],
+) {
+    let c = g.out_c;
+    let taps = g.filter_h * g.filter_w;
+    let pairs = taps.div_ceil(2);
+    let packs = dw512_packs_pixels(g);
+    // Channel of each lane of a block.
+    let lane_channel = |blk: usize, lane: usize| {
+        if packs {
+            lane % c
+        } else {
+            blk * 16 + lane
+        }
+    };
+    let blocks = if packs { 1 } else { c.div_ceil(16) };
+    let lanes = blocks * 16;
+    // Output stage per lane, with -zero_point * sum(w) taken into the bias.
+    let mut d = Decoded::<DW512_CHANNELS>::lanes(q, bias, lanes.min(DW512_CHANNELS), |l| {
+        lane_channel(l / 16, l % 16).min(c - 1)
+    });
+    for (l, b) in d.bias.iter_mut().enumerate().take(lanes) {
+        let ch = lane_channel(l / 16, l % 16);
+        if ch < c {
+            let sum = (0..taps).fold(0i32, |s, t| s.wrapping_add(i32::from(filter[t * c + ch])));
+            *b = b.wrapping_sub(q.input_zero_point.wrapping_mul(sum));
+        }
+    }
+    // Interleaved weights: block `blk`, pair `p` = lanes (w[2p], w[2p + 1]) as int16.
+    let mut weights = [_mm512_setzero_si512(); DW512_WEIGHTS];
+    for blk in 0..blocks {
+        for p in 0..pairs {
+            let mut v = [0i16; 32];
+            for lane in 0..16 {
+                let ch = lane_channel(blk, lane);
+                if ch >= c {
+                    continue;
+                }
+                for (k, t) in [2 * p, 2 * p + 1].into_iter().enumerate() {
+                    if t < taps {
+                        v[2 * lane + k] = i16::from(filter[t * c + ch]);
+                    }
+                }
+            }
+            // SAFETY: `v` is 64 readable bytes.
+            weights[blk * pairs + p] = unsafe { _mm512_loadu_si512(v.as_ptr().cast()) };
+        }
+    }
+    // Each tap's padded row and byte offset within it.
+    let span = dw512_span(g);
+    let row_len = span * c + DW512_SLACK;
+    let (mut tap_row, mut tap_at) = ([0usize; TAPS], [0usize; TAPS]);
+    for t in 0..taps {
+        tap_row[t] = t / g.filter_w;
+        tap_at[t] = (t % g.filter_w) * g.dilation_w * c;
+    }
+    let zp = q.input_zero_point as i8;
+    let mut rows = [0i8; DW512_ROWS];
+    let row_bytes = g.in_w * c;
+    for b in 0..g.batch {
+        for oy in 0..g.out_h {
+            // The padded rows of this output row.
+            for (ty, row) in rows.chunks_exact_mut(row_len).take(g.filter_h).enumerate() {
+                let iy = (oy * g.stride_h + ty * g.dilation_h) as isize - g.pad_top as isize;
+                row.fill(zp);
+                if iy >= 0 && (iy as usize) < g.in_h {
+                    let from = (b * g.in_h + iy as usize) * row_bytes;
+                    // Input pixel x sits at padded pixel x + pad_left; the span may end early.
+                    let dst_at = g.pad_left * c;
+                    let n = row_bytes.min((span * c).saturating_sub(dst_at));
+                    row[dst_at..dst_at + n].copy_from_slice(&input[from..from + n]);
+                }
+            }
+            let out_row = &mut output[(b * g.out_h + oy) * g.out_w * c..][..g.out_w * c];
+            // One vector of 16 lanes whose first tap reads padded-row byte `at + tap_at[t]`.
+            let vector = |at: usize, blk: usize| -> __m512i {
+                let read = |t: usize| -> __m128i {
+                    let r = &rows[tap_row[t] * row_len + tap_at[t] + at..][..16];
+                    // SAFETY: `r` is 16 readable bytes.
+                    unsafe { _mm_loadu_si128(r.as_ptr().cast()) }
+                };
+                let mut acc = _mm512_setzero_si512();
+                for p in 0..pairs {
+                    let x0 = read(2 * p);
+                    let x1 = if 2 * p + 1 < taps {
+                        read(2 * p + 1)
+                    } else {
+                        _mm_setzero_si128()
+                    };
+                    let lo = _mm_unpacklo_epi8(x0, x1);
+                    let hi = _mm_unpackhi_epi8(x0, x1);
+                    let x = _mm512_cvtepi8_epi16(_mm256_set_m128i(hi, lo));
+                    acc = _mm512_dpwssd_epi32(acc, x, weights[blk * pairs + p]);
+                }
+                acc
+            };
+            if packs {
+                let mut f = 0;
+                while f < out_row.len() {
+                    let v = d.sixteen(vector(f, 0), 0);
+                    store16(v, &mut out_row[f..]);
+                    f += 16;
+                }
+            } else {
+                for ox in 0..g.out_w {
+                    let at = ox * g.stride_w * c;
+                    for blk in 0..blocks {
+                        let v = d.sixteen(vector(at + blk * 16, blk), blk * 16);
+                        let o = ox * c + blk * 16;
+                        store16(v, &mut out_row[o..ox * c + c]);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Stores the first `min(16, dst.len())` bytes of `v` into `dst`.
+#[inline(always)]
+fn store16(v: __m128i, dst: &mut [i8]) {
+    if dst.len() >= 16 {
+        // SAFETY: `dst` has at least 16 writable bytes; SSE2 is baseline on x86-64.
+        unsafe { _mm_storeu_si128(dst.as_mut_ptr().cast(), v) };
+    } else {
+        let mut block = [0i8; 16];
+        // SAFETY: `block` is 16 writable bytes; SSE2 is baseline on x86-64.
+        unsafe { _mm_storeu_si128(block.as_mut_ptr().cast(), v) };
+        let n = dst.len();
+        copy_run(&block[..n], dst);
     }
 }
 
@@ -1678,7 +2096,43 @@ mod tests {
     }
 
     fn depthwise_both(c: &Case) -> (std::vec::Vec<i8>, std::vec::Vec<i8>) {
-        c.run_depthwise(depthwise_conv2d_i8)
+        let (fast, want) = c.run_depthwise(depthwise_conv2d_i8);
+        // On an AVX-512 VNNI machine the dispatch may run the 512-bit body: check the AVX2 one
+        // (and the 512-bit one where it applies) directly too.
+        let usual = super::super::usual_requant(&c.requant)
+            && offset16(c.zps.0).is_some()
+            && c.g.filter_h * c.g.filter_w <= TAPS;
+        if usual && has_avx2() {
+            let mut avx2 = std::vec![0i8; c.out_len()];
+            // SAFETY: AVX2 checked just above.
+            unsafe {
+                depthwise_avx2(
+                    &c.g,
+                    &c.q(),
+                    &c.input,
+                    &c.filter,
+                    c.bias.as_deref(),
+                    &mut avx2,
+                )
+            };
+            assert_eq!(avx2, want, "AVX2 depthwise body");
+            if has_avx512_vnni() && dw512_fits(&c.g) {
+                let mut vnni = std::vec![0i8; c.out_len()];
+                // SAFETY: AVX2 and AVX-512 F/BW/VL/VNNI checked just above.
+                unsafe {
+                    depthwise_vnni512(
+                        &c.g,
+                        &c.q(),
+                        &c.input,
+                        &c.filter,
+                        c.bias.as_deref(),
+                        &mut vnni,
+                    )
+                };
+                assert_eq!(vnni, want, "512-bit depthwise body");
+            }
+        }
+        (fast, want)
     }
 
     /// A deterministic case of the given shape (MLPerf Tiny layer shapes), data from a seed.
