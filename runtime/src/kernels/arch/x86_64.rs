@@ -1687,14 +1687,16 @@ pub fn depthwise_conv2d_i8(
 /// Channels [`depthwise_vnni512`] decodes at once (its output stage holds them all).
 const DW512_CHANNELS: usize = 256;
 
-/// Interleaved weight vectors [`depthwise_vnni512`] holds: blocks of 16 channels times tap pairs.
+/// Weight vectors [`depthwise_vnni512`] holds: blocks of 16 channels x filter rows x pairs of
+/// horizontal taps.
 const DW512_WEIGHTS: usize = 128;
 
-/// Bytes of padded input rows [`depthwise_vnni512`] holds on the stack.
-const DW512_ROWS: usize = 16_384;
+/// Widened rows [`depthwise_vnni512`] may hold (int16 pairs as int32, over all filter rows): the
+/// larger of its two stack buffers (the smaller is a quarter of it).
+const DW512_PAIRS: usize = 12_288;
 
-/// Bytes read past a padded row's last pixel (a last block of fewer than 16 lanes).
-const DW512_SLACK: usize = 16;
+/// Bytes of the int8 padded row [`depthwise_vnni512`] widens from.
+const DW512_ROW: usize = 8_192;
 
 /// Pixels of a padded input row of [`depthwise_vnni512`]: what the filter spans over the row.
 fn dw512_span(g: &ConvGeometry) -> usize {
@@ -1708,25 +1710,42 @@ fn dw512_packs_pixels(g: &ConvGeometry) -> bool {
     g.stride_w == 1 && g.out_c < 16 && 16 % g.out_c == 0
 }
 
-/// Whether [`depthwise_vnni512`] takes the layer: its channels, weights and padded rows fit the
-/// stack buffers.
-fn dw512_fits(g: &ConvGeometry) -> bool {
-    let c = g.out_c;
-    let pairs = (g.filter_h * g.filter_w).div_ceil(2);
-    c <= DW512_CHANNELS
-        && g.out_w > 0
-        && g.filter_w > 0
-        && c.div_ceil(16) * pairs <= DW512_WEIGHTS
-        && g.filter_h * (dw512_span(g) * c + DW512_SLACK) <= DW512_ROWS
+/// Elements of one widened row of [`depthwise_vnni512`] (one int32 per padded-row byte, 16 more
+/// for a last vector of fewer lanes).
+fn dw512_row_elements(g: &ConvGeometry) -> usize {
+    (dw512_span(g) * g.out_c).div_ceil(16) * 16 + 16
 }
 
-/// Depthwise, depth multiplier 1, with 512-bit `VPDPWSSD`. For each output row, the input rows
-/// its taps read are first copied into padded rows (the zero point left and right of the image,
-/// and in place of rows above or below it), so the inner loop has no bounds to test. Lanes are
-/// 16 channels of one pixel, or, for a stride of 1 along x and fewer than 16 channels dividing
-/// 16, 16 consecutive bytes of the output row (several pixels at once); a lane's tap reads the
-/// padded row at the same offset plus the tap's. Two taps' int8 values are interleaved and widened
-/// to int16 (`VPUNPCKLBW`, `VPMOVSXBW`) and one `VPDPWSSD` adds both products per lane. The sums
+/// Whether [`depthwise_vnni512`] takes the layer: its channels, weights and rows fit its stack
+/// buffers.
+fn dw512_fits(g: &ConvGeometry) -> bool {
+    let c = g.out_c;
+    if c == 0 || c > DW512_CHANNELS || g.out_w == 0 || g.filter_w == 0 || g.filter_h == 0 {
+        return false;
+    }
+    let blocks = if dw512_packs_pixels(g) {
+        1
+    } else {
+        c.div_ceil(16)
+    };
+    let elements = dw512_row_elements(g);
+    blocks * g.filter_h * g.filter_w.div_ceil(2) <= DW512_WEIGHTS
+        && g.filter_h * elements <= DW512_PAIRS
+        && elements + g.dilation_w * c + 16 <= DW512_ROW
+}
+
+/// Depthwise, depth multiplier 1, with 512-bit `VPDPWSSD` and no shuffles in the inner loop.
+///
+/// Each input row a filter row reads is widened once into a *pair row*: for every byte `f` of
+/// the padded row (the zero point left and right of the image; rows above and below it are all
+/// zero point), the int16 pair `(x[f], x[f + dilation * c])`: a value and its right-hand
+/// neighbour's, the two inputs of horizontal taps `2j` and `2j + 1`. A lane's taps `2j, 2j + 1` of
+/// filter row `r` are then one int32 of pair row `r` at the lane's offset plus `2j * dilation *
+/// c`, and one `VPDPWSSD` against the weights `(w[r][2j], w[r][2j + 1])` (0 past the filter) adds
+/// both products: a 3x3 filter is 6 loads and 6 `VPDPWSSD` per 16 outputs. Pair rows are cached
+/// across output rows (filter-row count of them), so with stride 1 each input row is widened
+/// once. Lanes are 16 channels of one pixel, or, for a stride of 1 along x and fewer than 16
+/// channels dividing 16, 16 consecutive bytes of the output row (several pixels at once). Sums
 /// are `sum(w * x)`; the input offset enters once per channel as `-zero_point * sum(w)` with the
 /// bias (padding holds the zero point, so each tap adds `w * (x - zero_point)` as TFLM's does).
 /// Lanes past the channels compute garbage that is never stored.
@@ -1739,11 +1758,30 @@ fn depthwise_vnni512(
     bias: Option<&[i32]>,
     output: &mut [i8],
 ) {
+    if g.filter_h * dw512_row_elements(g) <= DW512_PAIRS / 4 {
+        depthwise_vnni512_with::<{ DW512_PAIRS / 4 }>(g, q, input, filter, bias, output)
+    } else {
+        depthwise_vnni512_with::<DW512_PAIRS>(g, q, input, filter, bias, output)
+    }
+}
+
+/// [`depthwise_vnni512`] with `P` int32 of pair rows on the stack.
+#[target_feature(enable = "avx2,avx512f,avx512bw,avx512vl,avx512vnni")]
+fn depthwise_vnni512_with<const P: usize>(
+    g: &ConvGeometry,
+    q: &QuantizedOutput<'_>,
+    input: &[i8],
+    filter: &[i8],
+    bias: Option<&[i32]>,
+    output: &mut [i8],
+) {
     let c = g.out_c;
-    let taps = g.filter_h * g.filter_w;
-    let pairs = taps.div_ceil(2);
+    let (fh, fw) = (g.filter_h, g.filter_w);
+    let pairs_w = fw.div_ceil(2);
     let packs = dw512_packs_pixels(g);
-    // Channel of each lane of a block.
+    let blocks = if packs { 1 } else { c.div_ceil(16) };
+    let lanes = blocks * 16;
+    // Output stage per lane (lane `l` of block `l / 16`).
     let lane_channel = |blk: usize, lane: usize| {
         if packs {
             lane % c
@@ -1751,107 +1789,199 @@ fn depthwise_vnni512(
             blk * 16 + lane
         }
     };
-    let blocks = if packs { 1 } else { c.div_ceil(16) };
-    let lanes = blocks * 16;
-    // Output stage per lane, with -zero_point * sum(w) taken into the bias.
     let mut d = Decoded::<DW512_CHANNELS>::lanes(q, bias, lanes.min(DW512_CHANNELS), |l| {
         lane_channel(l / 16, l % 16).min(c - 1)
     });
-    for (l, b) in d.bias.iter_mut().enumerate().take(lanes) {
-        let ch = lane_channel(l / 16, l % 16);
-        if ch < c {
-            let sum = (0..taps).fold(0i32, |s, t| s.wrapping_add(i32::from(filter[t * c + ch])));
-            *b = b.wrapping_sub(q.input_zero_point.wrapping_mul(sum));
+    // A block's weights of filter row `r`, column `x` (16 lanes; lanes past the channels and
+    // columns past the filter are 0).
+    let tap_weights = |blk: usize, r: usize, x: usize| -> __m128i {
+        if x >= fw {
+            return _mm_setzero_si128();
+        }
+        let row = &filter[(r * fw + x) * c..(r * fw + x + 1) * c];
+        if packs {
+            let v: [i8; 16] = core::array::from_fn(|lane| row[lane % c]);
+            // SAFETY: `v` is 16 readable bytes.
+            unsafe { _mm_loadu_si128(v.as_ptr().cast()) }
+        } else {
+            let n = (c - blk * 16).min(16);
+            let mask = (1u32 << n).wrapping_sub(1) as u16;
+            // SAFETY: the mask selects bytes `blk * 16..blk * 16 + n` of `row`; masked-off bytes
+            // are not read (AVX-512BW) and load as 0.
+            unsafe { _mm_maskz_loadu_epi8(mask, row.as_ptr().add(blk * 16)) }
+        }
+    };
+    // Weights (block, filter row, pair of columns) as int16 pairs, and -zero_point * sum(w) per
+    // lane into the bias.
+    let mut weights = [_mm512_setzero_si512(); DW512_WEIGHTS];
+    let offset = _mm512_set1_epi32(-q.input_zero_point);
+    for blk in 0..blocks {
+        let mut sum = _mm512_setzero_si512();
+        for r in 0..fh {
+            for j in 0..pairs_w {
+                let (w0, w1) = (tap_weights(blk, r, 2 * j), tap_weights(blk, r, 2 * j + 1));
+                sum = _mm512_add_epi32(sum, _mm512_cvtepi8_epi32(w0));
+                sum = _mm512_add_epi32(sum, _mm512_cvtepi8_epi32(w1));
+                let (lo, hi) = (_mm_unpacklo_epi8(w0, w1), _mm_unpackhi_epi8(w0, w1));
+                weights[(blk * fh + r) * pairs_w + j] =
+                    _mm512_cvtepi8_epi16(_mm256_set_m128i(hi, lo));
+            }
+        }
+        let at = &mut d.bias[blk * 16..blk * 16 + 16];
+        // SAFETY: `at` is 16 readable and writable i32.
+        unsafe {
+            let b = _mm512_loadu_si512(at.as_ptr().cast());
+            let b = _mm512_add_epi32(b, _mm512_mullo_epi32(sum, offset));
+            _mm512_storeu_si512(at.as_mut_ptr().cast(), b);
         }
     }
-    // Interleaved weights: block `blk`, pair `p` = lanes (w[2p], w[2p + 1]) as int16.
-    let mut weights = [_mm512_setzero_si512(); DW512_WEIGHTS];
-    for blk in 0..blocks {
-        for p in 0..pairs {
-            let mut v = [0i16; 32];
-            for lane in 0..16 {
-                let ch = lane_channel(blk, lane);
-                if ch >= c {
+    let span = dw512_span(g);
+    let elements = dw512_row_elements(g);
+    let partner = g.dilation_w * c;
+    let zp = q.input_zero_point as i8;
+    let row_bytes = g.in_w * c;
+    let mut pair_rows = Align64([0i32; P]);
+    let pair_rows = &mut pair_rows.0;
+    let mut padded = [0i8; DW512_ROW];
+    // Which input row each pair-row slot holds (`-1`: a row of padding), per batch image.
+    let mut held = [None::<isize>; TAPS];
+    let mut slot_of = [0usize; TAPS];
+    for b in 0..g.batch {
+        held[..fh].fill(None);
+        for oy in 0..g.out_h {
+            // The input row of each filter row (`-1` outside the image), and its slot.
+            let mut wanted = [0isize; TAPS];
+            for (r, w) in wanted.iter_mut().enumerate().take(fh) {
+                let iy = (oy * g.stride_h + r * g.dilation_h) as isize - g.pad_top as isize;
+                *w = if iy >= 0 && (iy as usize) < g.in_h {
+                    iy
+                } else {
+                    -1
+                };
+            }
+            for r in 0..fh {
+                if let Some(s) = (0..fh).find(|&s| held[s] == Some(wanted[r])) {
+                    slot_of[r] = s;
                     continue;
                 }
-                for (k, t) in [2 * p, 2 * p + 1].into_iter().enumerate() {
-                    if t < taps {
-                        v[2 * lane + k] = i16::from(filter[t * c + ch]);
-                    }
-                }
-            }
-            // SAFETY: `v` is 64 readable bytes.
-            weights[blk * pairs + p] = unsafe { _mm512_loadu_si512(v.as_ptr().cast()) };
-        }
-    }
-    // Each tap's padded row and byte offset within it.
-    let span = dw512_span(g);
-    let row_len = span * c + DW512_SLACK;
-    let (mut tap_row, mut tap_at) = ([0usize; TAPS], [0usize; TAPS]);
-    for t in 0..taps {
-        tap_row[t] = t / g.filter_w;
-        tap_at[t] = (t % g.filter_w) * g.dilation_w * c;
-    }
-    let zp = q.input_zero_point as i8;
-    let mut rows = [0i8; DW512_ROWS];
-    let row_bytes = g.in_w * c;
-    for b in 0..g.batch {
-        for oy in 0..g.out_h {
-            // The padded rows of this output row.
-            for (ty, row) in rows.chunks_exact_mut(row_len).take(g.filter_h).enumerate() {
-                let iy = (oy * g.stride_h + ty * g.dilation_h) as isize - g.pad_top as isize;
-                row.fill(zp);
-                if iy >= 0 && (iy as usize) < g.in_h {
-                    let from = (b * g.in_h + iy as usize) * row_bytes;
-                    // Input pixel x sits at padded pixel x + pad_left; the span may end early.
+                // A slot no filter row of this output row needs.
+                let s = (0..fh)
+                    .find(|&s| held[s].is_none_or(|h| !wanted[..fh].contains(&h)))
+                    .unwrap_or(r);
+                // The padded row, then its pairs.
+                let pad = &mut padded[..elements + partner + 16];
+                pad.fill(zp);
+                if wanted[r] >= 0 {
+                    let from = (b * g.in_h + wanted[r] as usize) * row_bytes;
                     let dst_at = g.pad_left * c;
                     let n = row_bytes.min((span * c).saturating_sub(dst_at));
-                    row[dst_at..dst_at + n].copy_from_slice(&input[from..from + n]);
+                    pad[dst_at..dst_at + n].copy_from_slice(&input[from..from + n]);
                 }
+                let slot = &mut pair_rows[s * elements..(s + 1) * elements];
+                for (f, out) in (0..elements).step_by(16).zip(slot.chunks_exact_mut(16)) {
+                    let (x0, x1) = (&pad[f..f + 16], &pad[f + partner..f + partner + 16]);
+                    // SAFETY: `x0`, `x1` are 16 readable bytes; `out` is 16 writable i32.
+                    unsafe {
+                        let x0 = _mm_loadu_si128(x0.as_ptr().cast());
+                        let x1 = _mm_loadu_si128(x1.as_ptr().cast());
+                        let (lo, hi) = (_mm_unpacklo_epi8(x0, x1), _mm_unpackhi_epi8(x0, x1));
+                        let v = _mm512_cvtepi8_epi16(_mm256_set_m128i(hi, lo));
+                        _mm512_storeu_si512(out.as_mut_ptr().cast(), v);
+                    }
+                }
+                held[s] = Some(wanted[r]);
+                slot_of[r] = s;
             }
             let out_row = &mut output[(b * g.out_h + oy) * g.out_w * c..][..g.out_w * c];
-            // One vector of 16 lanes whose first tap reads padded-row byte `at + tap_at[t]`.
-            let vector = |at: usize, blk: usize| -> __m512i {
-                let read = |t: usize| -> __m128i {
-                    let r = &rows[tap_row[t] * row_len + tap_at[t] + at..][..16];
-                    // SAFETY: `r` is 16 readable bytes.
-                    unsafe { _mm_loadu_si128(r.as_ptr().cast()) }
-                };
-                let mut acc = _mm512_setzero_si512();
-                for p in 0..pairs {
-                    let x0 = read(2 * p);
-                    let x1 = if 2 * p + 1 < taps {
-                        read(2 * p + 1)
-                    } else {
-                        _mm_setzero_si128()
-                    };
-                    let lo = _mm_unpacklo_epi8(x0, x1);
-                    let hi = _mm_unpackhi_epi8(x0, x1);
-                    let x = _mm512_cvtepi8_epi16(_mm256_set_m128i(hi, lo));
-                    acc = _mm512_dpwssd_epi32(acc, x, weights[blk * pairs + p]);
-                }
-                acc
+            let mut rows: [&[i32]; TAPS] = [&[]; TAPS];
+            for (r, row) in rows.iter_mut().enumerate().take(fh) {
+                *row = &pair_rows[slot_of[r] * elements..(slot_of[r] + 1) * elements];
+            }
+            let rows = &rows[..fh];
+            let lay = Dw512Row {
+                weights: &weights,
+                d: &d,
+                partner,
+                pairs_w,
+                blocks,
+                step: if packs { 0 } else { g.stride_w * c },
+                c,
             };
-            if packs {
-                let mut f = 0;
-                while f < out_row.len() {
-                    let v = d.sixteen(vector(f, 0), 0);
-                    store16(v, &mut out_row[f..]);
-                    f += 16;
-                }
+            if fh == 3 && pairs_w == 2 {
+                lay.run::<3, 2>(rows, out_row);
             } else {
-                for ox in 0..g.out_w {
-                    let at = ox * g.stride_w * c;
-                    for blk in 0..blocks {
-                        let v = d.sixteen(vector(at + blk * 16, blk), blk * 16);
-                        let o = ox * c + blk * 16;
-                        store16(v, &mut out_row[o..ox * c + c]);
+                lay.run::<0, 0>(rows, out_row);
+            }
+        }
+    }
+}
+
+/// One output row of [`depthwise_vnni512`]: what its inner loop needs.
+struct Dw512Row<'a> {
+    weights: &'a [__m512i],
+    d: &'a Decoded<DW512_CHANNELS>,
+    /// Pair-row elements between horizontal taps `2j` and `2j + 2` (half of it).
+    partner: usize,
+    pairs_w: usize,
+    blocks: usize,
+    /// Padded-row bytes between output pixels; 0: lanes are 16 consecutive output bytes.
+    step: usize,
+    c: usize,
+}
+
+impl Dw512Row<'_> {
+    /// Computes and stores `out_row` from the pair rows of its filter rows. `FH` / `PW` (filter
+    /// rows, pairs of columns) fixed at compile time for the common 3x3 filter, or 0: from
+    /// `rows.len()` and `self.pairs_w`.
+    #[target_feature(enable = "avx2,avx512f,avx512bw,avx512vl,avx512vnni")]
+    fn run<const FH: usize, const PW: usize>(&self, rows: &[&[i32]], out_row: &mut [i8]) {
+        let fh = if FH > 0 { FH } else { rows.len() };
+        let pw = if PW > 0 { PW } else { self.pairs_w };
+        let rows = &rows[..fh];
+        let partner = self.partner;
+        // Two accumulators (even and odd filter rows) halve the dependency chain.
+        let vector = |at: usize, blk: usize| -> __m512i {
+            let w = &self.weights[blk * fh * pw..(blk + 1) * fh * pw];
+            let term = |r: usize, j: usize, acc: __m512i| {
+                let x = &rows[r][at + 2 * j * partner..][..16];
+                // SAFETY: `x` is 16 readable i32.
+                let x = unsafe { _mm512_loadu_si512(x.as_ptr().cast()) };
+                _mm512_dpwssd_epi32(acc, x, w[r * pw + j])
+            };
+            let (mut even, mut odd) = (_mm512_setzero_si512(), _mm512_setzero_si512());
+            for r in (0..fh).step_by(2) {
+                for j in 0..pw {
+                    even = term(r, j, even);
+                    if r + 1 < fh {
+                        odd = term(r + 1, j, odd);
                     }
+                }
+            }
+            _mm512_add_epi32(even, odd)
+        };
+        if self.step == 0 {
+            let mut f = 0;
+            while f < out_row.len() {
+                let v = self.d.sixteen(vector(f, 0), 0);
+                store16(v, &mut out_row[f..]);
+                f += 16;
+            }
+        } else {
+            let c = self.c;
+            for (ox, px) in out_row.chunks_exact_mut(c).enumerate() {
+                let at = ox * self.step;
+                for blk in 0..self.blocks {
+                    let v = self.d.sixteen(vector(at + blk * 16, blk), blk * 16);
+                    store16(v, &mut px[blk * 16..]);
                 }
             }
         }
     }
 }
+
+/// A buffer on a 64-byte boundary (whole cache lines for 512-bit loads).
+#[repr(align(64))]
+struct Align64<T>(T);
 
 /// Stores the first `min(16, dst.len())` bytes of `v` into `dst`.
 #[inline(always)]
