@@ -890,26 +890,43 @@ const PACKED: usize = 32_768;
 /// Output channels [`conv2d_vnni512`] packs and decodes at once.
 const CHUNK: usize = 64;
 
-/// Packs `out_c` weight rows of `k` int8 for [`conv2d_vnni512`]: block `b` (channels
-/// `16b..16b + 16`), group `q` (row bytes `4q..4q + 4`) is 64 bytes at `(b * groups + q) * 64`:
-/// channels `16b..16b + 8`, 4 bytes each, then channels `16b + 8..16b + 16`. Bytes past a row
-/// or past the last channel are 0. Returns each row's sum (for the zero-point correction).
-fn pack_weights(filter: &[i8], k: usize, out_c: usize, packed: &mut [i8], sums: &mut [i32]) {
-    let groups = k.div_ceil(4);
+/// Packs `out_c` weight rows of `k` int8 for [`conv2d_vnni512`], each row's taps of `tap`
+/// values spread to `tap_pad` (the extra values 0; `tap == tap_pad == k` keeps a row as it is):
+/// block `b` (channels `16b..16b + 16`), group `q` (packed row bytes `4q..4q + 4`) is 64 bytes
+/// at `(b * groups + q) * 64`: channels `16b..16b + 8`, 4 bytes each, then channels
+/// `16b + 8..16b + 16`. Bytes past a row or past the last channel are 0. Returns each row's sum
+/// (for the zero-point correction).
+#[allow(clippy::too_many_arguments)]
+fn pack_weights(
+    filter: &[i8],
+    k: usize,
+    (tap, tap_pad): (usize, usize),
+    out_c: usize,
+    packed: &mut [i8],
+    sums: &mut [i32],
+) {
+    let groups = (k / tap.max(1) * tap_pad).div_ceil(4);
     let blocks = out_c.div_ceil(16);
     packed[..blocks * groups * 64].fill(0);
     for (oc, row) in filter.chunks_exact(k).take(out_c).enumerate() {
         let (b, lane) = (oc / 16, oc % 16);
         let lane_at = (lane / 8) * 32 + (lane % 8) * 4;
-        let mut quads = row.chunks_exact(4);
-        for (q, bytes) in quads.by_ref().enumerate() {
-            let at = (b * groups + q) * 64 + lane_at;
-            packed[at..at + 4].copy_from_slice(bytes);
-        }
-        let tail = quads.remainder();
-        if !tail.is_empty() {
-            let at = (b * groups + k / 4) * 64 + lane_at;
-            packed[at..at + tail.len()].copy_from_slice(tail);
+        if tap == tap_pad {
+            let mut quads = row.chunks_exact(4);
+            for (q, bytes) in quads.by_ref().enumerate() {
+                let at = (b * groups + q) * 64 + lane_at;
+                packed[at..at + 4].copy_from_slice(bytes);
+            }
+            let tail = quads.remainder();
+            if !tail.is_empty() {
+                let at = (b * groups + k / 4) * 64 + lane_at;
+                packed[at..at + tail.len()].copy_from_slice(tail);
+            }
+        } else {
+            for (i, &w) in row.iter().enumerate() {
+                let d = (i / tap) * tap_pad + i % tap;
+                packed[(b * groups + d / 4) * 64 + lane_at + d % 4] = w;
+            }
         }
         sums[oc] = row.iter().fold(0i32, |s, &w| s.wrapping_add(i32::from(w)));
     }
@@ -1276,6 +1293,71 @@ fn reads_input_rows(g: &ConvGeometry) -> bool {
         && g.in_c.is_multiple_of(4)
 }
 
+/// Bytes of the strip rows of [`conv2d_vnni512`] (first layers of 1 to 3 channels).
+const STRIP: usize = 8_192;
+
+/// Whether [`conv2d_vnni512`] reads a first layer (1 to 3 input channels, whose filter rows are
+/// not whole groups of 4 bytes) from *strip rows*: input rows with each pixel's channels spread
+/// to 4 bytes (the 4th 0) and the padding filled in, so that every pixel reads its receptive
+/// field in place. Returns the strip row length.
+fn strip_row(g: &ConvGeometry) -> Option<usize> {
+    let span = (g.out_w.max(1) - 1) * g.stride_w + (g.filter_w.max(1) - 1) * g.dilation_w + 1;
+    let row = span * 4;
+    let fits = (1..=3).contains(&g.in_c)
+        && !(g.filter_w * g.in_c).is_multiple_of(4)
+        && g.dilation_w == 1
+        && g.filter_h * row <= STRIP
+        && 16 * g.filter_h * g.filter_w * 4 <= PACKED;
+    fits.then_some(row)
+}
+
+/// Fills strip row `row` (see [`strip_row`]) from input row `iy` of image `b` (`None`: a row of
+/// padding): pixel `x` of the strip is input pixel `x - pad_left`, its channels then zeros up to
+/// 4 bytes; pixels outside the image hold the zero point in their channels.
+#[target_feature(enable = "avx2,avx512f,avx512bw,avx512vl")]
+fn fill_strip(g: &ConvGeometry, input: &[i8], b: usize, iy: Option<usize>, zp: i8, row: &mut [i8]) {
+    let c = g.in_c;
+    let span = row.len() / 4;
+    let pad: [i8; 4] = core::array::from_fn(|k| if k < c { zp } else { 0 });
+    for px in row.chunks_exact_mut(4) {
+        px.copy_from_slice(&pad);
+    }
+    let Some(iy) = iy else { return };
+    let line = &input[(b * g.in_h + iy) * g.in_w * c..][..g.in_w * c];
+    // Strip pixels `first..last` are in the image.
+    let first = g.pad_left.min(span);
+    let last = (g.pad_left + g.in_w).min(span);
+    // Four pixels at a time: 4c input bytes (masked load) spread by one byte shuffle.
+    let control: [i8; 16] = core::array::from_fn(|j| {
+        let (pixel, ch) = (j / 4, j % 4);
+        if ch < c {
+            (pixel * c + ch) as i8
+        } else {
+            -1
+        }
+    });
+    // SAFETY: `control` is 16 readable bytes.
+    let control = unsafe { _mm_loadu_si128(control.as_ptr().cast()) };
+    let mask = (1u16 << (4 * c)) - 1;
+    let mut x = first;
+    while x + 4 <= last {
+        let src = &line[(x - g.pad_left) * c..][..4 * c];
+        let dst = &mut row[x * 4..x * 4 + 16];
+        // SAFETY: the mask selects the `4 * c` bytes of `src` (masked-off bytes are not read);
+        // `dst` is 16 writable bytes.
+        unsafe {
+            let v = _mm_maskz_loadu_epi8(mask, src.as_ptr());
+            _mm_storeu_si128(dst.as_mut_ptr().cast(), _mm_shuffle_epi8(v, control));
+        }
+        x += 4;
+    }
+    while x < last {
+        let src = &line[(x - g.pad_left) * c..][..c];
+        row[x * 4..x * 4 + c].copy_from_slice(src);
+        x += 1;
+    }
+}
+
 #[target_feature(enable = "avx2,avx512f,avx512bw,avx512vl,avx512vnni")]
 #[allow(clippy::too_many_arguments)]
 fn conv2d_vnni512_in(
@@ -1289,15 +1371,26 @@ fn conv2d_vnni512_in(
     patch: &mut [i8],
 ) {
     let k = g.filter_h * g.filter_w * g.in_c;
-    let groups = k.div_ceil(4);
-    let k4 = groups * 4;
     let stride = patch_stride(g);
     let direct = reads_input_rows(g);
     // Filter rows of whole groups of 4 (contiguous in the input): pixels whose receptive field
     // lies inside the image are read in place, one run per filter row; others from the patch.
     let implicit = !direct && g.dilation_w == 1 && (g.filter_w * g.in_c).is_multiple_of(4);
-    let (segments, seg_groups) = if implicit {
-        (g.filter_h, g.filter_w * g.in_c / 4)
+    // First layers: every pixel read in place from strip rows.
+    let strip_len = if direct || implicit {
+        None
+    } else {
+        strip_row(g)
+    };
+    // Packed row length: taps of `in_c` values spread to 4 for strips.
+    let (tap_pad, kp) = match strip_len {
+        Some(_) => (4, g.filter_h * g.filter_w * 4),
+        None => (k, k),
+    };
+    let groups = kp.div_ceil(4);
+    let k4 = groups * 4;
+    let (segments, seg_groups) = if implicit || strip_len.is_some() {
+        (g.filter_h, groups / g.filter_h)
     } else {
         (1, groups)
     };
@@ -1312,12 +1405,15 @@ fn conv2d_vnni512_in(
     let pixels = g.batch * g.out_h * g.out_w;
     let flip = _mm512_set1_epi8(i8::MIN);
     let z = _mm512_setzero_si512();
+    let mut strip = [0i8; STRIP];
     let mut first = 0;
     while first < g.out_c {
         let count = (g.out_c - first).min(chunk);
+        let tap = if strip_len.is_some() { g.in_c } else { k };
         pack_weights(
             &filter[first * k..(first + count) * k],
             k,
+            (tap, tap_pad.min(if strip_len.is_some() { 4 } else { k })),
             count,
             packed,
             &mut sums,
@@ -1337,118 +1433,183 @@ fn conv2d_vnni512_in(
         if two_pixels {
             d.repeat8();
         }
-        let mut p = 0;
-        let mut cursor = Pixel::default();
-        while p < pixels {
-            let px = |i: usize| (p + i).min(pixels - 1);
-            let n = (pixels - p).min(PIXELS_512);
-            // Each pixel's receptive field: `groups` groups of 4 bytes.
-            let rows: [&[i8]; PIXELS_512] = if direct {
-                let rows: [&[i8]; PIXELS_512] =
-                    core::array::from_fn(|i| &input[px(i) * k..px(i) * k + k4]);
-                for (x, row) in xsum.iter_mut().zip(rows) {
-                    let mut sums = Sums512::new();
-                    sums.add(row);
-                    *x = sums.total();
-                }
-                rows
-            } else {
-                // Rows past the last pixel repeat it (their results are not stored).
-                let mut at = cursor;
-                for (i, row) in patch.chunks_exact_mut(stride).take(PIXELS_512).enumerate() {
-                    interior[i] = if implicit { in_image(g, at) } else { None };
-                    xsum[i] = match interior[i] {
-                        // Read in place: only the sum is taken here.
-                        Some(from) => {
-                            let mut sums = Sums512::new();
-                            for fy in 0..g.filter_h {
-                                let run = from + fy * row_step;
-                                sums.add(&input[run..run + seg_groups * 4]);
-                            }
-                            sums.total()
+        let packed: &[i8] = packed;
+        // One tile: pixels `p..p + n` (consecutive), each one's receptive field as `segments`
+        // runs of `seg_groups` groups of 4 bytes, run `s` of pixel `i` at `base[i] + s *
+        // step[i] + seg_off[s]` (`seg_off` empty: 0), with `xsum[i]` the sum of its bytes.
+        let tile =
+            |p: usize,
+             n: usize,
+             (base, step, seg_off): (&[*const i8; PIXELS_512], &[usize; PIXELS_512], &[usize]),
+             xsum: &[i32; PIXELS_512],
+             output: &mut [i8]| {
+                for b in 0..blocks {
+                    let w = &packed[b * groups * 64..(b + 1) * groups * 64];
+                    let (mut a0, mut a1, mut a2, mut a3) = (z, z, z, z);
+                    let (mut a4, mut a5, mut a6, mut a7) = (z, z, z, z);
+                    for (sgm, ws) in w.chunks_exact(seg_groups * 64).enumerate() {
+                        // SAFETY (for the reads below): run `sgm` of each pixel holds `4 * seg_groups`
+                        // readable bytes (a patch row's part, an in-image run of the input, or a
+                        // strip row's part; see the callers), read unaligned 4 at a time with
+                        // `j < seg_groups`.
+                        let off = seg_off.get(sgm).copied().unwrap_or(0);
+                        let r: [*const [u8; 4]; PIXELS_512] = core::array::from_fn(|i| unsafe {
+                            base[i].add(sgm * step[i] + off).cast()
+                        });
+                        let bcast = |row: *const [u8; 4], j: usize| {
+                            // SAFETY: see above.
+                            let bytes = unsafe { row.add(j).read_unaligned() };
+                            _mm512_set1_epi32(i32::from_le_bytes(bytes))
+                        };
+                        for (j, wq) in ws.chunks_exact(64).enumerate() {
+                            // SAFETY: `wq` is 64 readable bytes.
+                            let wv = unsafe { _mm512_loadu_si512(wq.as_ptr().cast()) };
+                            a0 = _mm512_dpbusd_epi32(a0, wv, bcast(r[0], j));
+                            a1 = _mm512_dpbusd_epi32(a1, wv, bcast(r[1], j));
+                            a2 = _mm512_dpbusd_epi32(a2, wv, bcast(r[2], j));
+                            a3 = _mm512_dpbusd_epi32(a3, wv, bcast(r[3], j));
+                            a4 = _mm512_dpbusd_epi32(a4, wv, bcast(r[4], j));
+                            a5 = _mm512_dpbusd_epi32(a5, wv, bcast(r[5], j));
+                            a6 = _mm512_dpbusd_epi32(a6, wv, bcast(r[6], j));
+                            a7 = _mm512_dpbusd_epi32(a7, wv, bcast(r[7], j));
                         }
-                        // Bytes `k..stride` stay 0 from the buffer's creation.
-                        None => im2col_sum(g, input, at, zp, &mut row[..k]),
-                    };
-                    if p + i + 1 < pixels {
-                        at.advance(g);
+                    }
+                    let c = b * 16;
+                    let width = (count - c).min(16);
+                    let accs = [a0, a1, a2, a3, a4, a5, a6, a7];
+                    if two_pixels {
+                        // 8 channels: pixels i and i + 1 share one output stage and one store.
+                        for i in (0..n).step_by(2) {
+                            let lo = _mm512_sub_epi32(accs[i], _mm512_set1_epi32(xsum[i] << 7));
+                            let hi =
+                                _mm512_sub_epi32(accs[i + 1], _mm512_set1_epi32(xsum[i + 1] << 7));
+                            // Lanes 8-15 take the second pixel's lanes 0-7.
+                            let hi = _mm512_shuffle_i32x4::<0b0100_0100>(hi, hi);
+                            let v = d.sixteen(_mm512_mask_blend_epi32(0xff00, lo, hi), 0);
+                            let at = (p + i) * 8;
+                            let bytes = if i + 1 < n { 16 } else { 8 };
+                            store16(v, &mut output[at..at + bytes]);
+                        }
+                        continue;
+                    }
+                    for (i, acc) in accs.into_iter().enumerate().take(n) {
+                        let acc =
+                            _mm512_sub_epi32(acc, _mm512_set1_epi32(xsum[i].wrapping_mul(128)));
+                        let v = d.sixteen(acc, c);
+                        let at = (p + i) * g.out_c + first + c;
+                        store16(v, &mut output[at..at + width]);
                     }
                 }
-                cursor = at;
-                core::array::from_fn(|i| &patch[i * stride..i * stride + k4])
             };
-            // Each pixel's receptive field as `segments` runs of `seg_groups` groups of 4 bytes:
-            // run `s` of pixel `i` starts `s * step[i]` bytes after `base[i]`.
-            let mut base: [*const i8; PIXELS_512] = rows.map(|r| r.as_ptr());
-            let mut step = [seg_groups * 4; PIXELS_512];
-            for (i, inner) in interior.iter().enumerate().take(PIXELS_512) {
-                if let Some(at) = inner {
-                    base[i] = input[*at..].as_ptr();
-                    step[i] = row_step;
-                }
-            }
-            for b in 0..blocks {
-                let w = &packed[b * groups * 64..(b + 1) * groups * 64];
-                let (mut a0, mut a1, mut a2, mut a3) = (z, z, z, z);
-                let (mut a4, mut a5, mut a6, mut a7) = (z, z, z, z);
-                for (sgm, ws) in w.chunks_exact(seg_groups * 64).enumerate() {
-                    // SAFETY (for the reads below): run `sgm` of each pixel holds `4 * seg_groups`
-                    // readable bytes (a patch row's part, or an in-image run of the input, see
-                    // `interior`), read unaligned 4 at a time with `j < seg_groups`.
-                    let r: [*const [u8; 4]; PIXELS_512] =
-                        core::array::from_fn(|i| unsafe { base[i].add(sgm * step[i]).cast() });
-                    let bcast = |row: *const [u8; 4], j: usize| {
-                        // SAFETY: see above.
-                        let bytes = unsafe { row.add(j).read_unaligned() };
-                        _mm512_set1_epi32(i32::from_le_bytes(bytes))
-                    };
-                    for (j, wq) in ws.chunks_exact(64).enumerate() {
-                        // SAFETY: `wq` is 64 readable bytes.
-                        let wv = unsafe { _mm512_loadu_si512(wq.as_ptr().cast()) };
-                        a0 = _mm512_dpbusd_epi32(a0, wv, bcast(r[0], j));
-                        a1 = _mm512_dpbusd_epi32(a1, wv, bcast(r[1], j));
-                        a2 = _mm512_dpbusd_epi32(a2, wv, bcast(r[2], j));
-                        a3 = _mm512_dpbusd_epi32(a3, wv, bcast(r[3], j));
-                        a4 = _mm512_dpbusd_epi32(a4, wv, bcast(r[4], j));
-                        a5 = _mm512_dpbusd_epi32(a5, wv, bcast(r[5], j));
-                        a6 = _mm512_dpbusd_epi32(a6, wv, bcast(r[6], j));
-                        a7 = _mm512_dpbusd_epi32(a7, wv, bcast(r[7], j));
+        if let Some(row_len) = strip_len {
+            // Strip rows cached across output rows (the filter-row count of them).
+            let fh = g.filter_h;
+            let mut held = [None::<Option<usize>>; TAPS];
+            let mut slot_of = [0usize; TAPS];
+            let run = g.filter_w * 4;
+            for b in 0..g.batch {
+                held[..fh].fill(None);
+                for oy in 0..g.out_h {
+                    let mut wanted = [None::<usize>; TAPS];
+                    for (r, w) in wanted.iter_mut().enumerate().take(fh) {
+                        let iy = (oy * g.stride_h + r * g.dilation_h).checked_sub(g.pad_top);
+                        *w = iy.filter(|&iy| iy < g.in_h);
                     }
-                }
-                let c = b * 16;
-                let width = (count - c).min(16);
-                let accs = [a0, a1, a2, a3, a4, a5, a6, a7];
-                if two_pixels {
-                    // 8 channels: pixels i and i + 1 share one output stage and one store.
-                    for i in (0..n).step_by(2) {
-                        let lo = _mm512_sub_epi32(accs[i], _mm512_set1_epi32(xsum[i] << 7));
-                        let hi = _mm512_sub_epi32(accs[i + 1], _mm512_set1_epi32(xsum[i + 1] << 7));
-                        // Lanes 8-15 take the second pixel's lanes 0-7.
-                        let hi = _mm512_shuffle_i32x4::<0b0100_0100>(hi, hi);
-                        let v = d.sixteen(_mm512_mask_blend_epi32(0xff00, lo, hi), 0);
-                        let at = px(i) * 8;
-                        let bytes = if i + 1 < n { 16 } else { 8 };
-                        store16(v, &mut output[at..at + bytes]);
+                    for r in 0..fh {
+                        if let Some(s) = (0..fh).find(|&s| held[s] == Some(wanted[r])) {
+                            slot_of[r] = s;
+                            continue;
+                        }
+                        let s = (0..fh)
+                            .find(|&s| held[s].is_none_or(|h| !wanted[..fh].contains(&h)))
+                            .unwrap_or(r);
+                        let row = &mut strip[s * row_len..(s + 1) * row_len];
+                        fill_strip(g, input, b, wanted[r], zp, row);
+                        held[s] = Some(wanted[r]);
+                        slot_of[r] = s;
                     }
-                    continue;
-                }
-                for (i, acc) in accs.into_iter().enumerate().take(n) {
-                    let acc = _mm512_sub_epi32(acc, _mm512_set1_epi32(xsum[i].wrapping_mul(128)));
-                    let v = d.sixteen(acc, c);
-                    let at = px(i) * g.out_c + first + c;
-                    if width == 16 {
-                        let dst = &mut output[at..at + 16];
-                        // SAFETY: `dst` is 16 writable bytes.
-                        unsafe { _mm_storeu_si128(dst.as_mut_ptr().cast(), v) };
-                    } else {
-                        let mut block = [0i8; 16];
-                        // SAFETY: `block` is 16 writable bytes.
-                        unsafe { _mm_storeu_si128(block.as_mut_ptr().cast(), v) };
-                        copy_run(&block[..width], &mut output[at..at + width]);
+                    let row_start = (b * g.out_h + oy) * g.out_w;
+                    let mut ox0 = 0;
+                    while ox0 < g.out_w {
+                        let n = (g.out_w - ox0).min(PIXELS_512);
+                        // Run `r` of pixel `i` is strip row `slot_of[r]` at the pixel's offset.
+                        let mut seg_off = [0usize; TAPS];
+                        for (o, s) in seg_off.iter_mut().zip(&slot_of).take(fh) {
+                            *o = s * row_len;
+                        }
+                        let mut base = [strip.as_ptr(); PIXELS_512];
+                        for i in 0..PIXELS_512 {
+                            let at = (ox0 + i).min(g.out_w - 1) * g.stride_w * 4;
+                            let mut sums = Sums512::new();
+                            for o in &seg_off[..fh] {
+                                sums.add(&strip[o + at..o + at + run]);
+                            }
+                            base[i] = strip[at..].as_ptr();
+                            xsum[i] = sums.total();
+                        }
+                        let step = [0usize; PIXELS_512];
+                        tile(
+                            row_start + ox0,
+                            n,
+                            (&base, &step, &seg_off[..fh]),
+                            &xsum,
+                            output,
+                        );
+                        ox0 += PIXELS_512;
                     }
                 }
             }
-            p += PIXELS_512;
+        } else {
+            let mut p = 0;
+            let mut cursor = Pixel::default();
+            while p < pixels {
+                let px = |i: usize| (p + i).min(pixels - 1);
+                let n = (pixels - p).min(PIXELS_512);
+                let rows: [&[i8]; PIXELS_512] = if direct {
+                    let rows: [&[i8]; PIXELS_512] =
+                        core::array::from_fn(|i| &input[px(i) * k..px(i) * k + k4]);
+                    for (x, row) in xsum.iter_mut().zip(rows) {
+                        let mut sums = Sums512::new();
+                        sums.add(row);
+                        *x = sums.total();
+                    }
+                    rows
+                } else {
+                    // Rows past the last pixel repeat it (their results are not stored).
+                    let mut at = cursor;
+                    for (i, row) in patch.chunks_exact_mut(stride).take(PIXELS_512).enumerate() {
+                        interior[i] = if implicit { in_image(g, at) } else { None };
+                        xsum[i] = match interior[i] {
+                            // Read in place: only the sum is taken here.
+                            Some(from) => {
+                                let mut sums = Sums512::new();
+                                for fy in 0..g.filter_h {
+                                    let run = from + fy * row_step;
+                                    sums.add(&input[run..run + seg_groups * 4]);
+                                }
+                                sums.total()
+                            }
+                            // Bytes `k..stride` stay 0 from the buffer's creation.
+                            None => im2col_sum(g, input, at, zp, &mut row[..k]),
+                        };
+                        if p + i + 1 < pixels {
+                            at.advance(g);
+                        }
+                    }
+                    cursor = at;
+                    core::array::from_fn(|i| &patch[i * stride..i * stride + k4])
+                };
+                let mut base: [*const i8; PIXELS_512] = rows.map(|r| r.as_ptr());
+                let mut step = [seg_groups * 4; PIXELS_512];
+                for (i, inner) in interior.iter().enumerate().take(PIXELS_512) {
+                    if let Some(at) = inner {
+                        base[i] = input[*at..].as_ptr();
+                        step[i] = row_step;
+                    }
+                }
+                tile(p, n, (&base, &step, &[]), &xsum, output);
+                p += PIXELS_512;
+            }
         }
         first += count;
     }
