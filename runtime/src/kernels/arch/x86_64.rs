@@ -1228,39 +1228,75 @@ fn conv2d_vnni512(
     bias: Option<&[i32]>,
     output: &mut [i8],
 ) {
-    // Stack buffers sized to the layer (zeroing 48 KB for a small layer costs more than it).
-    let k4 = (g.filter_h * g.filter_w * g.in_c).div_ceil(4) * 4;
-    let short = patch_stride(g) <= SHORT_PATCH;
-    let small = g.out_c.div_ceil(16) * 16 * k4 <= SMALL_PACKED;
-    match (short, small) {
-        (true, true) => conv2d_vnni512_with::<{ PIXELS_512 * SHORT_PATCH }, SMALL_PACKED>(
-            g, q, input, filter, bias, output,
-        ),
-        (true, false) => conv2d_vnni512_with::<{ PIXELS_512 * SHORT_PATCH }, PACKED>(
-            g, q, input, filter, bias, output,
-        ),
-        (false, true) => conv2d_vnni512_with::<{ PIXELS_512 * PATCH_512 }, SMALL_PACKED>(
-            g, q, input, filter, bias, output,
-        ),
-        (false, false) => conv2d_vnni512_with::<{ PIXELS_512 * PATCH_512 }, PACKED>(
-            g, q, input, filter, bias, output,
-        ),
-    }
+    conv2d_vnni512_layout(g, q, input, filter, bias, output, true)
 }
 
-/// [`conv2d_vnni512`] with a patch of `P` and packed weights of `W` bytes on the stack.
+/// [`conv2d_vnni512`], with (`strips`) or without strip rows (tests reach the other layouts).
 #[target_feature(enable = "avx2,avx512f,avx512bw,avx512vl,avx512vnni")]
-fn conv2d_vnni512_with<const P: usize, const W: usize>(
+fn conv2d_vnni512_layout(
     g: &ConvGeometry,
     q: &QuantizedOutput<'_>,
     input: &[i8],
     filter: &[i8],
     bias: Option<&[i32]>,
     output: &mut [i8],
+    strips: bool,
+) {
+    // Stack buffers sized to the layer (zeroing 48 KB for a small layer costs more than it),
+    // for the packed row length the layout uses.
+    let strip = if strips && !reads_input_rows(g) {
+        strip_row(g)
+    } else {
+        None
+    };
+    let kp = match strip {
+        Some((_, per_pixel)) => g.filter_h * g.filter_w * per_pixel,
+        None => (g.filter_h * g.filter_w * g.in_c).div_ceil(4) * 4,
+    };
+    let short = patch_stride(g) <= SHORT_PATCH;
+    let small = g.out_c.div_ceil(16) * 16 * kp <= SMALL_PACKED;
+    let args = (g, q, input, filter, bias);
+    match (short, small) {
+        (true, true) => {
+            conv2d_vnni512_with::<{ PIXELS_512 * SHORT_PATCH }, SMALL_PACKED>(args, output, strip)
+        }
+        (true, false) => {
+            conv2d_vnni512_with::<{ PIXELS_512 * SHORT_PATCH }, PACKED>(args, output, strip)
+        }
+        (false, true) => {
+            conv2d_vnni512_with::<{ PIXELS_512 * PATCH_512 }, SMALL_PACKED>(args, output, strip)
+        }
+        (false, false) => {
+            conv2d_vnni512_with::<{ PIXELS_512 * PATCH_512 }, PACKED>(args, output, strip)
+        }
+    }
+}
+
+/// The operands of a CONV_2D: geometry, quantization, input, filter, bias.
+type ConvArgs<'a, 'q> = (
+    &'a ConvGeometry,
+    &'a QuantizedOutput<'q>,
+    &'a [i8],
+    &'a [i8],
+    Option<&'a [i32]>,
+);
+
+/// [`conv2d_vnni512`] with a patch of `P` and packed weights of `W` bytes on the stack.
+#[target_feature(enable = "avx2,avx512f,avx512bw,avx512vl,avx512vnni")]
+fn conv2d_vnni512_with<const P: usize, const W: usize>(
+    (g, q, input, filter, bias): ConvArgs<'_, '_>,
+    output: &mut [i8],
+    strip: Option<(usize, usize)>,
 ) {
     let mut patch = [0i8; P];
     let mut packed = [0i8; W];
-    conv2d_vnni512_in(g, q, input, filter, bias, output, &mut packed, &mut patch)
+    conv2d_vnni512_in(
+        (g, q, input, filter, bias),
+        output,
+        &mut packed,
+        &mut patch,
+        strip,
+    )
 }
 
 /// Longest receptive field of [`conv2d_vnni512`] (values, rounded up to 4): 16 channels' packed
@@ -1293,40 +1329,72 @@ fn reads_input_rows(g: &ConvGeometry) -> bool {
         && g.in_c.is_multiple_of(4)
 }
 
-/// Bytes of the strip rows of [`conv2d_vnni512`] (first layers of 1 to 3 channels).
-const STRIP: usize = 8_192;
+/// Bytes of the strip rows of [`conv2d_vnni512`].
+const STRIP: usize = 16_384;
 
-/// Whether [`conv2d_vnni512`] reads a first layer (1 to 3 input channels, whose filter rows are
-/// not whole groups of 4 bytes) from *strip rows*: input rows with each pixel's channels spread
-/// to 4 bytes (the 4th 0) and the padding filled in, so that every pixel reads its receptive
-/// field in place. Returns the strip row length.
-fn strip_row(g: &ConvGeometry) -> Option<usize> {
+/// Whether [`conv2d_vnni512`] reads the layer from *strip rows*: padded copies of the input rows
+/// its filter rows read (the zero point in place of padding), so that every output pixel reads
+/// its receptive field in place, one filter row at a time. A filter row must be whole groups of
+/// 4 bytes: it is when `filter_w * in_c` is a multiple of 4 (then only for output rows of at
+/// least a tile's 8 pixels), and first layers of 1 to 3 channels get each pixel's channels
+/// spread to 4 bytes (the rest 0). Returns the strip row length and the bytes per strip pixel.
+fn strip_row(g: &ConvGeometry) -> Option<(usize, usize)> {
+    let per_pixel = if (g.filter_w * g.in_c).is_multiple_of(4) {
+        // Tiles stay within an output row: rows narrower than a tile leave lanes idle, where
+        // the implicit layout (tiles across rows) does not.
+        if g.out_w < PIXELS_512 {
+            return None;
+        }
+        g.in_c
+    } else if (1..=3).contains(&g.in_c) {
+        4
+    } else {
+        return None;
+    };
     let span = (g.out_w.max(1) - 1) * g.stride_w + (g.filter_w.max(1) - 1) * g.dilation_w + 1;
-    let row = span * 4;
-    let fits = (1..=3).contains(&g.in_c)
-        && !(g.filter_w * g.in_c).is_multiple_of(4)
-        && g.dilation_w == 1
+    let row = span * per_pixel;
+    let fits = g.dilation_w == 1
         && g.filter_h * row <= STRIP
-        && 16 * g.filter_h * g.filter_w * 4 <= PACKED;
-    fits.then_some(row)
+        && 16 * g.filter_h * g.filter_w * per_pixel <= PACKED;
+    fits.then_some((row, per_pixel))
 }
 
-/// Fills strip row `row` (see [`strip_row`]) from input row `iy` of image `b` (`None`: a row of
-/// padding): pixel `x` of the strip is input pixel `x - pad_left`, its channels then zeros up to
-/// 4 bytes; pixels outside the image hold the zero point in their channels.
+/// Fills strip row `row` (see [`strip_row`], `per_pixel` bytes a pixel) from input row `iy` of
+/// image `b` (`None`: a row of padding): strip pixel `x` is input pixel `x - pad_left`, its
+/// channels then zeros up to `per_pixel` bytes; pixels outside the image hold the zero point in
+/// their channels.
 #[target_feature(enable = "avx2,avx512f,avx512bw,avx512vl")]
-fn fill_strip(g: &ConvGeometry, input: &[i8], b: usize, iy: Option<usize>, zp: i8, row: &mut [i8]) {
+fn fill_strip(
+    g: &ConvGeometry,
+    input: &[i8],
+    (b, iy): (usize, Option<usize>),
+    zp: i8,
+    per_pixel: usize,
+    row: &mut [i8],
+) {
     let c = g.in_c;
-    let span = row.len() / 4;
+    let span = row.len() / per_pixel;
+    // Strip pixels `first..last` are in the image.
+    let first = g.pad_left.min(span);
+    let last = (g.pad_left + g.in_w).min(span).max(first);
+    let line = iy.map(|iy| &input[(b * g.in_h + iy) * g.in_w * c..][..g.in_w * c]);
+    if per_pixel == c {
+        // The row as it is, the zero point around it.
+        match line {
+            Some(line) => {
+                row[..first * c].fill(zp);
+                row[first * c..last * c].copy_from_slice(&line[..(last - first) * c]);
+                row[last * c..].fill(zp);
+            }
+            None => row.fill(zp),
+        }
+        return;
+    }
     let pad: [i8; 4] = core::array::from_fn(|k| if k < c { zp } else { 0 });
     for px in row.chunks_exact_mut(4) {
         px.copy_from_slice(&pad);
     }
-    let Some(iy) = iy else { return };
-    let line = &input[(b * g.in_h + iy) * g.in_w * c..][..g.in_w * c];
-    // Strip pixels `first..last` are in the image.
-    let first = g.pad_left.min(span);
-    let last = (g.pad_left + g.in_w).min(span);
+    let Some(line) = line else { return };
     // Four pixels at a time: 4c input bytes (masked load) spread by one byte shuffle.
     let control: [i8; 16] = core::array::from_fn(|j| {
         let (pixel, ch) = (j / 4, j % 4);
@@ -1358,34 +1426,31 @@ fn fill_strip(g: &ConvGeometry, input: &[i8], b: usize, iy: Option<usize>, zp: i
     }
 }
 
+/// The body of [`conv2d_vnni512`]; `strip` = [`strip_row`] when strip rows are used.
 #[target_feature(enable = "avx2,avx512f,avx512bw,avx512vl,avx512vnni")]
-#[allow(clippy::too_many_arguments)]
 fn conv2d_vnni512_in(
-    g: &ConvGeometry,
-    q: &QuantizedOutput<'_>,
-    input: &[i8],
-    filter: &[i8],
-    bias: Option<&[i32]>,
+    (g, q, input, filter, bias): ConvArgs<'_, '_>,
     output: &mut [i8],
     packed: &mut [i8],
     patch: &mut [i8],
+    strip: Option<(usize, usize)>,
 ) {
     let k = g.filter_h * g.filter_w * g.in_c;
     let stride = patch_stride(g);
     let direct = reads_input_rows(g);
-    // Filter rows of whole groups of 4 (contiguous in the input): pixels whose receptive field
-    // lies inside the image are read in place, one run per filter row; others from the patch.
-    let implicit = !direct && g.dilation_w == 1 && (g.filter_w * g.in_c).is_multiple_of(4);
-    // First layers: every pixel read in place from strip rows.
-    let strip_len = if direct || implicit {
-        None
-    } else {
-        strip_row(g)
-    };
-    // Packed row length: taps of `in_c` values spread to 4 for strips.
-    let (tap_pad, kp) = match strip_len {
-        Some(_) => (4, g.filter_h * g.filter_w * 4),
-        None => (k, k),
+    // Every pixel read in place from strip rows where they fit.
+    let strip_len = if direct { None } else { strip };
+    // Otherwise, filter rows of whole groups of 4 (contiguous in the input): pixels whose
+    // receptive field lies inside the image are read in place, one run per filter row; others
+    // from the patch.
+    let implicit = !direct
+        && strip_len.is_none()
+        && g.dilation_w == 1
+        && (g.filter_w * g.in_c).is_multiple_of(4);
+    // Packed rows: taps of `in_c` values spread to the strip's bytes per pixel.
+    let (tap, tap_pad, kp) = match strip_len {
+        Some((_, per_pixel)) => (g.in_c, per_pixel, g.filter_h * g.filter_w * per_pixel),
+        None => (k, k, k),
     };
     let groups = kp.div_ceil(4);
     let k4 = groups * 4;
@@ -1409,11 +1474,10 @@ fn conv2d_vnni512_in(
     let mut first = 0;
     while first < g.out_c {
         let count = (g.out_c - first).min(chunk);
-        let tap = if strip_len.is_some() { g.in_c } else { k };
         pack_weights(
             &filter[first * k..(first + count) * k],
             k,
-            (tap, tap_pad.min(if strip_len.is_some() { 4 } else { k })),
+            (tap, tap_pad),
             count,
             packed,
             &mut sums,
@@ -1501,12 +1565,12 @@ fn conv2d_vnni512_in(
                     }
                 }
             };
-        if let Some(row_len) = strip_len {
+        if let Some((row_len, per_pixel)) = strip_len {
             // Strip rows cached across output rows (the filter-row count of them).
             let fh = g.filter_h;
             let mut held = [None::<Option<usize>>; TAPS];
             let mut slot_of = [0usize; TAPS];
-            let run = g.filter_w * 4;
+            let run = g.filter_w * per_pixel;
             for b in 0..g.batch {
                 held[..fh].fill(None);
                 for oy in 0..g.out_h {
@@ -1524,7 +1588,7 @@ fn conv2d_vnni512_in(
                             .find(|&s| held[s].is_none_or(|h| !wanted[..fh].contains(&h)))
                             .unwrap_or(r);
                         let row = &mut strip[s * row_len..(s + 1) * row_len];
-                        fill_strip(g, input, b, wanted[r], zp, row);
+                        fill_strip(g, input, (b, wanted[r]), zp, per_pixel, row);
                         held[s] = Some(wanted[r]);
                         slot_of[r] = s;
                     }
@@ -1539,7 +1603,7 @@ fn conv2d_vnni512_in(
                         }
                         let mut base = [strip.as_ptr(); PIXELS_512];
                         for i in 0..PIXELS_512 {
-                            let at = (ox0 + i).min(g.out_w - 1) * g.stride_w * 4;
+                            let at = (ox0 + i).min(g.out_w - 1) * g.stride_w * per_pixel;
                             let mut sums = Sums512::new();
                             for o in &seg_off[..fh] {
                                 sums.add(&strip[o + at..o + at + run]);
@@ -2366,6 +2430,27 @@ mod tests {
                 )
             };
             assert_eq!(avx2, want, "AVX2 body");
+            let k4 = (c.g.filter_h * c.g.filter_w * c.g.in_c).div_ceil(4) * 4;
+            if has_avx512_vnni() && 16 * k4 <= PACKED {
+                // The packed body without strip rows (implicit im2col and patch copies), as
+                // layers too wide for strips run it.
+                let mut plain = std::vec![0i8; c.out_len()];
+                {
+                    // SAFETY: AVX2 and AVX-512 F/BW/VL/VNNI checked just above.
+                    unsafe {
+                        conv2d_vnni512_layout(
+                            &c.g,
+                            &c.q(),
+                            &c.input,
+                            &c.filter,
+                            c.bias.as_deref(),
+                            &mut plain,
+                            false,
+                        )
+                    };
+                    assert_eq!(plain, want, "VNNI 512 body without strips");
+                }
+            }
             if has_avx512_vnni() {
                 // The unpacked VNNI body (layers too large for the packed one).
                 let mut vnni = std::vec![0i8; c.out_len()];
