@@ -1470,7 +1470,6 @@ fn conv2d_vnni512_in(
     let pixels = g.batch * g.out_h * g.out_w;
     let flip = _mm512_set1_epi8(i8::MIN);
     let z = _mm512_setzero_si512();
-    let mut strip = [0i8; STRIP];
     let mut first = 0;
     while first < g.out_c {
         let count = (g.out_c - first).min(chunk);
@@ -1566,6 +1565,7 @@ fn conv2d_vnni512_in(
                 }
             };
         if let Some((row_len, per_pixel)) = strip_len {
+            let mut strip = [0i8; STRIP];
             // Strip rows cached across output rows (the filter-row count of them).
             let fh = g.filter_h;
             let mut held = [None::<Option<usize>>; TAPS];
@@ -1917,11 +1917,14 @@ const DW512_CHANNELS: usize = 256;
 const DW512_WEIGHTS: usize = 128;
 
 /// Widened rows [`depthwise_vnni512`] may hold (int16 pairs as int32, over all filter rows): the
-/// larger of its two stack buffers (the smaller is a quarter of it).
+/// largest of its three stack buffers (the others are a quarter and an eighth of it).
 const DW512_PAIRS: usize = 12_288;
 
 /// Bytes of the int8 padded row [`depthwise_vnni512`] widens from.
 const DW512_ROW: usize = 8_192;
+
+// The large tier's buffer holds any padded row `dw512_fits` admits.
+const _: () = assert!(DW512_PAIRS >= DW512_ROW);
 
 /// Pixels of a padded input row of [`depthwise_vnni512`]: what the filter spans over the row.
 fn dw512_span(g: &ConvGeometry) -> usize {
@@ -1983,14 +1986,19 @@ fn depthwise_vnni512(
     bias: Option<&[i32]>,
     output: &mut [i8],
 ) {
-    if g.filter_h * dw512_row_elements(g) <= DW512_PAIRS / 4 {
+    // The smallest stack buffers that hold the rows (zeroing them is a cost per call).
+    let elements = dw512_row_elements(g);
+    let fits = |p: usize| g.filter_h * elements <= p && elements + g.dilation_w * g.out_c + 16 <= p;
+    if fits(DW512_PAIRS / 8) {
+        depthwise_vnni512_with::<{ DW512_PAIRS / 8 }>(g, q, input, filter, bias, output)
+    } else if fits(DW512_PAIRS / 4) {
         depthwise_vnni512_with::<{ DW512_PAIRS / 4 }>(g, q, input, filter, bias, output)
     } else {
         depthwise_vnni512_with::<DW512_PAIRS>(g, q, input, filter, bias, output)
     }
 }
 
-/// [`depthwise_vnni512`] with `P` int32 of pair rows on the stack.
+/// [`depthwise_vnni512`] with `P` int32 of pair rows (and `P` bytes of padded row) on the stack.
 #[target_feature(enable = "avx2,avx512f,avx512bw,avx512vl,avx512vnni")]
 fn depthwise_vnni512_with<const P: usize>(
     g: &ConvGeometry,
@@ -2067,7 +2075,9 @@ fn depthwise_vnni512_with<const P: usize>(
     let row_bytes = g.in_w * c;
     let mut pair_rows = Align64([0i32; P]);
     let pair_rows = &mut pair_rows.0;
-    let mut padded = [0i8; DW512_ROW];
+    // P bytes: the large tier's P is above DW512_ROW; the small one is chosen only when the
+    // padded row fits it.
+    let mut padded = [0i8; P];
     // Which input row each pair-row slot holds (`-1`: a row of padding), per batch image.
     let mut held = [None::<isize>; TAPS];
     let mut slot_of = [0usize; TAPS];
