@@ -1256,7 +1256,11 @@ fn conv2d_vnni512_layout(
     let short = patch_stride(g) <= SHORT_PATCH;
     let small = g.out_c.div_ceil(16) * 16 * kp <= SMALL_PACKED;
     let args = (g, q, input, filter, bias);
+    // Input rows and strips read in place: no patch.
+    let no_patch = strip.is_some() || reads_input_rows(g);
     match (short, small) {
+        _ if no_patch && small => conv2d_vnni512_with::<0, SMALL_PACKED>(args, output, strip),
+        _ if no_patch => conv2d_vnni512_with::<0, PACKED>(args, output, strip),
         (true, true) => {
             conv2d_vnni512_with::<{ PIXELS_512 * SHORT_PATCH }, SMALL_PACKED>(args, output, strip)
         }
