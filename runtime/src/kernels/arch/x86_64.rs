@@ -1572,30 +1572,16 @@ fn conv2d_vnni512_in(
             let mut strip = [0i8; STRIP];
             // Strip rows cached across output rows (the filter-row count of them).
             let fh = g.filter_h;
-            let mut held = [None::<Option<usize>>; TAPS];
             let mut slot_of = [0usize; TAPS];
             let run = g.filter_w * per_pixel;
             for b in 0..g.batch {
-                held[..fh].fill(None);
+                let mut slots = RowSlots::new(fh);
                 for oy in 0..g.out_h {
-                    let mut wanted = [None::<usize>; TAPS];
-                    for (r, w) in wanted.iter_mut().enumerate().take(fh) {
-                        let iy = (oy * g.stride_h + r * g.dilation_h).checked_sub(g.pad_top);
-                        *w = iy.filter(|&iy| iy < g.in_h);
-                    }
-                    for r in 0..fh {
-                        if let Some(s) = (0..fh).find(|&s| held[s] == Some(wanted[r])) {
-                            slot_of[r] = s;
-                            continue;
-                        }
-                        let s = (0..fh)
-                            .find(|&s| held[s].is_none_or(|h| !wanted[..fh].contains(&h)))
-                            .unwrap_or(r);
+                    let wanted = RowSlots::wanted(g, oy);
+                    slots.assign(&wanted, &mut slot_of, |s, iy| {
                         let row = &mut strip[s * row_len..(s + 1) * row_len];
-                        fill_strip(g, input, (b, wanted[r]), zp, per_pixel, row);
-                        held[s] = Some(wanted[r]);
-                        slot_of[r] = s;
-                    }
+                        fill_strip(g, input, (b, iy), zp, per_pixel, row);
+                    });
                     let row_start = (b * g.out_h + oy) * g.out_w;
                     let mut ox0 = 0;
                     while ox0 < g.out_w {
@@ -2082,36 +2068,17 @@ fn depthwise_vnni512_with<const P: usize>(
     // P bytes: the large tier's P is above DW512_ROW; the small one is chosen only when the
     // padded row fits it.
     let mut padded = [0i8; P];
-    // Which input row each pair-row slot holds (`-1`: a row of padding), per batch image.
-    let mut held = [None::<isize>; TAPS];
     let mut slot_of = [0usize; TAPS];
     for b in 0..g.batch {
-        held[..fh].fill(None);
+        let mut slots = RowSlots::new(fh);
         for oy in 0..g.out_h {
-            // The input row of each filter row (`-1` outside the image), and its slot.
-            let mut wanted = [0isize; TAPS];
-            for (r, w) in wanted.iter_mut().enumerate().take(fh) {
-                let iy = (oy * g.stride_h + r * g.dilation_h) as isize - g.pad_top as isize;
-                *w = if iy >= 0 && (iy as usize) < g.in_h {
-                    iy
-                } else {
-                    -1
-                };
-            }
-            for r in 0..fh {
-                if let Some(s) = (0..fh).find(|&s| held[s] == Some(wanted[r])) {
-                    slot_of[r] = s;
-                    continue;
-                }
-                // A slot no filter row of this output row needs.
-                let s = (0..fh)
-                    .find(|&s| held[s].is_none_or(|h| !wanted[..fh].contains(&h)))
-                    .unwrap_or(r);
+            let wanted = RowSlots::wanted(g, oy);
+            slots.assign(&wanted, &mut slot_of, |s, iy| {
                 // The padded row, then its pairs.
                 let pad = &mut padded[..elements + partner + 16];
                 pad.fill(zp);
-                if wanted[r] >= 0 {
-                    let from = (b * g.in_h + wanted[r] as usize) * row_bytes;
+                if let Some(iy) = iy {
+                    let from = (b * g.in_h + iy) * row_bytes;
                     let dst_at = g.pad_left * c;
                     let n = row_bytes.min((span * c).saturating_sub(dst_at));
                     pad[dst_at..dst_at + n].copy_from_slice(&input[from..from + n]);
@@ -2128,9 +2095,7 @@ fn depthwise_vnni512_with<const P: usize>(
                         _mm512_storeu_si512(out.as_mut_ptr().cast(), v);
                     }
                 }
-                held[s] = Some(wanted[r]);
-                slot_of[r] = s;
-            }
+            });
             let out_row = &mut output[(b * g.out_h + oy) * g.out_w * c..][..g.out_w * c];
             let mut rows: [&[i32]; TAPS] = [&[]; TAPS];
             for (r, row) in rows.iter_mut().enumerate().take(fh) {
@@ -2214,6 +2179,56 @@ impl Dw512Row<'_> {
                     store16(v, &mut px[blk * 16..]);
                 }
             }
+        }
+    }
+}
+
+/// Row buffers that the filter rows of consecutive output rows share (conv strip rows,
+/// depthwise pair rows): which input row (`None`: a row of padding) each of the filter-row
+/// count of slots holds, so that each input row is prepared once while it is in use.
+struct RowSlots {
+    held: [Option<Option<usize>>; TAPS],
+    n: usize,
+}
+
+impl RowSlots {
+    /// `n` empty slots (`n` = filter rows, at most [`TAPS`]).
+    fn new(n: usize) -> Self {
+        RowSlots {
+            held: [None; TAPS],
+            n: n.min(TAPS),
+        }
+    }
+
+    /// The input row each filter row of output row `oy` reads (`None`: outside the image).
+    fn wanted(g: &ConvGeometry, oy: usize) -> [Option<usize>; TAPS] {
+        core::array::from_fn(|r| {
+            let iy = (oy * g.stride_h + r * g.dilation_h).checked_sub(g.pad_top);
+            iy.filter(|&iy| iy < g.in_h && r < g.filter_h)
+        })
+    }
+
+    /// Sets `slot_of[r]` to the slot holding `wanted[r]` for each filter row `r`, calling
+    /// `fill(slot, row)` for rows not held yet, into slots no filter row of this output row
+    /// needs.
+    fn assign(
+        &mut self,
+        wanted: &[Option<usize>; TAPS],
+        slot_of: &mut [usize; TAPS],
+        mut fill: impl FnMut(usize, Option<usize>),
+    ) {
+        let n = self.n;
+        for r in 0..n {
+            if let Some(s) = (0..n).find(|&s| self.held[s] == Some(wanted[r])) {
+                slot_of[r] = s;
+                continue;
+            }
+            let s = (0..n)
+                .find(|&s| self.held[s].is_none_or(|h| !wanted[..n].contains(&h)))
+                .unwrap_or(r);
+            fill(s, wanted[r]);
+            self.held[s] = Some(wanted[r]);
+            slot_of[r] = s;
         }
     }
 }
@@ -2411,75 +2426,64 @@ mod tests {
     use proptest::collection::vec;
     use proptest::prelude::*;
 
+    /// A kernel body with the conv / depthwise signature.
+    type Body =
+        unsafe fn(&ConvGeometry, &QuantizedOutput<'_>, &[i8], &[i8], Option<&[i32]>, &mut [i8]);
+
+    /// Runs `body` on `c` and checks its output against `want` (the portable body's).
+    ///
+    /// # Safety
+    /// The CPU has the features `body` is compiled for.
+    unsafe fn same_as(c: &Case, want: &[i8], what: &str, body: Body) {
+        let mut got = std::vec![0i8; c.out_len()];
+        // SAFETY: the caller checked the CPU features.
+        unsafe {
+            body(
+                &c.g,
+                &c.q(),
+                &c.input,
+                &c.filter,
+                c.bias.as_deref(),
+                &mut got,
+            )
+        };
+        assert_eq!(got, want, "{what}");
+    }
+
+    /// The packed 512-bit conv body without strip rows (implicit im2col and patch copies), as
+    /// layers too wide for strips run it.
+    #[target_feature(enable = "avx2,avx512f,avx512bw,avx512vl,avx512vnni")]
+    fn conv2d_vnni512_no_strips(
+        g: &ConvGeometry,
+        q: &QuantizedOutput<'_>,
+        input: &[i8],
+        filter: &[i8],
+        bias: Option<&[i32]>,
+        output: &mut [i8],
+    ) {
+        conv2d_vnni512_layout(g, q, input, filter, bias, output, false)
+    }
+
     fn conv_both(c: &Case) -> (std::vec::Vec<i8>, std::vec::Vec<i8>) {
-        let (mut fast, mut want) = (std::vec![0i8; c.out_len()], std::vec![0i8; c.out_len()]);
-        conv2d_i8(
-            &c.g,
-            &c.q(),
-            &c.input,
-            &c.filter,
-            c.bias.as_deref(),
-            &mut fast,
-        );
-        conv::conv2d_i8_portable(
-            &c.g,
-            &c.q(),
-            &c.input,
-            &c.filter,
-            c.bias.as_deref(),
-            &mut want,
-        );
-        // On a VNNI machine the dispatch runs the VNNI body: check the plain AVX2 one too.
+        let (fast, want) = c.run_conv(conv2d_i8);
+        // On a VNNI machine the dispatch runs the VNNI body: check the others too.
         if has_avx2() && conv_fits(&c.g, &c.q(), &c.input, &c.filter, c.bias.as_deref(), &fast) {
-            let mut avx2 = std::vec![0i8; c.out_len()];
-            // SAFETY: AVX2 checked just above.
-            unsafe {
-                conv2d_avx2(
-                    &c.g,
-                    &c.q(),
-                    &c.input,
-                    &c.filter,
-                    c.bias.as_deref(),
-                    &mut avx2,
-                )
-            };
-            assert_eq!(avx2, want, "AVX2 body");
+            // SAFETY (each call): the CPU features checked in the enclosing conditions.
+            unsafe { same_as(c, &want, "AVX2 body", conv2d_avx2) };
             let k4 = (c.g.filter_h * c.g.filter_w * c.g.in_c).div_ceil(4) * 4;
             if has_avx512_vnni() && 16 * k4 <= PACKED {
-                // The packed body without strip rows (implicit im2col and patch copies), as
-                // layers too wide for strips run it.
-                let mut plain = std::vec![0i8; c.out_len()];
-                {
-                    // SAFETY: AVX2 and AVX-512 F/BW/VL/VNNI checked just above.
-                    unsafe {
-                        conv2d_vnni512_layout(
-                            &c.g,
-                            &c.q(),
-                            &c.input,
-                            &c.filter,
-                            c.bias.as_deref(),
-                            &mut plain,
-                            false,
-                        )
-                    };
-                    assert_eq!(plain, want, "VNNI 512 body without strips");
-                }
+                unsafe {
+                    same_as(
+                        c,
+                        &want,
+                        "VNNI 512 without strips",
+                        conv2d_vnni512_no_strips,
+                    )
+                };
             }
             if has_avx512_vnni() {
                 // The unpacked VNNI body (layers too large for the packed one).
-                let mut vnni = std::vec![0i8; c.out_len()];
-                // SAFETY: AVX2 and AVX-512 VNNI checked just above.
-                unsafe {
-                    conv2d_vnni(
-                        &c.g,
-                        &c.q(),
-                        &c.input,
-                        &c.filter,
-                        c.bias.as_deref(),
-                        &mut vnni,
-                    )
-                };
-                assert_eq!(vnni, want, "unpacked VNNI body");
+                unsafe { same_as(c, &want, "unpacked VNNI body", conv2d_vnni) };
             }
         }
         (fast, want)
@@ -2493,33 +2497,10 @@ mod tests {
             && offset16(c.zps.0).is_some()
             && c.g.filter_h * c.g.filter_w <= TAPS;
         if usual && has_avx2() {
-            let mut avx2 = std::vec![0i8; c.out_len()];
-            // SAFETY: AVX2 checked just above.
-            unsafe {
-                depthwise_avx2(
-                    &c.g,
-                    &c.q(),
-                    &c.input,
-                    &c.filter,
-                    c.bias.as_deref(),
-                    &mut avx2,
-                )
-            };
-            assert_eq!(avx2, want, "AVX2 depthwise body");
+            // SAFETY (each call): the CPU features checked in the enclosing conditions.
+            unsafe { same_as(c, &want, "AVX2 depthwise body", depthwise_avx2) };
             if has_avx512_vnni() && dw512_fits(&c.g) {
-                let mut vnni = std::vec![0i8; c.out_len()];
-                // SAFETY: AVX2 and AVX-512 F/BW/VL/VNNI checked just above.
-                unsafe {
-                    depthwise_vnni512(
-                        &c.g,
-                        &c.q(),
-                        &c.input,
-                        &c.filter,
-                        c.bias.as_deref(),
-                        &mut vnni,
-                    )
-                };
-                assert_eq!(vnni, want, "512-bit depthwise body");
+                unsafe { same_as(c, &want, "512-bit depthwise body", depthwise_vnni512) };
             }
         }
         (fast, want)
