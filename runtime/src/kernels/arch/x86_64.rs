@@ -1043,6 +1043,18 @@ fn im2col_sum(
         } else if row_inside {
             let from = ((b * g.in_h + iy as usize) * g.in_w + x0 as usize) * c;
             sums.copy(&input[from..from + run], dst);
+        } else if g.dilation_w == 1 {
+            // Taps `lo..hi` are in the image: padding, one run of the input, padding.
+            let fw = g.filter_w as isize;
+            let lo = (-x0).clamp(0, fw) as usize;
+            let hi = (g.in_w as isize - x0).clamp(lo as isize, fw) as usize;
+            sums.fill(&mut dst[..lo * c], zero_point);
+            if hi > lo {
+                let from =
+                    ((b * g.in_h + iy as usize) * g.in_w) * c + (x0 + lo as isize) as usize * c;
+                sums.copy(&input[from..from + (hi - lo) * c], &mut dst[lo * c..hi * c]);
+            }
+            sums.fill(&mut dst[hi * c..], zero_point);
         } else {
             for (fx, tap) in dst.chunks_exact_mut(c.max(1)).enumerate() {
                 let ix = x0 + (fx * g.dilation_w) as isize;
