@@ -271,6 +271,7 @@ pub fn quantize_graph(
         out.tensors.push(nt);
     }
     let mut converted: HashMap<(TensorId, bool), TensorId> = HashMap::new();
+    let uses = crate::passes::consumers(&g);
     for (i, op) in g.ops.iter().enumerate() {
         let int8 = precisions[i] == OpPrecision::Int8;
         let mut inputs = Vec::with_capacity(op.inputs.len());
@@ -281,8 +282,18 @@ pub fn quantize_graph(
             };
             let src = &g.tensors[t];
             if src.data.is_some() {
+                let shared = uses[t] > 1;
                 inputs.push(Some(constant_for(
-                    &g, &mut out, op, i, slot, t, int8, float, &act_q, calib, opts,
+                    &g,
+                    &mut out,
+                    op,
+                    (i, slot, shared),
+                    t,
+                    int8,
+                    float,
+                    &act_q,
+                    calib,
+                    opts,
                 )?));
                 continue;
             }
@@ -332,14 +343,14 @@ pub fn quantize_graph(
     Ok(out)
 }
 
-/// A constant operand prepared for op `op_index` (a fresh tensor in `out`).
+/// A constant operand prepared for input `slot` of op `op_index` (a fresh tensor in `out`);
+/// `shared`: other ops read the constant too.
 #[allow(clippy::too_many_arguments)]
 fn constant_for(
     g: &Graph,
     out: &mut Graph,
     op: &Op,
-    op_index: usize,
-    slot: usize,
+    (op_index, slot, shared): (usize, usize, bool),
     t: TensorId,
     int8: bool,
     float: DType,
@@ -441,16 +452,10 @@ fn constant_for(
             }
         }
     }
-    // A constant read by several ops is quantized for each of them: the copies are told apart by
-    // the op's index. A constant read once keeps its source name, so that an exported artifact's
-    // weights apply back to the float model by name.
-    let uses = g
-        .ops
-        .iter()
-        .flat_map(|o| o.inputs.iter().flatten())
-        .filter(|&&i| i == t)
-        .count();
-    if uses > 1 {
+    // A constant read by several ops (`shared`) is quantized for each of them: the copies are
+    // told apart by the op's index. A constant read once keeps its source name, so that an
+    // exported artifact's weights apply back to the float model by name.
+    if shared {
         nt.name = format!("{}#{op_index}", src.name);
     }
     out.tensors.push(nt);

@@ -932,64 +932,6 @@ fn pack_weights(
     }
 }
 
-/// `dst[..n].copy_from_slice(&src[..n])` (`n` the shorter length) for the short runs of an
-/// im2col, without a call to `memmove`: 32 bytes at a time, then one or two overlapping loads
-/// and stores that cover the rest exactly (e.g. 9 bytes as bytes 0..8 and 1..9).
-#[inline(always)]
-fn copy_run(src: &[i8], dst: &mut [i8]) {
-    let n = src.len().min(dst.len());
-    let (src, dst) = (&src[..n], &mut dst[..n]);
-    let mut i = 0;
-    while i + 32 <= n {
-        let (s, d) = (&src[i..i + 32], &mut dst[i..i + 32]);
-        // SAFETY: `s` and `d` are 32 readable / writable bytes; SSE2 is baseline on x86-64.
-        unsafe {
-            let lo = _mm_loadu_si128(s.as_ptr().cast());
-            let hi = _mm_loadu_si128(s.as_ptr().add(16).cast());
-            _mm_storeu_si128(d.as_mut_ptr().cast(), lo);
-            _mm_storeu_si128(d.as_mut_ptr().add(16).cast(), hi);
-        }
-        i += 32;
-    }
-    let rest = n - i;
-    if rest >= 16 {
-        // Two 16-byte copies: [i, i + 16) and [n - 16, n).
-        for at in [i, n - 16] {
-            let (s, d) = (&src[at..at + 16], &mut dst[at..at + 16]);
-            // SAFETY: `s` and `d` are 16 readable / writable bytes; SSE2 is baseline on x86-64.
-            unsafe { _mm_storeu_si128(d.as_mut_ptr().cast(), _mm_loadu_si128(s.as_ptr().cast())) };
-        }
-    } else if rest >= 8 {
-        for at in [i, n - 8] {
-            let v = u64::from_le_bytes(bytes_of::<8>(&src[at..at + 8]));
-            put_bytes(&mut dst[at..at + 8], &v.to_le_bytes());
-        }
-    } else if rest >= 4 {
-        for at in [i, n - 4] {
-            let v = u32::from_le_bytes(bytes_of::<4>(&src[at..at + 4]));
-            put_bytes(&mut dst[at..at + 4], &v.to_le_bytes());
-        }
-    } else {
-        for (d, &v) in dst[i..].iter_mut().zip(&src[i..]) {
-            *d = v;
-        }
-    }
-}
-
-/// The `N` bytes of `s` (exactly `N` long) as unsigned bytes.
-#[inline(always)]
-fn bytes_of<const N: usize>(s: &[i8]) -> [u8; N] {
-    core::array::from_fn(|k| s[k] as u8)
-}
-
-/// Writes `bytes` into `d` (exactly as long).
-#[inline(always)]
-fn put_bytes(d: &mut [i8], bytes: &[u8]) {
-    for (d, &b) in d.iter_mut().zip(bytes) {
-        *d = b as i8;
-    }
-}
-
 /// An output pixel's coordinates, stepped through the output in order (no divisions per pixel).
 #[derive(Clone, Copy, Debug, Default)]
 struct Pixel {
@@ -1367,8 +1309,7 @@ fn strip_row(g: &ConvGeometry) -> Option<(usize, usize)> {
     } else {
         return None;
     };
-    let span = (g.out_w.max(1) - 1) * g.stride_w + (g.filter_w.max(1) - 1) * g.dilation_w + 1;
-    let row = span * per_pixel;
+    let row = row_span(g) * per_pixel;
     let fits = g.dilation_w == 1
         && g.filter_h * row <= STRIP
         && 16 * g.filter_h * g.filter_w * per_pixel <= PACKED;
@@ -1928,9 +1869,10 @@ const DW512_ROW: usize = 8_192;
 // The large tier's buffer holds any padded row `dw512_fits` admits.
 const _: () = assert!(DW512_PAIRS >= DW512_ROW);
 
-/// Pixels of a padded input row of [`depthwise_vnni512`]: what the filter spans over the row.
-fn dw512_span(g: &ConvGeometry) -> usize {
-    (g.out_w - 1) * g.stride_w + (g.filter_w - 1) * g.dilation_w + 1
+/// Input pixels a filter row spans over a whole output row (padding included): the width of
+/// the padded rows of [`depthwise_vnni512`] and of the strip rows of [`conv2d_vnni512`].
+fn row_span(g: &ConvGeometry) -> usize {
+    (g.out_w.max(1) - 1) * g.stride_w + (g.filter_w.max(1) - 1) * g.dilation_w + 1
 }
 
 /// How [`depthwise_vnni512`] lays out its lanes: 16 consecutive bytes of an output row (the
@@ -1943,7 +1885,7 @@ fn dw512_packs_pixels(g: &ConvGeometry) -> bool {
 /// Elements of one widened row of [`depthwise_vnni512`] (one int32 per padded-row byte, 16 more
 /// for a last vector of fewer lanes).
 fn dw512_row_elements(g: &ConvGeometry) -> usize {
-    (dw512_span(g) * g.out_c).div_ceil(16) * 16 + 16
+    (row_span(g) * g.out_c).div_ceil(16) * 16 + 16
 }
 
 /// Whether [`depthwise_vnni512`] takes the layer: its channels, weights and rows fit its stack
@@ -2070,7 +2012,7 @@ fn depthwise_vnni512_with<const P: usize>(
             _mm512_storeu_si512(at.as_mut_ptr().cast(), b);
         }
     }
-    let span = dw512_span(g);
+    let span = row_span(g);
     let elements = dw512_row_elements(g);
     let partner = g.dilation_w * c;
     let zp = q.input_zero_point as i8;
@@ -2214,10 +2156,12 @@ impl RowSlots {
 
     /// The input row each filter row of output row `oy` reads (`None`: outside the image).
     fn wanted(g: &ConvGeometry, oy: usize) -> [Option<usize>; TAPS] {
-        core::array::from_fn(|r| {
+        let mut wanted = [None; TAPS];
+        for (r, w) in wanted.iter_mut().enumerate().take(g.filter_h) {
             let iy = (oy * g.stride_h + r * g.dilation_h).checked_sub(g.pad_top);
-            iy.filter(|&iy| iy < g.in_h && r < g.filter_h)
-        })
+            *w = iy.filter(|&iy| iy < g.in_h);
+        }
+        wanted
     }
 
     /// Sets `slot_of[r]` to the slot holding `wanted[r]` for each filter row `r`, calling
@@ -2249,19 +2193,14 @@ impl RowSlots {
 #[repr(align(64))]
 struct Align64<T>(T);
 
-/// Stores the first `min(16, dst.len())` bytes of `v` into `dst`.
-#[inline(always)]
+/// Stores the first `min(16, dst.len())` bytes of `v` into `dst` (one masked store).
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+#[inline]
 fn store16(v: __m128i, dst: &mut [i8]) {
-    if dst.len() >= 16 {
-        // SAFETY: `dst` has at least 16 writable bytes; SSE2 is baseline on x86-64.
-        unsafe { _mm_storeu_si128(dst.as_mut_ptr().cast(), v) };
-    } else {
-        let mut block = [0i8; 16];
-        // SAFETY: `block` is 16 writable bytes; SSE2 is baseline on x86-64.
-        unsafe { _mm_storeu_si128(block.as_mut_ptr().cast(), v) };
-        let n = dst.len();
-        copy_run(&block[..n], dst);
-    }
+    let n = dst.len().min(16);
+    let mask = (1u32 << n).wrapping_sub(1) as u16;
+    // SAFETY: the mask selects bytes `0..n` of `dst`; masked-off bytes are not written.
+    unsafe { _mm_mask_storeu_epi8(dst.as_mut_ptr(), mask, v) };
 }
 
 /// Sixteen int8 at `at` of `s` as int16; bytes past the end of `s` read as 0.
