@@ -2193,13 +2193,18 @@ impl RowSlots {
 #[repr(align(64))]
 struct Align64<T>(T);
 
-/// Stores the first `min(16, dst.len())` bytes of `v` into `dst` (one masked store).
+/// Stores the first `min(16, dst.len())` bytes of `v` into `dst`: a plain store, or a masked one
+/// (slower on some cores) for fewer than 16 bytes.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
 #[inline]
 fn store16(v: __m128i, dst: &mut [i8]) {
-    let n = dst.len().min(16);
-    let mask = (1u32 << n).wrapping_sub(1) as u16;
-    // SAFETY: the mask selects bytes `0..n` of `dst`; masked-off bytes are not written.
+    if dst.len() >= 16 {
+        // SAFETY: `dst` has at least 16 writable bytes.
+        unsafe { _mm_storeu_si128(dst.as_mut_ptr().cast(), v) };
+        return;
+    }
+    let mask = (1u32 << dst.len()).wrapping_sub(1) as u16;
+    // SAFETY: the mask selects bytes `0..dst.len()` of `dst`; masked-off bytes are not written.
     unsafe { _mm_mask_storeu_epi8(dst.as_mut_ptr(), mask, v) };
 }
 
