@@ -161,6 +161,44 @@ mod dsp {
             d
         }
 
+        /// SMMULR: `(a * b + 2^31) >> 32`, the rounded high word of the 64-bit product.
+        #[inline(always)]
+        pub fn smmulr(a: i32, b: i32) -> i32 {
+            let d: i32;
+            // SAFETY: one register-only instruction; no flags are changed.
+            unsafe {
+                asm!("smmulr {d}, {a}, {b}", d = lateout(reg) d, a = in(reg) a, b = in(reg) b,
+                     options(pure, nomem, nostack, preserves_flags));
+            }
+            d
+        }
+
+        /// ASR by a register: `x >> s` (arithmetic) for `s` in `0..=31`, without the `& 31` that
+        /// Rust's `>>` adds.
+        #[inline(always)]
+        pub fn asr(x: i32, s: u32) -> i32 {
+            let d: i32;
+            // SAFETY: one register-only instruction (ASR without S leaves the flags alone).
+            unsafe {
+                asm!("asr {d}, {x}, {s}", d = lateout(reg) d, x = in(reg) x, s = in(reg) s,
+                     options(pure, nomem, nostack, preserves_flags));
+            }
+            d
+        }
+
+        /// SSAT #8: `x` clamped to `-128..=127`.
+        #[inline(always)]
+        pub fn ssat8(x: i32) -> i32 {
+            let d: i32;
+            // SAFETY: one register-only instruction; it may set the sticky Q flag, nothing
+            // else, so `preserves_flags` is not claimed.
+            unsafe {
+                asm!("ssat {d}, #8, {x}", d = lateout(reg) d, x = in(reg) x,
+                     options(pure, nomem, nostack));
+            }
+            d
+        }
+
         /// The 2x2 CONV_2D block: sums `x.len() / 4` element groups of two packed columns `x`
         /// (`[A col0, A col1, B col0, B col1]` per group) against two int8 weight rows, as
         /// `[w0 . col0, w0 . col1, w1 . col0, w1 . col1]`.
@@ -440,6 +478,15 @@ mod dsp {
         pub fn smlatt(a: u32, b: u32, acc: i32) -> i32 {
             acc.wrapping_add(hi(a) * hi(b))
         }
+        pub fn smmulr(a: i32, b: i32) -> i32 {
+            ((i64::from(a) * i64::from(b) + (1i64 << 31)) >> 32) as i32
+        }
+        pub fn ssat8(x: i32) -> i32 {
+            x.clamp(-128, 127)
+        }
+        pub fn asr(x: i32, s: u32) -> i32 {
+            x >> s
+        }
 
         /// One interior 3x3 depthwise window (see the `asm!` version).
         pub fn window3x3(x: &[i8], w: &super::Window3x3, step: usize, pair: u32) -> [i32; 4] {
@@ -496,8 +543,8 @@ mod dsp {
 }
 
 use dsp::{
-    block_2x2, row3, smlabb, smlad, smlatt, sxtab16, sxtab16_ror8, sxtb16, sxtb16_ror8, window3x3,
-    Window3x3,
+    asr, block_2x2, row3, smlabb, smlad, smlatt, smmulr, ssat8, sxtab16, sxtab16_ror8, sxtb16,
+    sxtb16_ror8, window3x3, Window3x3,
 };
 
 /// The first four int8 of `b` as one little-endian word: one unaligned LDR on ARMv7-M (which
@@ -550,86 +597,239 @@ pub fn requantize(acc: i32, r: Requant, output_zero_point: i32, clamp: ClampI8) 
 }
 
 /// Output channels whose requantization is decoded at once (a stack array of [`Channel`]s:
-/// 24 bytes each).
+/// 20 bytes each).
 const CHANNELS: usize = 64;
 
-/// One output channel's bias and requantization, decoded once per kernel call and applied to
-/// every output of the channel: [`requantize`] with the left shift as a multiplier, and the
-/// rounding right shift's mask prepared. Only for [`super::usual_requant`] parameters.
+/// One output channel's bias, requantization and output zero point, decoded once per kernel
+/// call into the form the fast output stage computes in six instructions (MLA, SMMULR, two
+/// ADDs with shifted operands, ASR, SSAT), bit-exact with `conv::requantize(acc + bias, ..)`
+/// for every accumulator the kernel can produce.
+///
+/// TFLM computes `x = (acc + bias) << left` (wrapping), `h = SaturatingRoundingDoublingHighMul(x,
+/// m) = floor((x m + 2^30) / 2^31)` (proof at [`requantize`]), then `RoundingDivideByPOT(h, r) =
+/// floor((h + 2^(r-1) - [h < 0]) / 2^r)` for `r >= 1` and `h` for `r = 0`, adds the zero point
+/// and clamps. When `|acc + bias| << left < 2^29` (checked per channel from the largest
+/// accumulator the call can produce, [`max_acc`]), nothing wraps and:
+/// - `2x` is exact and SMMULR(2x, m) `= floor((2xm + 2^31) / 2^32) = h`; `|h| <= |x|` as `|m| <=
+///   2^31`;
+/// - `floor((2h + 2^r - [h < 0]) / 2^(r+1))` is TFLM's rounding for every `r >= 0`: for `r = 0`
+///   it is `floor(h + 1/2) = h` (`h >= 0`) and `floor(h) = h` (`h < 0`); for `r >= 1`, with `n =
+///   h + 2^(r-1)`, it is `floor((n - [h < 0]/2) / 2^r)`, equal to `floor((n - [h < 0]) / 2^r)`
+///   because no multiple of `2^r` lies strictly between `n - 1` and `n - 1/2`;
+/// - the zero point enters as `zp * 2^(r+1)` before the shift, exactly, when `|2h| + 2^r +
+///   |zp| 2^(r+1) < 2^31` (checked per channel).
+///
+/// Channels outside these bounds (none in real models: they need a bias near 2^29 or a scale
+/// below 2^-21) make the kernel run its portable body.
 #[derive(Clone, Copy, Default)]
 struct Channel {
-    /// `bias * scale` (wrapping): `(acc + bias) * scale` is `acc * scale + bias * scale` modulo
-    /// 2^32, one multiply-add.
-    bias_scaled: i32,
-    /// `2^left_shift` (wrapping: `i32::MIN` for 31), so that `acc * scale` is TFLM's
-    /// `acc * (1 << left_shift)`.
+    /// `2^(left + 1)`: the accumulator's scale.
     scale: i32,
+    /// `bias * scale`, so that `acc * scale + bias` is `2x` in one multiply-add.
+    bias: i32,
     multiplier: i32,
-    right: u32,
-    mask: i32,
-    half: i32,
+    /// `2^r + zero_point * 2^(r+1)`.
+    round: i32,
+    /// `r + 1`.
+    shift: u32,
 }
 
-/// The output stage shared by all channels: zero point and clamp.
+/// The clamp after the output stage's saturation to int8 (skipped when it is the full range).
 #[derive(Clone, Copy)]
 struct OutputStage {
-    zero_point: i32,
     min: i32,
     max: i32,
+    narrow: bool,
 }
 
 impl OutputStage {
     fn new(q: &QuantizedOutput<'_>) -> Self {
+        let (min, max) = (i32::from(q.clamp.min), i32::from(q.clamp.max));
         OutputStage {
-            zero_point: q.output_zero_point,
-            min: i32::from(q.clamp.min),
-            max: i32::from(q.clamp.max),
+            min,
+            max,
+            narrow: min > -128 || max < 127,
         }
     }
 }
 
+/// Where each output channel's int8 weights lie in a kernel's filter (channel `oc`'s taps are
+/// `filter[oc * step + t * stride]` for `t < taps`), and the input zero point: what bounds the
+/// accumulators a call can produce.
+#[derive(Clone, Copy)]
+struct Weights<'a> {
+    filter: &'a [i8],
+    taps: usize,
+    step: usize,
+    stride: usize,
+    input_zero_point: i32,
+}
+
+impl Weights<'_> {
+    /// The largest `|x - input_zero_point|` of an int8 `x`.
+    fn max_x(&self) -> i64 {
+        128 + i64::from(self.input_zero_point).abs()
+    }
+
+    /// A bound on `|acc|` for every channel: `taps` products of at most `max_x * 128`.
+    fn max_acc(&self) -> i64 {
+        (self.taps as i64).saturating_mul(self.max_x() * 128)
+    }
+
+    /// The bound on `|acc|` for channel `oc`: `max_x * sum |w|` (0 for a dead filter).
+    fn max_acc_of(&self, oc: usize) -> i64 {
+        let row = self
+            .filter
+            .iter()
+            .skip(oc * self.step)
+            .step_by(self.stride.max(1));
+        let sum: i64 = row.take(self.taps).map(|&w| i64::from(w).abs()).sum();
+        sum * self.max_x()
+    }
+}
+
 impl Channel {
-    /// Channel `oc` of `q` (per-tensor when `q.requant` has one entry); `q` must pass
-    /// [`super::usual_requant`].
-    fn new(oc: usize, bias: Option<&[i32]>, q: &QuantizedOutput<'_>) -> Self {
+    /// Channel `oc` of `q` (per-tensor when `q.requant` has one entry) for the accumulators of
+    /// `w`, or `None` when the fast output stage is not exact for it. Tries the bound shared by
+    /// all channels first, then the channel's own (its weights' absolute sum).
+    fn new(
+        oc: usize,
+        bias: Option<&[i32]>,
+        q: &QuantizedOutput<'_>,
+        w: &Weights<'_>,
+    ) -> Option<Self> {
+        Channel::bounded(oc, bias, q, w.max_acc())
+            .or_else(|| Channel::bounded(oc, bias, q, w.max_acc_of(oc)))
+    }
+
+    /// Channel `oc` for accumulators up to `max_acc` in magnitude.
+    fn bounded(
+        oc: usize,
+        bias: Option<&[i32]>,
+        q: &QuantizedOutput<'_>,
+        max_acc: i64,
+    ) -> Option<Self> {
         let r = if q.requant.len() > 1 {
-            q.requant[oc]
+            q.requant.get(oc)?
         } else {
-            q.requant[0]
+            q.requant.first()?
         };
-        debug_assert!(r.multiplier != i32::MIN && (-31..=30).contains(&r.shift));
-        let right = (-r.shift).clamp(0, 31) as u32;
-        let mask = ((1u64 << right) - 1) as i32;
-        let scale = 1i32.wrapping_shl(r.shift.clamp(0, 31) as u32);
-        Channel {
-            bias_scaled: bias.map_or(0, |b| b[oc]).wrapping_mul(scale),
+        let b = match bias {
+            Some(b) => *b.get(oc)?,
+            None => 0,
+        };
+        if r.multiplier == i32::MIN || !(-31..=30).contains(&r.shift) {
+            return None;
+        }
+        let (left, right) = (r.shift.max(0) as u32, (-r.shift).max(0) as u32);
+        let x = (i64::from(b).abs() + max_acc) << left;
+        let zp = i64::from(q.output_zero_point);
+        let rounding = (1i64 << right) + (zp.abs() << (right + 1));
+        if x >= 1 << 29 || 2 * x + rounding >= 1 << 31 {
+            return Channel::constant(b, *r, q, max_acc, x);
+        }
+        let scale = 1i32 << (left + 1);
+        Some(Channel {
             scale,
+            bias: b.wrapping_mul(scale),
             multiplier: r.multiplier,
-            right,
-            mask,
-            half: mask >> 1,
-        }
+            round: ((1i64 << right) + (zp << (right + 1))) as i32,
+            shift: right + 1,
+        })
     }
 
-    /// Decodes channels `oc0 .. oc0 + out.len()` into `out`.
-    fn fill(out: &mut [Channel], oc0: usize, bias: Option<&[i32]>, q: &QuantizedOutput<'_>) {
+    /// A channel whose output is the same byte for every accumulator in `-max_acc..=max_acc`, as
+    /// one that multiplies by 0 and rounds to that byte; else `None`. Such channels are what
+    /// quantizers make of dead filters (all weights 0, so the accumulator is 0: a multiplier of
+    /// 0, or a bias near 2^30 with a scale near 2^-30), which the bounds of [`Channel::bounded`]
+    /// refuse. `x` is `(|bias| + max_acc) << left`: when it plus the zero point fits i32 nothing
+    /// wraps in TFLM's stage, which is then monotonic in the accumulator, so equal outputs at both ends mean
+    /// equal outputs everywhere.
+    fn constant(b: i32, r: Requant, q: &QuantizedOutput<'_>, max_acc: i64, x: i64) -> Option<Self> {
+        if x + i64::from(q.output_zero_point).abs() > i64::from(i32::MAX) {
+            return None;
+        }
+        let at = |acc: i64| conv::requantize(acc as i32 + b, r, q.output_zero_point, q.clamp);
+        let v = at(-max_acc);
+        (v == at(max_acc)).then_some(Channel {
+            scale: 0,
+            bias: 0,
+            multiplier: 0,
+            round: 2 * i32::from(v) + 1,
+            shift: 1,
+        })
+    }
+
+    /// True when every one of the `n` channels fits the fast output stage ([`Channel::new`]).
+    fn all_fit(n: usize, bias: Option<&[i32]>, q: &QuantizedOutput<'_>, w: &Weights<'_>) -> bool {
+        (0..n).all(|oc| Channel::new(oc, bias, q, w).is_some())
+    }
+
+    /// Decodes channels `oc0 .. oc0 + out.len()` into `out`; false when one does not fit the
+    /// fast output stage (the caller then runs its portable body).
+    #[must_use]
+    fn fill(
+        out: &mut [Channel],
+        oc0: usize,
+        bias: Option<&[i32]>,
+        q: &QuantizedOutput<'_>,
+        w: &Weights<'_>,
+    ) -> bool {
         for (j, c) in out.iter_mut().enumerate() {
-            *c = Channel::new(oc0 + j, bias, q);
+            match Channel::new(oc0 + j, bias, q, w) {
+                Some(ch) => *c = ch,
+                None => return false,
+            }
         }
+        true
     }
 
-    /// The output byte of accumulator `acc` (bias not yet added): exactly
-    /// `conv::requantize(acc + bias, ...)`. `high` is [`requantize`]'s high multiply (the
-    /// multiplier is not `i32::MIN`, so it never saturates); the rounding right shift is
-    /// `crate::quant::rounding_divide_by_pot` with its mask precomputed (`threshold = half +
-    /// (high < 0)`).
+    /// Channel `oc` (after [`Channel::all_fit`]).
+    fn decode(oc: usize, bias: Option<&[i32]>, q: &QuantizedOutput<'_>, w: &Weights<'_>) -> Self {
+        Channel::new(oc, bias, q, w).unwrap_or_default()
+    }
+
+    /// The output of accumulator `acc` (bias not yet added) saturated to int8, before the clamp:
+    /// `conv::requantize(acc + bias, ...)` without the clamp, for every accumulator of its
+    /// kernel call (see the type's doc).
+    #[inline(always)]
+    fn saturated(&self, acc: i32) -> i32 {
+        let x2 = acc.wrapping_mul(self.scale).wrapping_add(self.bias);
+        let h = smmulr(x2, self.multiplier);
+        ssat8(asr(
+            self.round.wrapping_add(h << 1).wrapping_add(h >> 31),
+            self.shift,
+        ))
+    }
+
+    /// The output byte of accumulator `acc`: exactly `conv::requantize(acc + bias, ...)`.
     #[inline(always)]
     fn apply(&self, acc: i32, o: OutputStage) -> i8 {
-        let x = acc.wrapping_mul(self.scale).wrapping_add(self.bias_scaled);
-        let high = ((i64::from(x) * i64::from(self.multiplier) + (1i64 << 30)) >> 31) as i32;
-        let threshold = self.half - (high >> 31);
-        let v = (high >> self.right) + i32::from((high & self.mask) > threshold);
-        v.wrapping_add(o.zero_point).max(o.min).min(o.max) as i8
+        o.clamp(self.saturated(acc))
+    }
+}
+
+impl OutputStage {
+    /// TFLM's clamp (max, then min) of a value already in int8 range.
+    #[inline(always)]
+    fn clamp(self, v: i32) -> i8 {
+        v.max(self.min).min(self.max) as i8
+    }
+
+    /// `out[j] = channels[j].apply(acc[j])` for the shortest of the three; the clamp's test is
+    /// made once, not per byte.
+    #[inline(always)]
+    fn store(self, out: &mut [i8], acc: &[i32], channels: &[Channel]) {
+        let each = out.iter_mut().zip(acc).zip(channels);
+        if self.narrow {
+            for ((o, &a), ch) in each {
+                *o = self.clamp(ch.saturated(a));
+            }
+        } else {
+            for ((o, &a), ch) in each {
+                *o = ch.saturated(a) as i8;
+            }
+        }
     }
 }
 
@@ -749,16 +949,15 @@ pub fn conv2d_i8(
     output: &mut [i8],
 ) {
     let k = g.filter_h * g.filter_w * g.filter_in_c;
+    let w = Weights {
+        filter,
+        taps: k,
+        step: k,
+        stride: 1,
+        input_zero_point: q.input_zero_point,
+    };
     let off = match input_offset(q.input_zero_point) {
-        Some(off)
-            if g.filter_in_c == g.in_c
-                && k <= MAX_PATCH
-                && k > 0
-                && g.out_c > 0
-                && super::usual_requant(q.requant) =>
-        {
-            off
-        }
+        Some(off) if g.filter_in_c == g.in_c && k <= MAX_PATCH && k > 0 && g.out_c > 0 => off,
         _ => return conv::conv2d_i8_portable(g, q, input, filter, bias, output),
     };
     debug_assert_eq!(filter.len(), g.out_c * k);
@@ -776,7 +975,10 @@ pub fn conv2d_i8(
     while oc_lo < out_c {
         let n = core::cmp::min(CHANNELS, out_c - oc_lo);
         let channels = &mut channels[..n];
-        Channel::fill(channels, oc_lo, bias, q);
+        if !Channel::fill(channels, oc_lo, bias, q, &w) {
+            // Outputs written so far are rewritten, all of them, by the portable body.
+            return conv::conv2d_i8_portable(g, q, input, filter, bias, output);
+        }
         let mut p = 0;
         while p < pixels {
             let two = p + 1 < pixels;
@@ -819,15 +1021,9 @@ pub fn conv2d_i8(
                 acc[n - 1] = a00;
                 acc1[n - 1] = a01;
             }
-            let out = &mut output[base..][..n];
-            for ((o, &a), ch) in out.iter_mut().zip(&acc[..n]).zip(channels.iter()) {
-                *o = ch.apply(a, stage);
-            }
+            stage.store(&mut output[base..][..n], &acc[..n], channels);
             if two {
-                let out = &mut output[base + out_c..][..n];
-                for ((o, &a), ch) in out.iter_mut().zip(&acc1[..n]).zip(channels.iter()) {
-                    *o = ch.apply(a, stage);
-                }
+                stage.store(&mut output[base + out_c..][..n], &acc1[..n], channels);
             }
             p += 2;
         }
@@ -850,13 +1046,15 @@ pub fn depthwise_conv2d_i8(
     bias: Option<&[i32]>,
     output: &mut [i8],
 ) {
+    let w = Weights {
+        filter,
+        taps: g.filter_h * g.filter_w,
+        step: 1,
+        stride: g.out_c,
+        input_zero_point: q.input_zero_point,
+    };
     let off = match input_offset(q.input_zero_point) {
-        Some(off)
-            if g.depth_multiplier == 1
-                && g.in_c.is_multiple_of(4)
-                && g.out_c == g.in_c
-                && super::usual_requant(q.requant) =>
-        {
+        Some(off) if g.depth_multiplier == 1 && g.in_c.is_multiple_of(4) && g.out_c == g.in_c => {
             off
         }
         _ => return depthwise::depthwise_conv2d_i8_portable(g, q, input, filter, bias, output),
@@ -880,13 +1078,16 @@ pub fn depthwise_conv2d_i8(
         && g.in_w * c <= u32::MAX as usize
         && pad_word.is_some();
     if let (true, Some(fill)) = (window3, pad_word) {
-        return depthwise_3x3(g, input, filter, bias, q, output, pair, fill);
+        return depthwise_3x3(g, input, filter, bias, q, output, pair, fill, &w);
+    }
+    if !Channel::all_fit(g.out_c, bias, q, &w) {
+        return depthwise::depthwise_conv2d_i8_portable(g, q, input, filter, bias, output);
     }
     // Other filters: channels in groups of 4 (outer loop: their requantization decoded once),
     // then every output pixel with 4 accumulators in registers over its in-image taps.
     let mut c0 = 0;
     while c0 < c {
-        let ch = [0, 1, 2, 3].map(|j| Channel::new(c0 + j, bias, q));
+        let ch = [0, 1, 2, 3].map(|j| Channel::decode(c0 + j, bias, q, &w));
         let mut out_at = c0;
         for b in 0..g.batch {
             for oy in 0..g.out_h {
@@ -921,11 +1122,7 @@ pub fn depthwise_conv2d_i8(
                             }
                         }
                     }
-                    let out = &mut output[out_at..][..4];
-                    out[0] = ch[0].apply(a0, stage);
-                    out[1] = ch[1].apply(a1, stage);
-                    out[2] = ch[2].apply(a2, stage);
-                    out[3] = ch[3].apply(a3, stage);
+                    stage.store(&mut output[out_at..][..4], &[a0, a1, a2, a3], &ch);
                     out_at += c;
                 }
             }
@@ -953,6 +1150,7 @@ fn depthwise_3x3(
     output: &mut [i8],
     pair: u32,
     pad: u32,
+    weights: &Weights<'_>,
 ) {
     let c = g.in_c;
     let stage = OutputStage::new(q);
@@ -962,7 +1160,10 @@ fn depthwise_3x3(
     let mut c_lo = 0;
     while c_lo < c {
         let n = core::cmp::min(DW_CHANNELS, c - c_lo);
-        Channel::fill(&mut channels[..n], c_lo, bias, q);
+        if !Channel::fill(&mut channels[..n], c_lo, bias, q, weights) {
+            // Outputs written so far are rewritten, all of them, by the portable body.
+            return depthwise::depthwise_conv2d_i8_portable(g, q, input, filter, bias, output);
+        }
         for (j, (win, pwin)) in windows[..n / 4]
             .iter_mut()
             .zip(patch_windows[..n / 4].iter_mut())
@@ -995,9 +1196,7 @@ fn depthwise_3x3(
                         let x = &input[at + c_lo..];
                         for (j, (o, ch)) in groups {
                             let acc = window3x3(&x[4 * j..], &windows[j], c, pair);
-                            for ((o, ch), a) in o.iter_mut().zip(ch).zip(acc) {
-                                *o = ch.apply(a, stage);
-                            }
+                            stage.store(o, &acc, ch);
                         }
                     } else {
                         for (j, (o, ch)) in groups {
@@ -1013,9 +1212,7 @@ fn depthwise_3x3(
                             }
                             let bytes: &[i8] = bytemuck::cast_slice(&patch);
                             let acc = window3x3(bytes, &patch_windows[j], 4, pair);
-                            for ((o, ch), a) in o.iter_mut().zip(ch).zip(acc) {
-                                *o = ch.apply(a, stage);
-                            }
+                            stage.store(o, &acc, ch);
                         }
                     }
                     out_at += c;
@@ -1046,7 +1243,7 @@ pub fn fully_connected_i8(
             if q.filter_zero_point == 0
                 && n <= MAX_FC_FEATURES
                 && g.out_features > 0
-                && super::usual_requant(q.requant) =>
+                && Channel::all_fit(g.out_features, bias, q, &fc_weights(weights, n, q)) =>
         {
             off
         }
@@ -1055,6 +1252,7 @@ pub fn fully_connected_i8(
         }
     };
     let pair = offset_pair(off);
+    let w = fc_weights(weights, n, q);
     let whole = 4 * (n / 4);
     let outs = g.out_features;
     let stage = OutputStage::new(q);
@@ -1092,12 +1290,23 @@ pub fn fully_connected_i8(
                 a0 = a0.wrapping_add(xv * i32::from(w0[whole + j]));
                 a1 = a1.wrapping_add(xv * i32::from(w1[whole + j]));
             }
-            out[o] = Channel::new(o, bias, q).apply(a0, stage);
+            out[o] = Channel::decode(o, bias, q, &w).apply(a0, stage);
             if o1 != o {
-                out[o1] = Channel::new(o1, bias, q).apply(a1, stage);
+                out[o1] = Channel::decode(o1, bias, q, &w).apply(a1, stage);
             }
             o += 2;
         }
+    }
+}
+
+/// The [`Weights`] of a FULLY_CONNECTED: rows of `n` features.
+fn fc_weights<'a>(weights: &'a [i8], n: usize, q: &QuantizedOutput<'_>) -> Weights<'a> {
+    Weights {
+        filter: weights,
+        taps: n,
+        step: n,
+        stride: 1,
+        input_zero_point: q.input_zero_point,
     }
 }
 
@@ -1109,6 +1318,18 @@ mod tests {
     use crate::kernels::arch::cases::{acc, case, fc_case, EDGE_ACCS, EDGE_MULTIPLIERS};
     use crate::kernels::conv::tests::{clamp, requant, zero_point};
     use proptest::prelude::*;
+
+    /// The bound on accumulators of `taps` products for input zero point `zp`.
+    fn max_acc(taps: usize, zp: i32) -> i64 {
+        let w = Weights {
+            filter: &[],
+            taps,
+            step: 0,
+            stride: 1,
+            input_zero_point: zp,
+        };
+        w.max_acc()
+    }
 
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(256))]
@@ -1147,29 +1368,163 @@ mod tests {
 
         #[test]
         fn channel_matches_portable(
-            acc in acc(),
-            bias in prop_oneof![Just(None), any::<i32>().prop_map(Some)],
+            taps in prop_oneof![1usize..=16, 1usize..=2_560],
+            in_zp in prop_oneof![zero_point(), -32_640i32..=32_639],
+            frac in -1.0f64..=1.0,
+            bias in prop_oneof![Just(None), (-1i32 << 24..=1 << 24).prop_map(Some), any::<i32>().prop_map(Some)],
             r in prop_oneof![
                 requant(),
                 (any::<i32>(), -31i32..=30).prop_map(|(multiplier, shift)| Requant { multiplier, shift }),
             ],
-            zp in zero_point(),
+            zp in prop_oneof![zero_point(), any::<i32>()],
             clamp in clamp(),
         ) {
-            prop_assume!(r.multiplier != i32::MIN);
+            // Any accumulator the kernel can produce for `taps` products; when the channel is
+            // decoded, its output stage is TFLM's.
+            let max = max_acc(taps, in_zp);
+            let acc = (max as f64 * frac) as i32;
             let b = bias.map(|b| [b]);
             let rq = [r];
             let q = QuantizedOutput {
-                input_zero_point: 0,
+                input_zero_point: in_zp,
                 filter_zero_point: 0,
                 output_zero_point: zp,
                 requant: &rq,
                 clamp,
             };
-            let want = conv::requantize(acc.wrapping_add(bias.unwrap_or(0)), r, zp, clamp);
-            let got = Channel::new(0, b.as_ref().map(|b| &b[..]), &q).apply(acc, OutputStage::new(&q));
-            prop_assert_eq!(got, want);
+            if let Some(ch) = Channel::bounded(0, b.as_ref().map(|b| &b[..]), &q, max) {
+                let want = conv::requantize(acc.wrapping_add(bias.unwrap_or(0)), r, zp, clamp);
+                prop_assert_eq!(ch.apply(acc, OutputStage::new(&q)), want);
+                prop_assert_eq!(ch.apply(-acc, OutputStage::new(&q)),
+                    conv::requantize((-acc).wrapping_add(bias.unwrap_or(0)), r, zp, clamp));
+            }
         }
+    }
+
+    /// The fast output stage takes every channel of the shapes real models have (so the kernels
+    /// above run it, not their portable fallback), and is exact on ties and extremes.
+    #[test]
+    fn channel_fits_usual_layers_and_is_exact_at_the_edges() {
+        let full = ClampI8 {
+            min: -128,
+            max: 127,
+        };
+        for taps in [1, 9, 27, 40, 64, 576, 640, 1_280] {
+            for shift in -21..=2 {
+                for m in [1 << 30, (1 << 30) + 1, i32::MAX] {
+                    for zp in [-128, 0, 127] {
+                        let rq = [Requant {
+                            multiplier: m,
+                            shift,
+                        }];
+                        let q = QuantizedOutput {
+                            input_zero_point: -128,
+                            filter_zero_point: 0,
+                            output_zero_point: zp,
+                            requant: &rq,
+                            clamp: full,
+                        };
+                        let max = max_acc(taps, -128);
+                        let bias = [1 << 20];
+                        let ch = Channel::bounded(0, Some(&bias), &q, max);
+                        let ch = ch.unwrap_or_else(|| panic!("taps {taps} shift {shift} zp {zp}"));
+                        // Ties of the rounding shift and the largest accumulators.
+                        let r = (-shift).max(0);
+                        let tie = if r > 0 { 1i64 << (r - 1) } else { 0 };
+                        let accs = [
+                            max,
+                            -max,
+                            0,
+                            1,
+                            -1,
+                            tie,
+                            -tie,
+                            tie + 1,
+                            -tie - 1,
+                            3 * tie,
+                            -3 * tie,
+                        ];
+                        for acc in accs.map(|a| a.clamp(-max, max) as i32) {
+                            for a in [acc, acc - (1 << 20), acc.wrapping_sub(1 << 20)] {
+                                if i64::from(a).abs() > max {
+                                    continue;
+                                }
+                                let want = conv::requantize(a + (1 << 20), rq[0], zp, full);
+                                assert_eq!(
+                                    ch.apply(a, OutputStage::new(&q)),
+                                    want,
+                                    "acc {a} m {m} shift {shift} zp {zp}"
+                                );
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Dead filters as quantizers leave them (VWW has them: a bias of 2^30 with a shift of -27 to
+    /// -31, or a multiplier of 0) decode to constant channels, exact over every accumulator.
+    #[test]
+    fn dead_channels_are_constant_and_exact() {
+        let clamp = ClampI8 {
+            min: -128,
+            max: 127,
+        };
+        let max = max_acc(256, -128);
+        for (m, shift, b) in [
+            (0, 0, 1 << 30),
+            (0, 0, 12_345),
+            (1_500_000_000, -27, 1 << 30),
+            (1_073_741_824, -31, (1 << 30) + 128),
+            (2_000_000_000, -29, -(1 << 30)),
+        ] {
+            for zp in [-128, -3, 100] {
+                let rq = [Requant {
+                    multiplier: m,
+                    shift,
+                }];
+                let q = QuantizedOutput {
+                    input_zero_point: -128,
+                    filter_zero_point: 0,
+                    output_zero_point: zp,
+                    requant: &rq,
+                    clamp,
+                };
+                let ch = Channel::bounded(0, Some(&[b]), &q, max);
+                let ch = ch.unwrap_or_else(|| panic!("m {m} shift {shift} bias {b}"));
+                for acc in (-max..=max).step_by(4_099).chain([max]) {
+                    let want = conv::requantize(acc as i32 + b, rq[0], zp, clamp);
+                    assert_eq!(ch.apply(acc as i32, OutputStage::new(&q)), want);
+                }
+            }
+        }
+        // Not constant over its accumulators and outside the bounds: refused.
+        let rq = [Requant {
+            multiplier: 1,
+            shift: 0,
+        }];
+        let q = QuantizedOutput {
+            input_zero_point: 0,
+            filter_zero_point: 0,
+            output_zero_point: 0,
+            requant: &rq,
+            clamp,
+        };
+        assert!(Channel::bounded(0, Some(&[1 << 30]), &q, max).is_none());
+        // ... unless its own weights bound it: a dead filter's accumulator is 0.
+        let filter = [3i8, -7, 0, 0, 0, 0];
+        let w = Weights {
+            filter: &filter,
+            taps: 2,
+            step: 2,
+            stride: 1,
+            input_zero_point: 0,
+        };
+        assert!(Channel::new(0, Some(&[1 << 30, 1 << 30, 1 << 30]), &q, &w).is_none());
+        let ch = Channel::new(1, Some(&[1 << 30, 1 << 30, 1 << 30]), &q, &w);
+        let want = conv::requantize(1 << 30, rq[0], 0, clamp);
+        assert_eq!(ch.map(|c| c.apply(0, OutputStage::new(&q))), Some(want));
     }
 
     #[test]
