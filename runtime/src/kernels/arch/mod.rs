@@ -59,10 +59,12 @@ pub fn active() -> &'static str {
     return "portable";
 }
 
-/// True when every requantization entry is in the range the Cortex-M and x86-64 output stages
-/// handle: multiplier not `i32::MIN` (their `(a * b + 2^30) >> 31` high multiply equals
-/// gemmlowp's everywhere else; proof at `cortex_m::requantize`) and shift in `-31..=30` (every
-/// valid TFLite model). Kernels run the portable body otherwise.
+/// True when every requantization entry is in the range the x86-64 output stages handle:
+/// multiplier not `i32::MIN` (their `(a * b + 2^30) >> 31` high multiply equals gemmlowp's
+/// everywhere else; proof at `cortex_m::requantize`) and shift in `-31..=30` (every valid TFLite
+/// model). Kernels run the portable body otherwise. (The Cortex-M stage checks its own, tighter
+/// bounds per channel: `cortex_m::Channel`.)
+#[cfg(target_arch = "x86_64")]
 pub(crate) fn usual_requant(requant: &[crate::graph::Requant]) -> bool {
     requant
         .iter()
