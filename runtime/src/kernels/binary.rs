@@ -237,12 +237,14 @@ fn add_sub_i8<const SUB: bool>(
         return;
     }
     // Same shapes: the x86-64 / aarch64 fast path (bit-exact) takes what it can, whole blocks
-    // of 8 / 16.
+    // of 8 / 16; the Cortex-M one all of it (tables of the two rescales) or nothing.
     #[cfg(kiln_x86_kernels)]
     let done = super::arch::x86_64::add_sub_i8(SUB, p, zero_points, a, b, out);
     #[cfg(kiln_neon_kernels)]
     let done = super::arch::aarch64::add_sub_i8(SUB, p, zero_points, a, b, out);
-    #[cfg(not(any(kiln_x86_kernels, kiln_neon_kernels)))]
+    #[cfg(kiln_dsp_kernels)]
+    let done = super::arch::cortex_m::add_sub_i8(SUB, p, zero_points, a, b, out);
+    #[cfg(not(any(kiln_x86_kernels, kiln_neon_kernels, kiln_dsp_kernels)))]
     let done = 0;
     for ((o, &x), &y) in out.iter_mut().zip(a).zip(b).skip(done) {
         *o = f(x, y);

@@ -718,15 +718,22 @@ impl Channel {
             Some(b) => *b.get(oc)?,
             None => 0,
         };
+        Channel::scaled(b, *r, q.output_zero_point, max_acc)
+            .or_else(|| Channel::constant(b, *r, q, max_acc))
+    }
+
+    /// The channel for bias `b`, requantization `r` and output zero point `zp` when the bounds of
+    /// the type's doc hold for accumulators up to `max_acc` in magnitude.
+    fn scaled(b: i32, r: Requant, zp: i32, max_acc: i64) -> Option<Self> {
         if r.multiplier == i32::MIN || !(-31..=30).contains(&r.shift) {
             return None;
         }
         let (left, right) = (r.shift.max(0) as u32, (-r.shift).max(0) as u32);
         let x = (i64::from(b).abs() + max_acc) << left;
-        let zp = i64::from(q.output_zero_point);
+        let zp = i64::from(zp);
         let rounding = (1i64 << right) + (zp.abs() << (right + 1));
         if x >= 1 << 29 || 2 * x + rounding >= 1 << 31 {
-            return Channel::constant(b, *r, q, max_acc, x);
+            return None;
         }
         let scale = 1i32 << (left + 1);
         Some(Channel {
@@ -742,10 +749,14 @@ impl Channel {
     /// one that multiplies by 0 and rounds to that byte; else `None`. Such channels are what
     /// quantizers make of dead filters (all weights 0, so the accumulator is 0: a multiplier of
     /// 0, or a bias near 2^30 with a scale near 2^-30), which the bounds of [`Channel::bounded`]
-    /// refuse. `x` is `(|bias| + max_acc) << left`: when it plus the zero point fits i32 nothing
+    /// refuse. With `x = (|bias| + max_acc) << left`: when it plus the zero point fits i32 nothing
     /// wraps in TFLM's stage, which is then monotonic in the accumulator, so equal outputs at both ends mean
     /// equal outputs everywhere.
-    fn constant(b: i32, r: Requant, q: &QuantizedOutput<'_>, max_acc: i64, x: i64) -> Option<Self> {
+    fn constant(b: i32, r: Requant, q: &QuantizedOutput<'_>, max_acc: i64) -> Option<Self> {
+        if r.multiplier == i32::MIN || !(-31..=30).contains(&r.shift) {
+            return None;
+        }
+        let x = (i64::from(b).abs() + max_acc) << r.shift.max(0);
         if x + i64::from(q.output_zero_point).abs() > i64::from(i32::MAX) {
             return None;
         }
@@ -794,12 +805,18 @@ impl Channel {
     /// kernel call (see the type's doc).
     #[inline(always)]
     fn saturated(&self, acc: i32) -> i32 {
+        ssat8(self.unsaturated(acc))
+    }
+
+    /// [`Channel::saturated`] before the saturation.
+    #[inline(always)]
+    fn unsaturated(&self, acc: i32) -> i32 {
         let x2 = acc.wrapping_mul(self.scale).wrapping_add(self.bias);
         let h = smmulr(x2, self.multiplier);
-        ssat8(asr(
+        asr(
             self.round.wrapping_add(h << 1).wrapping_add(h >> 31),
             self.shift,
-        ))
+        )
     }
 
     /// The output byte of accumulator `acc`: exactly `conv::requantize(acc + bias, ...)`.
@@ -1299,6 +1316,72 @@ pub fn fully_connected_i8(
     }
 }
 
+/// int8 ADD / SUB of two same-shaped tensors (`sub`: input 1 subtracted), Cortex-M body:
+/// bit-exact with `binary::add_i8` / `sub_i8`. Returns how many leading elements it wrote (all
+/// of them, or 0 when the parameters are outside its bounds and the caller runs the portable
+/// loop).
+///
+/// Each input's rescale (`(q - zp) << left_shift`, then TFLM's multiply by a multiplier smaller
+/// than one) depends on one int8 value only, so it is computed once for all 256 values into a
+/// table per input (2 KB of stack, 512 evaluations of the portable arithmetic per call); per
+/// element: two byte loads, two table loads, an add and the [`Channel`] output stage for the
+/// sum, whose bound is the tables' largest entries.
+pub fn add_sub_i8(
+    sub: bool,
+    p: &crate::graph::BinaryParams,
+    zero_points: [i32; 3],
+    a: &[i8],
+    b: &[i8],
+    out: &mut [i8],
+) -> usize {
+    use crate::quant::multiply_by_quantized_multiplier_smaller_than_one as rescale;
+    let [zp_a, zp_b, zp_out] = zero_points;
+    let n = out.len().min(a.len()).min(b.len());
+    if !(0..31).contains(&p.left_shift)
+        || p.input0.shift > 0
+        || p.input1.shift > 0
+        || p.output.shift > 0
+        || n < 256
+    {
+        return 0;
+    }
+    let table = |zp: i32, r: Requant, negate: bool| {
+        let mut t = [0i32; 256];
+        let mut max = 0i64;
+        for (v, e) in t.iter_mut().enumerate() {
+            let x = i32::from(v as u8 as i8);
+            let y = rescale(
+                (x - zp).wrapping_mul(1 << p.left_shift),
+                r.multiplier,
+                r.shift,
+            );
+            *e = if negate { y.wrapping_neg() } else { y };
+            max = max.max(i64::from(*e).abs());
+        }
+        (t, max)
+    };
+    let (ta, max_a) = table(zp_a, p.input0, false);
+    let (tb, max_b) = table(zp_b, p.input1, sub);
+    // `ta[x] + tb[y]` is TFLM's raw sum when it cannot wrap; the output stage is a channel
+    // without bias for sums up to that bound, with the zero point folded in or, when the
+    // rescale's shift is too long for that (outputs much coarser than the inputs), added after.
+    let max = max_a + max_b;
+    let ch = Channel::scaled(0, p.output, zp_out, max)
+        .map(|ch| (ch, 0))
+        .or_else(|| Channel::scaled(0, p.output, 0, max).map(|ch| (ch, zp_out)));
+    let (ch, zp_after) = match ch {
+        Some(ch) => ch,
+        None => return 0,
+    };
+    let clamp = |v: i32| v.max(i32::from(p.clamp.min)).min(i32::from(p.clamp.max)) as i8;
+    let each = out[..n].iter_mut().zip(&a[..n]).zip(&b[..n]);
+    for ((o, &x), &y) in each {
+        let sum = ta[usize::from(x as u8)].wrapping_add(tb[usize::from(y as u8)]);
+        *o = clamp(ssat8(ch.unsaturated(sum) + zp_after));
+    }
+    n
+}
+
 /// The [`Weights`] of a FULLY_CONNECTED: rows of `n` features.
 fn fc_weights<'a>(weights: &'a [i8], n: usize, q: &QuantizedOutput<'_>) -> Weights<'a> {
     Weights {
@@ -1364,6 +1447,34 @@ mod tests {
             clamp in clamp(),
         ) {
             prop_assert_eq!(requantize(acc, r, zp, clamp), conv::requantize(acc, r, zp, clamp));
+        }
+
+        #[test]
+        fn add_sub_is_bit_exact(
+            sub in any::<bool>(),
+            scales in proptest::array::uniform3(-12.0f32..=2.0),
+            zps in proptest::array::uniform3(zero_point()),
+            clamp in clamp(),
+            data in (256usize..=700).prop_flat_map(|n| {
+                (proptest::collection::vec(any::<i8>(), n), proptest::collection::vec(any::<i8>(), n))
+            }),
+        ) {
+            let [s0, s1, so] = scales.map(f32::exp2);
+            let p = crate::kernels::quantize::add_params(s0, s1, so, clamp);
+            let (a, b) = data;
+            let mut got = std::vec![0i8; a.len()];
+            // TFLM-shaped parameters always fit: the whole tensor is done here.
+            prop_assert_eq!(add_sub_i8(sub, &p, zps, &a, &b, &mut got), a.len());
+            let rescale = |v: i8, zp: i32, r: Requant| {
+                let v = (i32::from(v) - zp).wrapping_mul(1 << p.left_shift);
+                crate::quant::multiply_by_quantized_multiplier_smaller_than_one(v, r.multiplier, r.shift)
+            };
+            for ((&g, &x), &y) in got.iter().zip(&a).zip(&b) {
+                let (x, y) = (rescale(x, zps[0], p.input0), rescale(y, zps[1], p.input1));
+                let raw = if sub { x.wrapping_sub(y) } else { x.wrapping_add(y) };
+                let want = conv::requantize(raw, p.output, zps[2], clamp);
+                prop_assert_eq!(g, want);
+            }
         }
 
         #[test]
