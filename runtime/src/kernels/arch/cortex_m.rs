@@ -25,7 +25,7 @@
 //! 36-byte border patch. Shapes whose patch or row does not fit run the portable body.
 //!
 //! The output stage (`Channel`) is TFLM's requantization with the per-channel work done once
-//! per call; the few loops that matter most are single `asm!` blocks (`block_2x2`, `window3x3`,
+//! per call; the few loops that matter most are single `asm!` blocks (`block_2x2`, `dw_row3x3`,
 //! `row3`), each with its reads checked against slices just before it. docs/KERNELS.md has the
 //! design and the figures.
 //!
@@ -50,14 +50,15 @@ pub const MAX_FC_FEATURES: usize = 2 * MAX_PATCH;
 /// The DSP instructions used, one function each, and the few loops written as one `asm!` block.
 mod dsp {
     /// The packed weights of one 3x3 depthwise window for 4 channels (`words[2t]` = SXTB16,
-    /// `words[2t + 1]` = SXTB16 ROR #8 of tap `t`'s 4 weights, taps in row-major order), and
-    /// `row`, the input's row stride in bytes. `repr(C)`: the `asm!` window reads `row` at byte
-    /// offset 72.
+    /// `words[2t + 1]` = SXTB16 ROR #8 of tap `t`'s 4 weights, taps in row-major order), `row`,
+    /// the strip's row stride in bytes, and `advance`, the bytes from one window to the next.
+    /// `repr(C)`: the `asm!` row reads `row` at byte offset 72 and `advance` at 76.
     #[repr(C)]
     #[derive(Clone, Copy, Default)]
     pub struct Window3x3 {
         pub words: [u32; 18],
         pub row: u32,
+        pub advance: u32,
     }
 
     #[cfg(kiln_arm_dsp)]
@@ -325,114 +326,155 @@ mod dsp {
             *acc = [a0, a1, a2, a3];
         }
 
-        /// One interior 3x3 depthwise window for 4 channels: `acc[j] = sum over taps (fy, fx)
-        /// of (x[fy * w.row + fx * step + j] + off) * weight`, with the weights pre-packed in `w`.
+        /// `n = dst.len() / 2` pixels of 4 channels, `c` bytes apart in `src`, expanded into
+        /// the int16 strip layout: `dst[2i] = SXTAB16(pair, x_i)`, `dst[2i + 1] = SXTAB16(pair,
+        /// x_i ROR 8)` for the little-endian word `x_i` at `src[i * c..]`.
         #[inline(always)]
-        pub fn window3x3(x: &[i8], w: &super::Window3x3, step: usize, pair: u32) -> [i32; 4] {
-            // The reads below: 4 bytes at fy * row + fx * step for fy, fx in 0..3 (panics here,
-            // before any read, if `x` is shorter than the last of them).
-            let _ = &x[2 * w.row as usize + 2 * step..][..4];
-            let (mut a0, mut a1, mut a2, mut a3) = (0i32, 0i32, 0i32, 0i32);
-            // SAFETY: reads the 9 input words checked above (row base advanced by `w.row`,
-            // read from the struct at offset 72, which is the value the check used; LDR allows
-            // unaligned addresses on ARMv7-M) and words 0..19 of `w` (LDRD needs word alignment:
-            // `w` is `repr(C)` of u32). Writes only the accumulators, the row pointer (discarded)
-            // and four scratch registers (`out`: distinct from every input); SMLABB/SMLATT may
-            // set the sticky Q flag; no stack, no memory writes.
+        pub fn expand_row(src: &[i8], c: usize, pair: u32, dst: &mut [u32]) {
+            let n = dst.len() / 2;
+            if n == 0 {
+                return;
+            }
+            // The reads below: 4 bytes at i * c for i < n (panics here, before any read, if the
+            // last lies outside `src`).
+            let _ = &src[(n - 1) * c..][..4];
+            let end = dst[..2 * n].as_mut_ptr_range().end;
+            // SAFETY: reads the n words checked above (LDR, unaligned allowed on ARMv7-M) and
+            // writes dst[0..2n] (STRD, word-aligned: `dst` is `[u32]`; `d` advances 8 bytes
+            // per pass from `dst.as_mut_ptr()` to `end`, n >= 1 passes). Registers: the two
+            // pointers (discarded), three scratch registers; flags clobbered (CMP).
             unsafe {
                 asm!(
-                    "ldr     {t0}, [{x}]",
-                    "ldrd    {u0}, {u1}, [{w}, #0]",
-                    "sxtab16 {t1}, {pair}, {t0}",
-                    "sxtab16 {t0}, {pair}, {t0}, ror #8",
-                    "smlabb  {a0}, {t1}, {u0}, {a0}",
-                    "smlatt  {a2}, {t1}, {u0}, {a2}",
-                    "smlabb  {a1}, {t0}, {u1}, {a1}",
-                    "smlatt  {a3}, {t0}, {u1}, {a3}",
-                    "ldr     {t0}, [{x}, {step}]",
-                    "ldrd    {u0}, {u1}, [{w}, #8]",
-                    "sxtab16 {t1}, {pair}, {t0}",
-                    "sxtab16 {t0}, {pair}, {t0}, ror #8",
-                    "smlabb  {a0}, {t1}, {u0}, {a0}",
-                    "smlatt  {a2}, {t1}, {u0}, {a2}",
-                    "smlabb  {a1}, {t0}, {u1}, {a1}",
-                    "smlatt  {a3}, {t0}, {u1}, {a3}",
-                    "ldr     {t0}, [{x}, {step}, lsl #1]",
-                    "ldrd    {u0}, {u1}, [{w}, #16]",
-                    "sxtab16 {t1}, {pair}, {t0}",
-                    "sxtab16 {t0}, {pair}, {t0}, ror #8",
-                    "smlabb  {a0}, {t1}, {u0}, {a0}",
-                    "smlatt  {a2}, {t1}, {u0}, {a2}",
-                    "smlabb  {a1}, {t0}, {u1}, {a1}",
-                    "smlatt  {a3}, {t0}, {u1}, {a3}",
-                    "ldr     {u0}, [{w}, #72]",
-                    "add     {x}, {x}, {u0}",
-                    "ldr     {t0}, [{x}]",
-                    "ldrd    {u0}, {u1}, [{w}, #24]",
-                    "sxtab16 {t1}, {pair}, {t0}",
-                    "sxtab16 {t0}, {pair}, {t0}, ror #8",
-                    "smlabb  {a0}, {t1}, {u0}, {a0}",
-                    "smlatt  {a2}, {t1}, {u0}, {a2}",
-                    "smlabb  {a1}, {t0}, {u1}, {a1}",
-                    "smlatt  {a3}, {t0}, {u1}, {a3}",
-                    "ldr     {t0}, [{x}, {step}]",
-                    "ldrd    {u0}, {u1}, [{w}, #32]",
-                    "sxtab16 {t1}, {pair}, {t0}",
-                    "sxtab16 {t0}, {pair}, {t0}, ror #8",
-                    "smlabb  {a0}, {t1}, {u0}, {a0}",
-                    "smlatt  {a2}, {t1}, {u0}, {a2}",
-                    "smlabb  {a1}, {t0}, {u1}, {a1}",
-                    "smlatt  {a3}, {t0}, {u1}, {a3}",
-                    "ldr     {t0}, [{x}, {step}, lsl #1]",
-                    "ldrd    {u0}, {u1}, [{w}, #40]",
-                    "sxtab16 {t1}, {pair}, {t0}",
-                    "sxtab16 {t0}, {pair}, {t0}, ror #8",
-                    "smlabb  {a0}, {t1}, {u0}, {a0}",
-                    "smlatt  {a2}, {t1}, {u0}, {a2}",
-                    "smlabb  {a1}, {t0}, {u1}, {a1}",
-                    "smlatt  {a3}, {t0}, {u1}, {a3}",
-                    "ldr     {u0}, [{w}, #72]",
-                    "add     {x}, {x}, {u0}",
-                    "ldr     {t0}, [{x}]",
-                    "ldrd    {u0}, {u1}, [{w}, #48]",
-                    "sxtab16 {t1}, {pair}, {t0}",
-                    "sxtab16 {t0}, {pair}, {t0}, ror #8",
-                    "smlabb  {a0}, {t1}, {u0}, {a0}",
-                    "smlatt  {a2}, {t1}, {u0}, {a2}",
-                    "smlabb  {a1}, {t0}, {u1}, {a1}",
-                    "smlatt  {a3}, {t0}, {u1}, {a3}",
-                    "ldr     {t0}, [{x}, {step}]",
-                    "ldrd    {u0}, {u1}, [{w}, #56]",
-                    "sxtab16 {t1}, {pair}, {t0}",
-                    "sxtab16 {t0}, {pair}, {t0}, ror #8",
-                    "smlabb  {a0}, {t1}, {u0}, {a0}",
-                    "smlatt  {a2}, {t1}, {u0}, {a2}",
-                    "smlabb  {a1}, {t0}, {u1}, {a1}",
-                    "smlatt  {a3}, {t0}, {u1}, {a3}",
-                    "ldr     {t0}, [{x}, {step}, lsl #1]",
-                    "ldrd    {u0}, {u1}, [{w}, #64]",
-                    "sxtab16 {t1}, {pair}, {t0}",
-                    "sxtab16 {t0}, {pair}, {t0}, ror #8",
-                    "smlabb  {a0}, {t1}, {u0}, {a0}",
-                    "smlatt  {a2}, {t1}, {u0}, {a2}",
-                    "smlabb  {a1}, {t0}, {u1}, {a1}",
-                    "smlatt  {a3}, {t0}, {u1}, {a3}",
-                    a0 = inout(reg) a0,
-                    a1 = inout(reg) a1,
-                    a2 = inout(reg) a2,
-                    a3 = inout(reg) a3,
-                    x = inout(reg) x.as_ptr() => _,
-                    w = in(reg) w as *const super::Window3x3,
-                    step = in(reg) step,
+                    "2:",
+                    "ldr     {v}, [{s}]",
+                    "add     {s}, {s}, {c}",
+                    "sxtab16 {a}, {pair}, {v}",
+                    "sxtab16 {v}, {pair}, {v}, ror #8",
+                    "strd    {a}, {v}, [{d}], #8",
+                    "cmp     {d}, {end}",
+                    "bne     2b",
+                    s = inout(reg) src.as_ptr() => _,
+                    d = inout(reg) dst.as_mut_ptr() => _,
+                    c = in(reg) c,
                     pair = in(reg) pair,
+                    end = in(reg) end,
+                    v = out(reg) _,
+                    a = out(reg) _,
+                    options(nostack),
+                );
+            }
+        }
+
+        /// A row of 3x3 depthwise windows for 4 channels over an int16 strip: for window `p` in
+        /// `0..acc.len()`, `acc[p][j] = sum over taps (fy, fx) of strip value * weight`, the
+        /// strip holding per column the two packed words `[A, B]` of 4 channels (`x - zp`, as
+        /// SXTAB16 and SXTAB16 ROR #8 make them), rows `w.row` bytes apart, window `p` starting
+        /// `p * w.advance` bytes in. Per window: 9 LDRD of input, 9 LDRD of weights, 36
+        /// SMULxy/SMLAxy, one STM of the 4 sums.
+        #[inline(always)]
+        pub fn dw_row3x3(strip: &[u32], w: &super::Window3x3, acc: &mut [[i32; 4]]) {
+            let n = acc.len();
+            if n == 0 {
+                return;
+            }
+            // The reads below: for each window p, 2 words at byte offsets p * advance + fy * row
+            // + 8 * fx (fy, fx < 3) of `strip` (panics here, before any read, if the last
+            // window's last word lies outside it; offsets grow with p, fy and fx). `advance` and
+            // `row` are multiples of 8 (checked), so every LDRD is word-aligned.
+            assert!(
+                w.row % 8 == 0 && w.advance % 8 == 0,
+                "strip offsets must be word pairs"
+            );
+            let last = (n - 1) * w.advance as usize + 2 * w.row as usize + 16;
+            let _ = &strip[last / 4..][..2];
+            let end = acc.as_mut_ptr_range().end;
+            // SAFETY: reads the strip words checked above and words 0..20 of `w` (`repr(C)`,
+            // word-aligned); writes the 4 sums of window p to acc[p] (STM of r0-r3 in register
+            // order = a0..a3; `out` advances 16 bytes per window from `acc.as_mut_ptr()` to
+            // `end`, n >= 1 passes). Registers: r0-r3 (sums, discarded), the pointers (`x`,
+            // `out` advanced, discarded), four scratch registers; flags clobbered (CMP, Q).
+            unsafe {
+                asm!(
+                    "2:",
+                    "ldrd    {t0}, {t1}, [{x}]",
+                    "ldrd    {u0}, {u1}, [{w}, #0]",
+                    "smulbb  r0, {t0}, {u0}",
+                    "smultt  r2, {t0}, {u0}",
+                    "smulbb  r1, {t1}, {u1}",
+                    "smultt  r3, {t1}, {u1}",
+                    "ldrd    {t0}, {t1}, [{x}, #8]",
+                    "ldrd    {u0}, {u1}, [{w}, #8]",
+                    "smlabb  r0, {t0}, {u0}, r0",
+                    "smlatt  r2, {t0}, {u0}, r2",
+                    "smlabb  r1, {t1}, {u1}, r1",
+                    "smlatt  r3, {t1}, {u1}, r3",
+                    "ldrd    {t0}, {t1}, [{x}, #16]",
+                    "ldrd    {u0}, {u1}, [{w}, #16]",
+                    "smlabb  r0, {t0}, {u0}, r0",
+                    "smlatt  r2, {t0}, {u0}, r2",
+                    "smlabb  r1, {t1}, {u1}, r1",
+                    "smlatt  r3, {t1}, {u1}, r3",
+                    "ldr     {u0}, [{w}, #72]",
+                    "add     {x}, {x}, {u0}",
+                    "ldrd    {t0}, {t1}, [{x}]",
+                    "ldrd    {u0}, {u1}, [{w}, #24]",
+                    "smlabb  r0, {t0}, {u0}, r0",
+                    "smlatt  r2, {t0}, {u0}, r2",
+                    "smlabb  r1, {t1}, {u1}, r1",
+                    "smlatt  r3, {t1}, {u1}, r3",
+                    "ldrd    {t0}, {t1}, [{x}, #8]",
+                    "ldrd    {u0}, {u1}, [{w}, #32]",
+                    "smlabb  r0, {t0}, {u0}, r0",
+                    "smlatt  r2, {t0}, {u0}, r2",
+                    "smlabb  r1, {t1}, {u1}, r1",
+                    "smlatt  r3, {t1}, {u1}, r3",
+                    "ldrd    {t0}, {t1}, [{x}, #16]",
+                    "ldrd    {u0}, {u1}, [{w}, #40]",
+                    "smlabb  r0, {t0}, {u0}, r0",
+                    "smlatt  r2, {t0}, {u0}, r2",
+                    "smlabb  r1, {t1}, {u1}, r1",
+                    "smlatt  r3, {t1}, {u1}, r3",
+                    "ldr     {u0}, [{w}, #72]",
+                    "add     {x}, {x}, {u0}",
+                    "ldrd    {t0}, {t1}, [{x}]",
+                    "ldrd    {u0}, {u1}, [{w}, #48]",
+                    "smlabb  r0, {t0}, {u0}, r0",
+                    "smlatt  r2, {t0}, {u0}, r2",
+                    "smlabb  r1, {t1}, {u1}, r1",
+                    "smlatt  r3, {t1}, {u1}, r3",
+                    "ldrd    {t0}, {t1}, [{x}, #8]",
+                    "ldrd    {u0}, {u1}, [{w}, #56]",
+                    "smlabb  r0, {t0}, {u0}, r0",
+                    "smlatt  r2, {t0}, {u0}, r2",
+                    "smlabb  r1, {t1}, {u1}, r1",
+                    "smlatt  r3, {t1}, {u1}, r3",
+                    "ldrd    {t0}, {t1}, [{x}, #16]",
+                    "ldrd    {u0}, {u1}, [{w}, #64]",
+                    "smlabb  r0, {t0}, {u0}, r0",
+                    "smlatt  r2, {t0}, {u0}, r2",
+                    "smlabb  r1, {t1}, {u1}, r1",
+                    "smlatt  r3, {t1}, {u1}, r3",
+                    "ldrd    {u0}, {u1}, [{w}, #72]",
+                    "sub     {x}, {x}, {u0}, lsl #1",
+                    "add     {x}, {x}, {u1}",
+                    "stmia   {out}!, {{r0, r1, r2, r3}}",
+                    "cmp     {out}, {end}",
+                    "bne     2b",
+                    x = inout(reg) strip.as_ptr() => _,
+                    w = in(reg) w as *const super::Window3x3,
+                    out = inout(reg) acc.as_mut_ptr() => _,
+                    end = in(reg) end,
                     t0 = out(reg) _,
                     t1 = out(reg) _,
                     u0 = out(reg) _,
                     u1 = out(reg) _,
-                    options(nostack, readonly),
+                    out("r0") _,
+                    out("r1") _,
+                    out("r2") _,
+                    out("r3") _,
+                    options(nostack),
                 );
             }
-            [a0, a1, a2, a3]
         }
     }
 
@@ -488,21 +530,30 @@ mod dsp {
             x >> s
         }
 
-        /// One interior 3x3 depthwise window (see the `asm!` version).
-        pub fn window3x3(x: &[i8], w: &super::Window3x3, step: usize, pair: u32) -> [i32; 4] {
-            let mut acc = [0i32; 4];
-            for t in 0..9 {
-                let at = (t / 3) * w.row as usize + (t % 3) * step;
-                let xv = &x[at..][..4];
-                let xv = u32::from_le_bytes([xv[0] as u8, xv[1] as u8, xv[2] as u8, xv[3] as u8]);
-                let (xa, xb) = (sxtab16(pair, xv), sxtab16_ror8(pair, xv));
-                let (wa, wb) = (w.words[2 * t], w.words[2 * t + 1]);
-                acc[0] = smlabb(xa, wa, acc[0]);
-                acc[2] = smlatt(xa, wa, acc[2]);
-                acc[1] = smlabb(xb, wb, acc[1]);
-                acc[3] = smlatt(xb, wb, acc[3]);
+        /// Pixels expanded into the strip layout (see the `asm!` version).
+        pub fn expand_row(src: &[i8], c: usize, pair: u32, dst: &mut [u32]) {
+            for (i, d) in dst.chunks_exact_mut(2).enumerate() {
+                let x = &src[i * c..][..4];
+                let x = u32::from_le_bytes([x[0] as u8, x[1] as u8, x[2] as u8, x[3] as u8]);
+                d[0] = sxtab16(pair, x);
+                d[1] = sxtab16_ror8(pair, x);
             }
-            acc
+        }
+
+        /// A row of 3x3 depthwise windows over an int16 strip (see the `asm!` version).
+        pub fn dw_row3x3(strip: &[u32], w: &super::Window3x3, acc: &mut [[i32; 4]]) {
+            for (p, a) in acc.iter_mut().enumerate() {
+                *a = [0; 4];
+                for t in 0..9 {
+                    let at = (p * w.advance as usize + (t / 3) * w.row as usize) / 4 + 2 * (t % 3);
+                    let (xa, xb) = (strip[at], strip[at + 1]);
+                    let (wa, wb) = (w.words[2 * t], w.words[2 * t + 1]);
+                    a[0] = smlabb(xa, wa, a[0]);
+                    a[2] = smlatt(xa, wa, a[2]);
+                    a[1] = smlabb(xb, wb, a[1]);
+                    a[3] = smlatt(xb, wb, a[3]);
+                }
+            }
         }
 
         /// Three depthwise taps of one filter row (see the `asm!` version).
@@ -543,8 +594,8 @@ mod dsp {
 }
 
 use dsp::{
-    asr, block_2x2, row3, smlabb, smlad, smlatt, smmulr, ssat8, sxtab16, sxtab16_ror8, sxtb16,
-    sxtb16_ror8, window3x3, Window3x3,
+    asr, block_2x2, dw_row3x3, expand_row, row3, smlabb, smlad, smlatt, smmulr, ssat8, sxtab16,
+    sxtab16_ror8, sxtb16, sxtb16_ror8, Window3x3,
 };
 
 /// The first four int8 of `b` as one little-endian word: one unaligned LDR on ARMv7-M (which
@@ -1081,21 +1132,11 @@ pub fn depthwise_conv2d_i8(
     let c = g.in_c;
     let stage = OutputStage::new(q);
     let (xs, ws) = (g.dilation_w * c, c);
-    // 3x3 windows without dilation whose 9 taps are all in the image run the unrolled window
-    // with weights packed once per 4 channels; the others sum their in-image taps row by row.
-    // `window3` needs the input zero point as an int8 (the value of a padding tap): true for
-    // every int8 tensor.
-    let pad_word = i8::try_from(-off)
-        .ok()
-        .map(|zp| u32::from(zp as u8) * 0x0101_0101);
-    let window3 = g.filter_h == 3
-        && g.filter_w == 3
-        && g.dilation_h == 1
-        && g.dilation_w == 1
-        && g.in_w * c <= u32::MAX as usize
-        && pad_word.is_some();
-    if let (true, Some(fill)) = (window3, pad_word) {
-        return depthwise_3x3(g, input, filter, bias, q, output, pair, fill, &w);
+    // 3x3 filters without dilation run rows of windows over int16 strips; the others sum their
+    // in-image taps row by row.
+    let window3 = g.filter_h == 3 && g.filter_w == 3 && g.dilation_h == 1 && g.dilation_w == 1;
+    if window3 {
+        return depthwise_3x3(g, input, filter, bias, q, output, pair, &w);
     }
     if !Channel::all_fit(g.out_c, bias, q, &w) {
         return depthwise::depthwise_conv2d_i8_portable(g, q, input, filter, bias, output);
@@ -1148,15 +1189,28 @@ pub fn depthwise_conv2d_i8(
     }
 }
 
-/// Channels of the 3x3 depthwise path decoded at once (their [`Channel`]s and two packed
-/// windows per 4 channels: 24 + 2 * 76 / 4 = 62 bytes of stack per channel).
+/// Channels of the 3x3 depthwise path decoded at once (their [`Channel`]s and packed windows:
+/// 20 + 80 / 4 = 40 bytes of stack per channel).
 const DW_CHANNELS: usize = 32;
+
+/// Words of the 3x3 depthwise path's strip (2 048 bytes of stack): input rows of 4 channels
+/// as int16, two words per column, at most [`STRIP_COLS`] columns a row.
+const STRIP_WORDS: usize = 512;
+
+/// Columns of one strip row at most (three rows of them always fit); wider outputs go in tiles.
+const STRIP_COLS: usize = 64;
+
+/// Output pixels of one strip row at most (stride 1): their raw sums, 16 bytes each.
+const STRIP_WINDOWS: usize = STRIP_COLS - 2;
 
 /// The 3x3 depthwise path (no dilation, `depth_multiplier == 1`, channels a multiple of 4):
 /// channels in chunks of [`DW_CHANNELS`] whose weights are packed and requantization decoded
-/// once; every output pixel (outer loop) then runs [`window3x3`] for each 4 channels, straight
-/// from the input when the window lies inside it, else over a 3x3 patch holding the in-image
-/// taps and `pad` (the input zero point in all 4 bytes) elsewhere, which adds exactly 0.
+/// once; then per 4 channels and tile of output rows and columns, the input rows the tile's
+/// windows read are expanded once into a strip of int16 `x - zp` (two words per column, as the
+/// conv patch; padding columns and rows hold 0, which adds exactly 0), and per output row
+/// [`dw_row3x3`] sums every window in one `asm!` loop and the output stage runs per channel over
+/// the row's sums: one code path for interior and border pixels. A tile is as many output rows
+/// as the strip holds input rows for (all of them for small feature maps).
 #[allow(clippy::too_many_arguments)]
 fn depthwise_3x3(
     g: &ConvGeometry,
@@ -1166,14 +1220,20 @@ fn depthwise_3x3(
     q: &QuantizedOutput<'_>,
     output: &mut [i8],
     pair: u32,
-    pad: u32,
     weights: &Weights<'_>,
 ) {
     let c = g.in_c;
     let stage = OutputStage::new(q);
+    // Output columns per tile (their windows read `(tile_w - 1) * stride + 3` columns) and
+    // output rows per tile (their windows read `(tile_h - 1) * stride + 3` rows of those).
+    let tile_w = core::cmp::min(g.out_w, (STRIP_COLS - 3) / g.stride_w + 1);
+    let cols = (tile_w.max(1) - 1) * g.stride_w + 3;
+    let tile_h = (STRIP_WORDS / (2 * cols) - 3) / g.stride_h + 1;
+    let row_words = 2 * cols;
     let mut channels = [Channel::default(); DW_CHANNELS];
     let mut windows = [Window3x3::default(); DW_CHANNELS / 4];
-    let mut patch_windows = [Window3x3::default(); DW_CHANNELS / 4];
+    let mut strip = [0u32; STRIP_WORDS];
+    let mut sums = [[0i32; 4]; STRIP_WINDOWS];
     let mut c_lo = 0;
     while c_lo < c {
         let n = core::cmp::min(DW_CHANNELS, c - c_lo);
@@ -1181,58 +1241,79 @@ fn depthwise_3x3(
             // Outputs written so far are rewritten, all of them, by the portable body.
             return depthwise::depthwise_conv2d_i8_portable(g, q, input, filter, bias, output);
         }
-        for (j, (win, pwin)) in windows[..n / 4]
-            .iter_mut()
-            .zip(patch_windows[..n / 4].iter_mut())
-            .enumerate()
-        {
+        for (j, win) in windows[..n / 4].iter_mut().enumerate() {
             let c0 = c_lo + 4 * j;
             for t in 0..9 {
                 let w = word(&filter[t * c + c0..]);
                 win.words[2 * t] = sxtb16(w);
                 win.words[2 * t + 1] = sxtb16_ror8(w);
             }
-            win.row = (g.in_w * c) as u32;
-            *pwin = Window3x3 { row: 12, ..*win };
+            win.row = (4 * row_words) as u32;
+            win.advance = (8 * g.stride_w) as u32;
         }
-        let mut out_at = c_lo;
-        for b in 0..g.batch {
-            for oy in 0..g.out_h {
-                let in_y0 = (oy * g.stride_h) as isize - g.pad_top as isize;
-                let (fy0, fy1) = tap_range(in_y0, 1, 3, g.in_h);
-                for ox in 0..g.out_w {
-                    let in_x0 = (ox * g.stride_w) as isize - g.pad_left as isize;
-                    let (fx0, fx1) = tap_range(in_x0, 1, 3, g.in_w);
-                    let out = &mut output[out_at..][..n];
-                    let groups = out
-                        .chunks_exact_mut(4)
-                        .zip(channels[..n].chunks_exact(4))
-                        .enumerate();
-                    if fy1 - fy0 == 3 && fx1 - fx0 == 3 {
-                        let at = ((b * g.in_h + in_y0 as usize) * g.in_w + in_x0 as usize) * c;
-                        let x = &input[at + c_lo..];
-                        for (j, (o, ch)) in groups {
-                            let acc = window3x3(&x[4 * j..], &windows[j], c, pair);
-                            stage.store(o, &acc, ch);
+        for (j, (win, ch)) in windows[..n / 4]
+            .iter()
+            .zip(channels[..n].chunks_exact(4))
+            .enumerate()
+        {
+            let c0 = c_lo + 4 * j;
+            for b in 0..g.batch {
+                let mut oy0 = 0;
+                while oy0 < g.out_h {
+                    let oy1 = core::cmp::min(g.out_h, oy0 + tile_h);
+                    let rows = (oy1 - oy0 - 1) * g.stride_h + 3;
+                    let iy0 = (oy0 * g.stride_h) as isize - g.pad_top as isize;
+                    let mut ox0 = 0;
+                    while ox0 < g.out_w {
+                        let ox1 = core::cmp::min(g.out_w, ox0 + tile_w);
+                        let used = (ox1 - ox0 - 1) * g.stride_w + 3;
+                        let ix0 = (ox0 * g.stride_w) as isize - g.pad_left as isize;
+                        // Columns ix0 .. ix0 + used: padding left and right of the image.
+                        let lo = (-ix0).clamp(0, used as isize) as usize;
+                        let hi = (g.in_w as isize - ix0).clamp(lo as isize, used as isize);
+                        let hi = hi as usize;
+                        let strip_rows = strip.chunks_exact_mut(row_words).take(rows);
+                        for (fy, row) in strip_rows.enumerate() {
+                            let row = &mut row[..2 * used];
+                            let iy = iy0 + fy as isize;
+                            if iy < 0 || iy as usize >= g.in_h {
+                                row.fill(0);
+                                continue;
+                            }
+                            if lo > 0 {
+                                row[..2 * lo].fill(0);
+                            }
+                            if hi < used {
+                                row[2 * hi..].fill(0);
+                            }
+                            if hi > lo {
+                                let base = (b * g.in_h + iy as usize) * g.in_w;
+                                let at = (base + (ix0 + lo as isize) as usize) * c + c0;
+                                expand_row(&input[at..], c, pair, &mut row[2 * lo..2 * hi]);
+                            }
                         }
-                    } else {
-                        for (j, (o, ch)) in groups {
-                            let c0 = c_lo + 4 * j;
-                            let mut patch = [pad; 9];
-                            for fy in fy0..fy1 {
-                                let iy = (in_y0 + fy as isize) as usize;
-                                let row = ((b * g.in_h + iy) * g.in_w) as isize + in_x0;
-                                for fx in fx0..fx1 {
-                                    let at = (row + fx as isize) as usize * c + c0;
-                                    patch[fy * 3 + fx] = word(&input[at..]);
+                        for oy in oy0..oy1 {
+                            let first = (oy - oy0) * g.stride_h * row_words;
+                            let sums = &mut sums[..ox1 - ox0];
+                            dw_row3x3(&strip[first..], win, sums);
+                            let out_row = ((b * g.out_h + oy) * g.out_w + ox0) * c + c0;
+                            let out = &mut output[out_row..][..(sums.len() - 1) * c + 4];
+                            for (k, ch) in ch.iter().enumerate() {
+                                let each = out[k..].iter_mut().step_by(c).zip(sums.iter());
+                                if stage.narrow {
+                                    for (o, s) in each {
+                                        *o = stage.clamp(ch.saturated(s[k]));
+                                    }
+                                } else {
+                                    for (o, s) in each {
+                                        *o = ch.saturated(s[k]) as i8;
+                                    }
                                 }
                             }
-                            let bytes: &[i8] = bytemuck::cast_slice(&patch);
-                            let acc = window3x3(bytes, &patch_windows[j], 4, pair);
-                            stage.store(o, &acc, ch);
                         }
+                        ox0 = ox1;
                     }
-                    out_at += c;
+                    oy0 = oy1;
                 }
             }
         }
@@ -1425,6 +1506,36 @@ mod tests {
 
         #[test]
         fn depthwise_fast_path_is_bit_exact(c in case(true)) {
+            let (fast, want) = c.run_depthwise(depthwise_conv2d_i8);
+            prop_assert_eq!(fast, want);
+        }
+
+        /// 3x3 depthwise over rows wider than one strip tile (and narrow ones), both strides.
+        #[test]
+        fn depthwise_3x3_strip_tiles_are_bit_exact(c in (1usize..=4, 1usize..=3, prop_oneof![1usize..=12, 120usize..=300], 1usize..=2, 0usize..=1)
+            .prop_flat_map(|(groups, h, w, stride, pad)| {
+                let out = |n: usize| (n + 2 * pad).saturating_sub(3) / stride + 1;
+                let g = ConvGeometry {
+                    batch: 1,
+                    in_h: h + 2,
+                    in_w: w + 2,
+                    in_c: 4 * groups,
+                    out_h: out(h + 2),
+                    out_w: out(w + 2),
+                    out_c: 4 * groups,
+                    filter_h: 3,
+                    filter_w: 3,
+                    filter_in_c: 1,
+                    stride_h: stride,
+                    stride_w: stride,
+                    dilation_h: 1,
+                    dilation_w: 1,
+                    pad_top: pad,
+                    pad_left: pad,
+                    depth_multiplier: 1,
+                };
+                crate::kernels::arch::cases::data(g, true)
+            })) {
             let (fast, want) = c.run_depthwise(depthwise_conv2d_i8);
             prop_assert_eq!(fast, want);
         }
