@@ -382,7 +382,7 @@ mod dsp {
             // window's last word lies outside it; offsets grow with p, fy and fx). `advance` and
             // `row` are multiples of 8 (checked), so every LDRD is word-aligned.
             assert!(
-                w.row % 8 == 0 && w.advance % 8 == 0,
+                w.row.is_multiple_of(8) && w.advance.is_multiple_of(8),
                 "strip offsets must be word pairs"
             );
             let last = (n - 1) * w.advance as usize + 2 * w.row as usize + 16;
