@@ -5,7 +5,9 @@
 //! stride, dilation, channel counts that are and are not multiples of 4, odd pixel and channel
 //! counts, zero points at the extremes, per-tensor and per-channel requantization, clamps), plus
 //! fixed shapes of the MLPerf Tiny models (1x1 over 64 and 256 channels, 3x3 over 64, the first
-//! layers' 3-channel and 1-channel patches, a patch too large for the fast path).
+//! layers' 3-channel and 1-channel patches, a patch too large for the fast path). int8 ADD and
+//! SUB (`binary::add_i8` / `sub_i8`, the DSP table body) are checked against TFLM's reference
+//! arithmetic written out here.
 //!
 //! Run under QEMU (`scripts/test.sh` does): exits (semihosting) with status 0 when every case
 //! matched, after printing how many ran; on a mismatch it prints the case and exits with 1.
@@ -20,6 +22,8 @@ use kiln_runtime::kernels::arch::CORTEX_M_DSP;
 use kiln_runtime::kernels::conv::{self, ConvGeometry, QuantizedOutput};
 use kiln_runtime::kernels::depthwise;
 use kiln_runtime::kernels::fully_connected::{self, FullyConnectedGeometry};
+use kiln_runtime::kernels::{binary, quantize};
+use kiln_runtime::quant::multiply_by_quantized_multiplier_smaller_than_one as rescale;
 
 /// Seeded cases per kernel.
 const CASES: usize = 2000;
@@ -290,6 +294,53 @@ static mut BUFFERS: Buffers = Buffers {
     portable: [0; MAX_OUT],
 };
 
+/// Runs one int8 ADD or SUB (`sub`) of two same-shaped tensors through `binary::add_i8` /
+/// `sub_i8` (the DSP body in this build) and TFLM's reference arithmetic written out here;
+/// false if any byte differs.
+fn add_case(rng: &mut Rng, b: &mut Buffers, sub: bool) -> bool {
+    let n = rng.usize(1, MAX_OUT);
+    rng.fill(&mut b.input[..n]);
+    rng.fill(&mut b.filter[..n]);
+    // Input scales 2^-12 .. 2^2, the output's 1/8 to 64 times the larger.
+    let scale = |rng: &mut Rng, lo: i64, hi: i64| {
+        let e = rng.range(lo, hi) as i32;
+        let m = 1.0 + rng.range(0, 999) as f32 / 1000.0;
+        if e >= 0 {
+            m * (1u32 << e) as f32
+        } else {
+            m / (1u32 << -e) as f32
+        }
+    };
+    let (s0, s1) = (scale(rng, -12, 2), scale(rng, -12, 2));
+    let so = s0.max(s1) * scale(rng, -3, 5);
+    let (_, zp0, zp1, clamp, _) = quant(rng, b, 1);
+    let zpo = rng.zero_point();
+    let p = quantize::add_params(s0, s1, so, clamp);
+    let Some(shapes) = binary::BroadcastShapes::new(&[n], &[n], &[n]) else {
+        return false;
+    };
+    let (x, y) = (&b.input[..n], &b.filter[..n]);
+    if sub {
+        binary::sub_i8(&shapes, &p, [zp0, zp1, zpo], x, y, &mut b.fast[..n]);
+    } else {
+        binary::add_i8(&shapes, &p, [zp0, zp1, zpo], x, y, &mut b.fast[..n]);
+    }
+    let scaled = |v: i8, zp: i32, r: Requant| {
+        let v = (i32::from(v) - zp).wrapping_mul(1 << p.left_shift);
+        rescale(v, r.multiplier, r.shift)
+    };
+    x.iter().zip(y).zip(&b.fast[..n]).all(|((&x, &y), &got)| {
+        let (x, y) = (scaled(x, zp0, p.input0), scaled(y, zp1, p.input1));
+        let raw = if sub {
+            x.wrapping_sub(y)
+        } else {
+            x.wrapping_add(y)
+        };
+        let v = rescale(raw, p.output.multiplier, p.output.shift).wrapping_add(zpo);
+        v.max(i32::from(clamp.min)).min(i32::from(clamp.max)) as i8 == got
+    })
+}
+
 #[entry]
 fn main() -> ! {
     let b = cortex_m::singleton!(: &'static mut Buffers = unsafe { &mut *core::ptr::addr_of_mut!(BUFFERS) })
@@ -340,6 +391,12 @@ fn main() -> ! {
             fail("fully_connected_i8", i, &ConvGeometry::default());
         }
         cases += 3;
+        if i % 8 == 0 {
+            if !add_case(&mut rng, b, i % 16 == 0) {
+                fail("add_i8 / sub_i8", i, &ConvGeometry::default());
+            }
+            cases += 1;
+        }
     }
     hprintln!(
         "kiln-kernel-check: {} cases bit-exact ({} vs portable)",
