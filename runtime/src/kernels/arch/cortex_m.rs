@@ -1287,10 +1287,10 @@ pub fn conv2d_i8(
             }
             if whole < k {
                 for (s, row) in sums[..n].iter_mut().zip(rows.chunks_exact(k)) {
-                    for t in whole..k {
-                        let v = i32::from(row[t]);
-                        s[0] = s[0].wrapping_add(get(&tail_words, t - whole, 0) * v);
-                        s[1] = s[1].wrapping_add(get(&tail_words, t - whole, 1) * v);
+                    for (t, &v) in row[whole..].iter().enumerate() {
+                        let v = i32::from(v);
+                        s[0] = s[0].wrapping_add(get(&tail_words, t, 0) * v);
+                        s[1] = s[1].wrapping_add(get(&tail_words, t, 1) * v);
                     }
                 }
             }
