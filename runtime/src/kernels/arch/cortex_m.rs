@@ -524,6 +524,228 @@ mod dsp {
             }
         }
 
+        /// `groups` groups of 4 int8 values of `src` into one column of a conv patch of `COLS`
+        /// (2 or 4) columns: `dst[2 COLS j] = SXTAB16(pair, x_j)`, `dst[2 COLS j + COLS] =
+        /// SXTAB16(pair, x_j ROR 8)` for the little-endian word `x_j = src[4j..4j + 4]` (the
+        /// other columns' words are left alone).
+        #[inline(always)]
+        pub fn expand_col<const COLS: usize>(
+            src: &[i8],
+            groups: usize,
+            pair: u32,
+            dst: &mut [u32],
+        ) {
+            if groups == 0 {
+                return;
+            }
+            // The accesses below: src[..4 * groups] and dst[..2 * COLS * groups - COLS + 1]
+            // (panics here, before any, if a slice is shorter).
+            let _ = (
+                &src[..4 * groups],
+                &dst[..2 * COLS * (groups - 1) + COLS + 1],
+            );
+            let end = dst.as_mut_ptr().wrapping_add(2 * COLS * groups);
+            // SAFETY: per group j (`d` advances 8 COLS bytes per pass from `dst.as_mut_ptr()`
+            // to `end`, groups >= 1 passes): reads src[4j..4j + 4] (LDR, unaligned allowed on
+            // ARMv7-M) and writes dst[2 COLS j] and dst[2 COLS j + COLS] (STR, word-aligned),
+            // all inside the slices checked above. Registers: the two pointers (discarded), two
+            // scratch registers; flags clobbered (CMP). No stack.
+            unsafe {
+                asm!(
+                    "2:",
+                    "ldr     {v}, [{s}], #4",
+                    "sxtab16 {a}, {pair}, {v}",
+                    "sxtab16 {v}, {pair}, {v}, ror #8",
+                    "str     {v}, [{d}, #{b}]",
+                    "str     {a}, [{d}], #{step}",
+                    "cmp     {d}, {end}",
+                    "bne     2b",
+                    s = inout(reg) src.as_ptr() => _,
+                    d = inout(reg) dst.as_mut_ptr() => _,
+                    pair = in(reg) pair,
+                    end = in(reg) end,
+                    v = out(reg) _,
+                    a = out(reg) _,
+                    b = const 4 * COLS,
+                    step = const 8 * COLS,
+                    options(nostack),
+                );
+            }
+        }
+
+        /// One output channel against a packed four-pixel patch, for every channel of `rows`
+        /// in one loop: for channel `c` in `0..sums.len()`, `sums[c] = [w . col0, w . col1,
+        /// w . col2, w . col3]` over the patch's `groups` element groups (`[A col0..col3, B
+        /// col0..col3]` per group) with `w = rows[ck..]`. Per 4 patch elements: the weight word
+        /// loaded twice (once per SXTB16 half: no register is left to keep it), two LDM of 4
+        /// patch words, 8 SMLAD (16 MACs in 16 instructions). `patch` holds the groups' `8 *
+        /// groups` words and, after them, 4 words of loop state that this writes: the patch's
+        /// bytes, `k - 4 * groups`, and the sums' cursor and end.
+        #[inline(always)]
+        pub fn conv_rows4(
+            patch: &mut [u32],
+            groups: usize,
+            rows: &[i8],
+            k: usize,
+            sums: &mut [[i32; 4]],
+        ) {
+            let n = sums.len();
+            if n == 0 || groups == 0 {
+                sums.fill([0; 4]);
+                return;
+            }
+            // The reads below: patch words 0..8 * groups + 4 and bytes [ck, ck + 4 * groups)
+            // of `rows` for c < n (panics here, before any access, if a slice is shorter or the
+            // groups exceed a row).
+            assert!(4 * groups <= k, "patch groups exceed the filter rows");
+            let _ = (&rows[..n * k], &patch[..8 * groups + 4]);
+            let sums_range = sums.as_mut_ptr_range();
+            let (body, state) = patch.split_at_mut(8 * groups);
+            state[0] = (32 * groups) as u32;
+            state[1] = (k - 4 * groups) as u32;
+            state[2] = sums_range.start as u32;
+            state[3] = sums_range.end as u32;
+            let end = state.as_mut_ptr();
+            // SAFETY: per channel, the inner loop reads the 8 * groups patch words from
+            // `body.as_ptr()` to `end` (LDM, word-aligned) and 4 * groups bytes of the
+            // channel's row (LDR, unaligned allowed), all checked above; w then moves to the
+            // next row (`+ k - 4 * groups`). It reads and writes the 4 state words at `end`
+            // (inside `patch`) and writes 16 bytes per channel to `sums[c]` through the cursor
+            // (STM of r0-r3 in register order), stopping at the sums' end (n >= 1). Registers:
+            // r0-r5, r8, r9 (sums, patch words), the pointers (discarded), one scratch
+            // register; flags clobbered (CMP, Q). No stack.
+            unsafe {
+                asm!(
+                    "3:",
+                    "movs   r0, #0",
+                    "movs   r1, #0",
+                    "movs   r2, #0",
+                    "movs   r3, #0",
+                    "2:",
+                    "ldr    {u}, [{w}]",
+                    "sxtb16 {u}, {u}",
+                    "ldm    {x}!, {{r4, r5, r8, r9}}",
+                    "smlad  r0, r4, {u}, r0",
+                    "smlad  r1, r5, {u}, r1",
+                    "smlad  r2, r8, {u}, r2",
+                    "smlad  r3, r9, {u}, r3",
+                    "ldr    {u}, [{w}], #4",
+                    "sxtb16 {u}, {u}, ror #8",
+                    "ldm    {x}!, {{r4, r5, r8, r9}}",
+                    "smlad  r0, r4, {u}, r0",
+                    "smlad  r1, r5, {u}, r1",
+                    "smlad  r2, r8, {u}, r2",
+                    "smlad  r3, r9, {u}, r3",
+                    "cmp    {x}, {end}",
+                    "bne    2b",
+                    "ldrd   r4, r5, [{end}, #8]",
+                    "stmia  r4!, {{r0, r1, r2, r3}}",
+                    "str    r4, [{end}, #8]",
+                    "cmp    r4, r5",
+                    "beq    4f",
+                    "ldrd   r4, r5, [{end}]",
+                    "sub    {x}, {end}, r4",
+                    "add    {w}, {w}, r5",
+                    "b      3b",
+                    "4:",
+                    x = inout(reg) body.as_ptr() => _,
+                    w = inout(reg) rows.as_ptr() => _,
+                    end = in(reg) end,
+                    u = out(reg) _,
+                    out("r0") _,
+                    out("r1") _,
+                    out("r2") _,
+                    out("r3") _,
+                    out("r4") _,
+                    out("r5") _,
+                    out("r8") _,
+                    out("r9") _,
+                    options(nostack),
+                );
+            }
+        }
+
+        /// The output stage of four pixels over full-range channels (no clamp besides int8):
+        /// for channel `j`, `out[q * stride + j] = saturated(channels[j], sums[j][q])`, q < 4;
+        /// per channel one LDM of its 5 words and 8 instructions per output byte.
+        #[inline(always)]
+        pub fn store_four(
+            out: &mut [i8],
+            stride: usize,
+            sums: &[[i32; 4]],
+            channels: &[super::super::Channel],
+        ) {
+            let n = channels.len();
+            if n == 0 {
+                return;
+            }
+            // The accesses below: out[..3 * stride + n], sums[..n] (panics here, before any, if
+            // a slice is shorter).
+            assert!(stride >= n, "pixels overlap");
+            let (out, sums) = (&mut out[..3 * stride + n], &sums[..n]);
+            let end = channels.as_ptr_range().end;
+            // SAFETY: per channel j (`ch` advances 20 bytes per pass from `channels.as_ptr()`
+            // to `end`, n >= 1 passes; `o` from `out.as_mut_ptr()` by 1): reads the channel's 5
+            // words (`Channel` is `repr(C)`, 5 u32/i32 fields, word-aligned) and sums[j] (4
+            // words), writes out[j + q * stride] for q < 4; all inside the slices checked
+            // above. Registers: r0-r3 and r8 (the channel), the pointers (discarded), the
+            // strides, two scratch registers; flags clobbered (CMP, Q). No stack.
+            unsafe {
+                asm!(
+                    "2:",
+                    "ldm    {ch}!, {{r0, r1, r2, r3, r8}}",
+                    "ldr    {s}, [{sums}, #4]",
+                    "mla    {s}, {s}, r0, r1",
+                    "smmulr {s}, {s}, r2",
+                    "add    {t}, r3, {s}, lsl #1",
+                    "add    {s}, {t}, {s}, asr #31",
+                    "asr    {s}, {s}, r8",
+                    "ssat   {s}, #8, {s}",
+                    "strb   {s}, [{o}, {st}]",
+                    "ldr    {s}, [{sums}, #8]",
+                    "mla    {s}, {s}, r0, r1",
+                    "smmulr {s}, {s}, r2",
+                    "add    {t}, r3, {s}, lsl #1",
+                    "add    {s}, {t}, {s}, asr #31",
+                    "asr    {s}, {s}, r8",
+                    "ssat   {s}, #8, {s}",
+                    "strb   {s}, [{o}, {st}, lsl #1]",
+                    "ldr    {s}, [{sums}, #12]",
+                    "mla    {s}, {s}, r0, r1",
+                    "smmulr {s}, {s}, r2",
+                    "add    {t}, r3, {s}, lsl #1",
+                    "add    {s}, {t}, {s}, asr #31",
+                    "asr    {s}, {s}, r8",
+                    "ssat   {s}, #8, {s}",
+                    "add    {t}, {o}, {st}, lsl #1",
+                    "strb   {s}, [{t}, {st}]",
+                    "ldr    {s}, [{sums}], #16",
+                    "mla    {s}, {s}, r0, r1",
+                    "smmulr {s}, {s}, r2",
+                    "add    {t}, r3, {s}, lsl #1",
+                    "add    {s}, {t}, {s}, asr #31",
+                    "asr    {s}, {s}, r8",
+                    "ssat   {s}, #8, {s}",
+                    "strb   {s}, [{o}], #1",
+                    "cmp    {ch}, {end}",
+                    "bne    2b",
+                    ch = inout(reg) channels.as_ptr() => _,
+                    sums = inout(reg) sums.as_ptr() => _,
+                    o = inout(reg) out.as_mut_ptr() => _,
+                    st = in(reg) stride,
+                    end = in(reg) end,
+                    s = out(reg) _,
+                    t = out(reg) _,
+                    out("r0") _,
+                    out("r1") _,
+                    out("r2") _,
+                    out("r3") _,
+                    out("r8") _,
+                    options(nostack),
+                );
+            }
+        }
+
         /// A row of 3x3 depthwise windows for 4 channels over an int16 strip: for window `p` in
         /// `0..acc.len()`, `acc[p][j] = sum over taps (fy, fx) of strip value * weight`, the
         /// strip holding per column the two packed words `[A, B]` of 4 channels (`x - zp`, as
@@ -689,6 +911,58 @@ mod dsp {
             x >> s
         }
 
+        /// Groups of 4 values expanded into one patch column (see the `asm!` version).
+        pub fn expand_col<const COLS: usize>(
+            src: &[i8],
+            groups: usize,
+            pair: u32,
+            dst: &mut [u32],
+        ) {
+            for j in 0..groups {
+                let x = &src[4 * j..][..4];
+                let x = u32::from_le_bytes([x[0] as u8, x[1] as u8, x[2] as u8, x[3] as u8]);
+                dst[2 * COLS * j] = sxtab16(pair, x);
+                dst[2 * COLS * j + COLS] = sxtab16_ror8(pair, x);
+            }
+        }
+
+        /// Every output channel against one four-pixel patch (see the `asm!` version).
+        pub fn conv_rows4(
+            patch: &mut [u32],
+            groups: usize,
+            rows: &[i8],
+            k: usize,
+            sums: &mut [[i32; 4]],
+        ) {
+            assert!(4 * groups <= k, "patch groups exceed the filter rows");
+            for (c, s) in sums.iter_mut().enumerate() {
+                let w = &rows[c * k..][..4 * groups];
+                *s = [0; 4];
+                for (x, w) in patch[..8 * groups].chunks_exact(8).zip(w.chunks_exact(4)) {
+                    let w = u32::from_le_bytes([w[0] as u8, w[1] as u8, w[2] as u8, w[3] as u8]);
+                    let (wa, wb) = (sxtb16(w), sxtb16_ror8(w));
+                    for q in 0..4 {
+                        s[q] = smlad(x[4 + q], wb, smlad(x[q], wa, s[q]));
+                    }
+                }
+            }
+        }
+
+        /// The full-range output stage of four pixels (see the `asm!` version).
+        pub fn store_four(
+            out: &mut [i8],
+            stride: usize,
+            sums: &[[i32; 4]],
+            channels: &[super::super::Channel],
+        ) {
+            assert!(stride >= channels.len(), "pixels overlap");
+            for (j, (s, ch)) in sums.iter().zip(channels).enumerate() {
+                for (q, &a) in s.iter().enumerate() {
+                    out[q * stride + j] = ch.saturated(a) as i8;
+                }
+            }
+        }
+
         /// Pixels expanded into the strip layout (see the `asm!` version).
         pub fn expand_row(src: &[i8], c: usize, pair: u32, dst: &mut [u32]) {
             for (i, d) in dst.chunks_exact_mut(2).enumerate() {
@@ -784,8 +1058,8 @@ mod dsp {
 }
 
 use dsp::{
-    asr, block_2x2, conv_rows, dw_row3x3, expand_row, row3, smlabb, smlad, smlatt, smmulr, ssat8,
-    sxtab16, sxtab16_ror8, sxtb16, sxtb16_ror8, Window3x3,
+    asr, block_2x2, conv_rows, conv_rows4, dw_row3x3, expand_col, expand_row, row3, smlabb, smlad,
+    smlatt, smmulr, ssat8, sxtab16, sxtab16_ror8, sxtb16, sxtb16_ror8, Window3x3,
 };
 
 /// The first four int8 of `b` as one little-endian word: one unaligned LDR on ARMv7-M (which
@@ -1115,102 +1389,127 @@ impl OutputStage {
     }
 }
 
-/// Word index and bit shift of patch element `k` of column `col` (0 or 1) in the two-column
-/// buffer: element group `k / 4` owns words `4 * (k / 4) ..+ 4` = `[A col0, A col1, B col0,
-/// B col1]`, with `A = [v0, v2]`, `B = [v1, v3]` (low half first).
+/// Word index and bit shift of patch element `k` of column `col` in a patch of `COLS` (2 or 4)
+/// columns: element group `k / 4` owns words `2 COLS (k / 4) ..+ 2 COLS` = `[A col0 .. A
+/// col(COLS-1), B col0 .. B col(COLS-1)]`, with `A = [v0, v2]`, `B = [v1, v3]` (low half
+/// first).
 #[inline(always)]
-fn slot(k: usize, col: usize) -> (usize, u32) {
-    (4 * (k / 4) + 2 * (k & 1) + col, 16 * ((k >> 1) & 1) as u32)
+fn slot<const COLS: usize>(k: usize, col: usize) -> (usize, u32) {
+    (
+        2 * COLS * (k / 4) + COLS * (k & 1) + col,
+        16 * ((k >> 1) & 1) as u32,
+    )
 }
 
 /// Writes the int16 `v` into patch element `k` of column `col`.
 #[inline(always)]
-fn put(buf: &mut [u32], k: usize, col: usize, v: i32) {
-    let (w, s) = slot(k, col);
+fn put<const COLS: usize>(buf: &mut [u32], k: usize, col: usize, v: i32) {
+    let (w, s) = slot::<COLS>(k, col);
     buf[w] = (buf[w] & !(0xffff << s)) | ((v as u16 as u32) << s);
 }
 
 /// Reads patch element `k` of column `col`.
 #[inline(always)]
-fn get(buf: &[u32], k: usize, col: usize) -> i32 {
-    let (w, s) = slot(k, col);
+fn get<const COLS: usize>(buf: &[u32], k: usize, col: usize) -> i32 {
+    let (w, s) = slot::<COLS>(k, col);
     i32::from((buf[w] >> s) as u16 as i16)
 }
 
 /// Fills column `col` of `buf` with the receptive field of flattened output pixel `p`, in the
-/// filter's `(fy, fx, c)` order, as `x - input_zero_point` (0 for padding taps).
+/// filter's `(fy, fx, c)` order, as `x - input_zero_point` (0 for padding taps). `pad` is the
+/// input zero point as an int8 (a padding tap's value), `pair` the offset in both halves.
+///
+/// Filter rows are runs: padding taps left and right, and the in-image taps, which are one
+/// contiguous run of the input when there is no dilation (else one run per tap). With a channel
+/// count that is a multiple of 4, every run is whole element groups and goes straight into the
+/// patch ([`expand_col`]; padding as zero words); otherwise (first layers: 1 or 3 channels) the
+/// field is first gathered as bytes in `stage` (padding as `pad`) and expanded at the end, its
+/// last `k % 4` elements one by one.
 #[allow(clippy::too_many_arguments)]
-fn fill_column(g: &ConvGeometry, input: &[i8], off: i32, p: usize, col: usize, buf: &mut [u32]) {
+fn fill_column<const COLS: usize>(
+    g: &ConvGeometry,
+    input: &[i8],
+    pad: i8,
+    pair: u32,
+    p: usize,
+    col: usize,
+    buf: &mut [u32],
+    stage: &mut [i8],
+) {
     let fic = g.filter_in_c;
+    let k = g.filter_h * g.filter_w * fic;
+    let direct = fic.is_multiple_of(4);
+    if direct && pointwise(g) {
+        // Pixel p's field is its input pixel, whole.
+        return expand_col::<COLS>(&input[p * fic..][..fic], fic / 4, pair, &mut buf[col..]);
+    }
     let px_per_image = g.out_h * g.out_w;
     let (b, rest) = (p / px_per_image, p % px_per_image);
     let (oy, ox) = (rest / g.out_w, rest % g.out_w);
     let in_y0 = (oy * g.stride_h) as isize - g.pad_top as isize;
     let in_x0 = (ox * g.stride_w) as isize - g.pad_left as isize;
-    let pair = offset_pair(off);
-    let mut k0 = 0;
-    // Staging of the generic path: `staged` elements of the group starting at element `group`.
-    let (mut stage, mut staged, mut group) = ([0i32; 4], 0usize, 0usize);
-    for fy in 0..g.filter_h {
-        let iy = in_y0 + (g.dilation_h * fy) as isize;
-        for fx in 0..g.filter_w {
-            let ix = in_x0 + (g.dilation_w * fx) as isize;
-            let inside = iy >= 0 && (iy as usize) < g.in_h && ix >= 0 && (ix as usize) < g.in_w;
-            let x = if inside {
-                let at = ((b * g.in_h + iy as usize) * g.in_w + ix as usize) * g.in_c;
-                Some(&input[at..][..fic])
-            } else {
-                None
-            };
-            if fic.is_multiple_of(4) {
-                // k0 is a multiple of 4: whole element groups, words k0 .. k0 + fic.
-                let dst = buf[k0..k0 + fic].chunks_exact_mut(4);
-                match x {
-                    Some(x) => {
-                        for (d, x4) in dst.zip(x.chunks_exact(4)) {
-                            let w = word(x4);
-                            d[col] = sxtab16(pair, w);
-                            d[2 + col] = sxtab16_ror8(pair, w);
-                        }
-                    }
-                    None => {
-                        for d in dst {
-                            d[col] = 0;
-                            d[2 + col] = 0;
-                        }
-                    }
-                }
-            } else {
-                // Channel counts that are not a multiple of 4 (first layers: 1 or 3): elements
-                // are staged 4 at a time and stored as their two packed words.
-                let mut emit = |v: i32| {
-                    stage[staged] = v;
-                    staged += 1;
-                    if staged == 4 {
-                        buf[group + col] = pack(stage[0], stage[2]);
-                        buf[group + 2 + col] = pack(stage[1], stage[3]);
-                        group += 4;
-                        staged = 0;
-                    }
-                };
-                match x {
-                    Some(x) => x.iter().for_each(|&v| emit(i32::from(v) + off)),
-                    None => (0..fic).for_each(|_| emit(0)),
-                }
+    let (fx0, fx1) = tap_range(in_x0, g.dilation_w, g.filter_w, g.in_w);
+    // Elements `k0 .. k0 + n` of the field: padding, or the values of `src`.
+    let padding = |buf: &mut [u32], stage: &mut [i8], k0: usize, n: usize| {
+        if direct {
+            let (w0, w1) = (COLS * k0 / 2, COLS * (k0 + n) / 2);
+            for d in buf[w0..w1].chunks_exact_mut(2 * COLS) {
+                d[col] = 0;
+                d[COLS + col] = 0;
             }
-            k0 += fic;
+        } else {
+            stage[k0..k0 + n].fill(pad);
         }
+    };
+    let run = |buf: &mut [u32], stage: &mut [i8], k0: usize, src: &[i8]| {
+        if direct {
+            expand_col::<COLS>(src, src.len() / 4, pair, &mut buf[COLS * k0 / 2 + col..]);
+        } else {
+            stage[k0..k0 + src.len()].copy_from_slice(src);
+        }
+    };
+    let row_len = g.filter_w * fic;
+    for fy in 0..g.filter_h {
+        let k0 = fy * row_len;
+        let iy = in_y0 + (g.dilation_h * fy) as isize;
+        if iy < 0 || iy as usize >= g.in_h || fx1 == fx0 {
+            padding(buf, stage, k0, row_len);
+            continue;
+        }
+        let row = (b * g.in_h + iy as usize) * g.in_w;
+        let ix = |fx: usize| (in_x0 + (g.dilation_w * fx) as isize) as usize;
+        padding(buf, stage, k0, fx0 * fic);
+        if g.dilation_w == 1 {
+            let src = &input[(row + ix(fx0)) * g.in_c..][..(fx1 - fx0) * fic];
+            run(buf, stage, k0 + fx0 * fic, src);
+        } else {
+            for fx in fx0..fx1 {
+                let src = &input[(row + ix(fx)) * g.in_c..][..fic];
+                run(buf, stage, k0 + fx * fic, src);
+            }
+        }
+        padding(buf, stage, k0 + fx1 * fic, (g.filter_w - fx1) * fic);
     }
-    // The last, partial group (patch length not a multiple of 4): element by element.
-    for (j, &v) in stage[..staged].iter().enumerate() {
-        put(buf, group + j, col, v);
+    if !direct {
+        let whole = 4 * (k / 4);
+        expand_col::<COLS>(stage, whole / 4, pair, &mut buf[col..]);
+        let off = -i32::from(pad);
+        for (t, &v) in stage[whole..k].iter().enumerate() {
+            put::<COLS>(buf, whole + t, col, i32::from(v) + off);
+        }
     }
 }
 
-/// Two int16 values as one word, `lo` in the low half.
-#[inline(always)]
-fn pack(lo: i32, hi: i32) -> u32 {
-    (lo as u32 & 0xffff) | ((hi as u32) << 16)
+/// True for a 1x1 conv with stride 1 and no padding: output pixel `p` reads input pixel `p`.
+fn pointwise(g: &ConvGeometry) -> bool {
+    g.filter_h == 1
+        && g.filter_w == 1
+        && g.stride_h == 1
+        && g.stride_w == 1
+        && g.pad_top == 0
+        && g.pad_left == 0
+        && g.in_h == g.out_h
+        && g.in_w == g.out_w
 }
 
 /// int8 CONV_2D, Cortex-M DSP body: bit-exact with [`conv::conv2d_i8_portable`].
@@ -1238,18 +1537,161 @@ pub fn conv2d_i8(
         stride: 1,
         input_zero_point: q.input_zero_point,
     };
-    let off = match input_offset(q.input_zero_point) {
-        Some(off) if g.filter_in_c == g.in_c && k <= MAX_PATCH && k > 0 && g.out_c > 0 => off,
+    // Padding taps hold the zero point as an int8 (true of every int8 tensor).
+    let pad = match i8::try_from(q.input_zero_point) {
+        Ok(pad) if g.filter_in_c == g.in_c && k <= MAX_PATCH && k > 0 && g.out_c > 0 => pad,
         _ => return conv::conv2d_i8_portable(g, q, input, filter, bias, output),
     };
+    let pair = offset_pair(-i32::from(pad));
     debug_assert_eq!(filter.len(), g.out_c * k);
     debug_assert_eq!(output.len(), g.batch * g.out_h * g.out_w * g.out_c);
+    let cx = ConvCall {
+        g,
+        q,
+        input,
+        filter,
+        bias,
+        pad,
+        pair,
+        weights: w,
+    };
+    if 2 * k <= MAX_PATCH {
+        conv_by_four(&cx, output)
+    } else {
+        conv_by_two(&cx, output)
+    }
+}
+
+/// One CONV_2D call's operands, checked by [`conv2d_i8`]: `pad` is the input zero point as an
+/// int8, `pair` the offset `-pad` in both int16 halves.
+struct ConvCall<'a> {
+    g: &'a ConvGeometry,
+    q: &'a QuantizedOutput<'a>,
+    input: &'a [i8],
+    filter: &'a [i8],
+    bias: Option<&'a [i32]>,
+    pad: i8,
+    pair: u32,
+    weights: Weights<'a>,
+}
+
+impl ConvCall<'_> {
+    /// The portable body over the whole output (after a channel that does not fit the fast
+    /// output stage; it rewrites every output).
+    fn portable(&self, output: &mut [i8]) {
+        let ConvCall {
+            g,
+            q,
+            input,
+            filter,
+            bias,
+            ..
+        } = *self;
+        conv::conv2d_i8_portable(g, q, input, filter, bias, output);
+    }
+}
+
+/// CONV_2D with output pixels in fours (patches of at most `MAX_PATCH / 2` elements: the four
+/// columns take two words per element): per chunk of [`CHANNELS`] output channels and per four
+/// pixels, the four receptive fields are packed into the stack patch, [`conv_rows4`] sums every
+/// channel against them (16 instructions per 16 MACs), the patch tail (fewer than 4 elements) is
+/// summed one by one and [`store_four`] (full-range clamp) or [`OutputStage::store_each`]
+/// requantizes. A last group of fewer than 4 pixels leaves stale columns, whose sums are unused.
+/// [`store_four`]: dsp::store_four
+#[inline(never)]
+fn conv_by_four(cx: &ConvCall<'_>, output: &mut [i8]) {
+    let ConvCall {
+        g,
+        q,
+        input,
+        filter,
+        bias,
+        pad,
+        pair,
+        ..
+    } = *cx;
+    let k = g.filter_h * g.filter_w * g.filter_in_c;
     let pixels = g.batch * g.out_h * g.out_w;
     let out_c = g.out_c;
     let whole = 4 * (k / 4);
     let stage = OutputStage::new(q);
-    // The patch (two columns) and, after it, `conv_rows`'s 5 words of loop state.
+    // The patch (four columns: 8 words per element group, the tail's group included) and, after
+    // the whole groups, `conv_rows4`'s 4 words of loop state; the byte staging of one receptive
+    // field whose channel count is not a multiple of 4.
+    let mut buf = [0u32; MAX_PATCH + 8];
+    let mut field = [0i8; MAX_PATCH / 2];
+    let mut channels = [Channel::default(); CHANNELS];
+    let mut sums = [[0i32; 4]; CHANNELS];
+    let mut oc_lo = 0;
+    while oc_lo < out_c {
+        let n = core::cmp::min(CHANNELS, out_c - oc_lo);
+        let channels = &mut channels[..n];
+        if !Channel::fill(channels, oc_lo, bias, q, &cx.weights) {
+            return cx.portable(output);
+        }
+        let rows = &filter[oc_lo * k..(oc_lo + n) * k];
+        let sums = &mut sums[..n];
+        let mut p = 0;
+        while p < pixels {
+            let m = core::cmp::min(4, pixels - p);
+            for col in 0..m {
+                fill_column::<4>(g, input, pad, pair, p + col, col, &mut buf, &mut field);
+            }
+            // The packed words of a patch tail (fewer than 4 elements), which `conv_rows4`'s
+            // state overwrites.
+            let mut tail_words = [0u32; 8];
+            tail_words.copy_from_slice(&buf[2 * whole..2 * whole + 8]);
+            conv_rows4(&mut buf, k / 4, rows, k, sums);
+            if whole < k {
+                for (s, row) in sums.iter_mut().zip(rows.chunks_exact(k)) {
+                    for (t, &v) in row[whole..].iter().enumerate() {
+                        let v = i32::from(v);
+                        for (col, a) in s.iter_mut().enumerate() {
+                            *a = a.wrapping_add(get::<4>(&tail_words, t, col) * v);
+                        }
+                    }
+                }
+            }
+            let base = p * out_c + oc_lo;
+            if m == 4 && !stage.narrow {
+                dsp::store_four(&mut output[base..][..3 * out_c + n], out_c, sums, channels);
+            } else {
+                for col in 0..m {
+                    let each = sums.iter().map(|s| s[col]);
+                    stage.store_each(&mut output[base + col * out_c..][..n], each, channels);
+                }
+            }
+            p += 4;
+        }
+        oc_lo += n;
+    }
+}
+
+/// CONV_2D with output pixels in pairs (patches of up to [`MAX_PATCH`] elements: two words per
+/// element group and column): per chunk of [`CHANNELS`] output channels and per two pixels,
+/// [`conv_rows`] sums every pair of channels against the two packed fields (a 2x2 block: 19
+/// instructions per 16 MACs); an odd last channel runs the block with itself as the partner.
+#[inline(never)]
+fn conv_by_two(cx: &ConvCall<'_>, output: &mut [i8]) {
+    let ConvCall {
+        g,
+        q,
+        input,
+        filter,
+        bias,
+        pad,
+        pair,
+        ..
+    } = *cx;
+    let k = g.filter_h * g.filter_w * g.filter_in_c;
+    let pixels = g.batch * g.out_h * g.out_w;
+    let out_c = g.out_c;
+    let whole = 4 * (k / 4);
+    let stage = OutputStage::new(q);
+    // The patch (two columns) and, after it, `conv_rows`'s 5 words of loop state; the byte
+    // staging of one receptive field whose channel count is not a multiple of 4.
     let mut buf = [0u32; MAX_PATCH + 5];
+    let mut field = [0i8; MAX_PATCH];
     let mut channels = [Channel::default(); CHANNELS];
     // Raw sums of a chunk's channels, `[col0, col1]` each (`conv_rows` writes them per pair of
     // channels as `[ch0 col0, ch0 col1, ch1 col0, ch1 col1]`, the same bytes).
@@ -1260,18 +1702,17 @@ pub fn conv2d_i8(
     while oc_lo < out_c {
         let n = core::cmp::min(CHANNELS, out_c - oc_lo);
         let channels = &mut channels[..n];
-        if !Channel::fill(channels, oc_lo, bias, q, &w) {
-            // Outputs written so far are rewritten, all of them, by the portable body.
-            return conv::conv2d_i8_portable(g, q, input, filter, bias, output);
+        if !Channel::fill(channels, oc_lo, bias, q, &cx.weights) {
+            return cx.portable(output);
         }
         let rows = &filter[oc_lo * k..(oc_lo + n) * k];
         let pairs = n / 2;
         let mut p = 0;
         while p < pixels {
             let two = p + 1 < pixels;
-            fill_column(g, input, off, p, 0, &mut buf);
+            fill_column::<2>(g, input, pad, pair, p, 0, &mut buf, &mut field);
             if two {
-                fill_column(g, input, off, p + 1, 1, &mut buf);
+                fill_column::<2>(g, input, pad, pair, p + 1, 1, &mut buf, &mut field);
             }
             // The packed words of a patch tail (fewer than 4 elements), which `conv_rows`'s
             // state overwrites.
@@ -1289,8 +1730,8 @@ pub fn conv2d_i8(
                 for (s, row) in sums[..n].iter_mut().zip(rows.chunks_exact(k)) {
                     for (t, &v) in row[whole..].iter().enumerate() {
                         let v = i32::from(v);
-                        s[0] = s[0].wrapping_add(get(&tail_words, t, 0) * v);
-                        s[1] = s[1].wrapping_add(get(&tail_words, t, 1) * v);
+                        s[0] = s[0].wrapping_add(get::<2>(&tail_words, t, 0) * v);
+                        s[1] = s[1].wrapping_add(get::<2>(&tail_words, t, 1) * v);
                     }
                 }
             }
