@@ -420,6 +420,64 @@ mod dsp {
             }
         }
 
+        /// The full-range output stage of one channel over a row of depthwise windows:
+        /// `out[p * stride] = saturated(ch, sums[p][lane])` for `p < sums.len()`, the channel's
+        /// 5 words loaded once (LDM), 10 instructions per output byte.
+        #[inline(always)]
+        pub fn store_lane(
+            out: &mut [i8],
+            stride: usize,
+            sums: &[[i32; 4]],
+            lane: usize,
+            ch: &super::super::Channel,
+        ) {
+            let n = sums.len();
+            if n == 0 {
+                return;
+            }
+            // The accesses below: out[(p * stride)] for p < n, sums[..n][lane] (panics here,
+            // before any, if out is shorter or the lane is not one of 4).
+            let _ = (&out[(n - 1) * stride], &sums[n - 1][lane]);
+            let first = sums[0][lane..].as_ptr();
+            let end = first.wrapping_add(4 * n);
+            // SAFETY: per window p (`s` advances 16 bytes per pass from `&sums[0][lane]` to
+            // `end`, n >= 1 passes; `o` by `stride` from `out.as_mut_ptr()`): reads sums[p][lane]
+            // and writes out[p * stride], inside the slices checked above; reads the channel's
+            // 5 words (`Channel` is `repr(C)`, word-aligned). Registers: r0-r3 and r8 (the
+            // channel), the pointers (discarded), two scratch registers; flags clobbered (CMP,
+            // Q). No stack.
+            unsafe {
+                asm!(
+                    "ldm    {ch}, {{r0, r1, r2, r3, r8}}",
+                    "2:",
+                    "ldr    {v}, [{s}], #16",
+                    "mla    {v}, {v}, r0, r1",
+                    "smmulr {v}, {v}, r2",
+                    "add    {t}, r3, {v}, lsl #1",
+                    "add    {v}, {t}, {v}, asr #31",
+                    "asr    {v}, {v}, r8",
+                    "ssat   {v}, #8, {v}",
+                    "strb   {v}, [{o}]",
+                    "add    {o}, {o}, {st}",
+                    "cmp    {s}, {end}",
+                    "bne    2b",
+                    ch = in(reg) ch as *const super::super::Channel,
+                    s = inout(reg) first => _,
+                    o = inout(reg) out.as_mut_ptr() => _,
+                    st = in(reg) stride,
+                    end = in(reg) end,
+                    v = out(reg) _,
+                    t = out(reg) _,
+                    out("r0") _,
+                    out("r1") _,
+                    out("r2") _,
+                    out("r3") _,
+                    out("r8") _,
+                    options(nostack),
+                );
+            }
+        }
+
         /// Three depthwise taps of one filter row for 4 channels: `acc[j] += (x[t * step + j] +
         /// off) * w[t * step + j]` for taps `t` in 0..3 and channels `j` in 0..4, `pair` =
         /// `off` in both halves. `x` and `w` start at the first tap's 4 channels; `step` (the
@@ -945,6 +1003,19 @@ mod dsp {
                         s[q] = smlad(x[4 + q], wb, smlad(x[q], wa, s[q]));
                     }
                 }
+            }
+        }
+
+        /// The full-range output stage of one channel over a row (see the `asm!` version).
+        pub fn store_lane(
+            out: &mut [i8],
+            stride: usize,
+            sums: &[[i32; 4]],
+            lane: usize,
+            ch: &super::super::Channel,
+        ) {
+            for (p, s) in sums.iter().enumerate() {
+                out[p * stride] = ch.saturated(s[lane]) as i8;
             }
         }
 
@@ -1949,15 +2020,13 @@ fn depthwise_3x3(
                             let out_row = ((b * g.out_h + oy) * g.out_w + ox0) * c + c0;
                             let out = &mut output[out_row..][..(sums.len() - 1) * c + 4];
                             for (k, ch) in ch.iter().enumerate() {
-                                let each = out[k..].iter_mut().step_by(c).zip(sums.iter());
                                 if stage.narrow {
+                                    let each = out[k..].iter_mut().step_by(c).zip(sums.iter());
                                     for (o, s) in each {
                                         *o = stage.clamp(ch.saturated(s[k]));
                                     }
                                 } else {
-                                    for (o, s) in each {
-                                        *o = ch.saturated(s[k]) as i8;
-                                    }
+                                    dsp::store_lane(&mut out[k..], c, sums, k, ch);
                                 }
                             }
                         }
