@@ -631,6 +631,70 @@ mod dsp {
             }
         }
 
+        /// One element group of [`conv_rows4`]'s inner loop: the weight word's two SXTB16
+        /// halves against the A and B words of the four columns.
+        macro_rules! rows4_group {
+            () => {
+                concat!(
+                    "ldr    {u}, [{w}]\n",
+                    "sxtb16 {u}, {u}\n",
+                    "ldm    {x}!, {{r4, r5, r8, r9}}\n",
+                    "smlad  r0, r4, {u}, r0\n",
+                    "smlad  r1, r5, {u}, r1\n",
+                    "smlad  r2, r8, {u}, r2\n",
+                    "smlad  r3, r9, {u}, r3\n",
+                    "ldr    {u}, [{w}], #4\n",
+                    "sxtb16 {u}, {u}, ror #8\n",
+                    "ldm    {x}!, {{r4, r5, r8, r9}}\n",
+                    "smlad  r0, r4, {u}, r0\n",
+                    "smlad  r1, r5, {u}, r1\n",
+                    "smlad  r2, r8, {u}, r2\n",
+                    "smlad  r3, r9, {u}, r3\n",
+                )
+            };
+        }
+
+        /// [`conv_rows4`]'s loop over channels with `$group` (one or two element groups) as
+        /// the inner loop's body.
+        macro_rules! rows4_asm {
+            ($body:expr, $rows:expr, $end:expr, $($group:expr),+) => {
+                asm!(
+                    "3:",
+                    "movs   r0, #0",
+                    "movs   r1, #0",
+                    "movs   r2, #0",
+                    "movs   r3, #0",
+                    "2:",
+                    $($group,)+
+                    "cmp    {x}, {end}",
+                    "bne    2b",
+                    "ldrd   r4, r5, [{end}, #8]",
+                    "stmia  r4!, {{r0, r1, r2, r3}}",
+                    "str    r4, [{end}, #8]",
+                    "cmp    r4, r5",
+                    "beq    4f",
+                    "ldrd   r4, r5, [{end}]",
+                    "sub    {x}, {end}, r4",
+                    "add    {w}, {w}, r5",
+                    "b      3b",
+                    "4:",
+                    x = inout(reg) $body.as_ptr() => _,
+                    w = inout(reg) $rows.as_ptr() => _,
+                    end = in(reg) $end,
+                    u = out(reg) _,
+                    out("r0") _,
+                    out("r1") _,
+                    out("r2") _,
+                    out("r3") _,
+                    out("r4") _,
+                    out("r5") _,
+                    out("r8") _,
+                    out("r9") _,
+                    options(nostack),
+                )
+            };
+        }
+
         /// One output channel against a packed four-pixel patch, for every channel of `rows`
         /// in one loop: for channel `c` in `0..sums.len()`, `sums[c] = [w . col0, w . col1,
         /// w . col2, w . col3]` over the patch's `groups` element groups (`[A col0..col3, B
@@ -671,55 +735,14 @@ mod dsp {
             // (inside `patch`) and writes 16 bytes per channel to `sums[c]` through the cursor
             // (STM of r0-r3 in register order), stopping at the sums' end (n >= 1). Registers:
             // r0-r5, r8, r9 (sums, patch words), the pointers (discarded), one scratch
-            // register; flags clobbered (CMP, Q). No stack.
+            // register; flags clobbered (CMP, Q). No stack. The two loops differ only in how many
+            // groups one pass of the inner loop sums (two when their count is even).
             unsafe {
-                asm!(
-                    "3:",
-                    "movs   r0, #0",
-                    "movs   r1, #0",
-                    "movs   r2, #0",
-                    "movs   r3, #0",
-                    "2:",
-                    "ldr    {u}, [{w}]",
-                    "sxtb16 {u}, {u}",
-                    "ldm    {x}!, {{r4, r5, r8, r9}}",
-                    "smlad  r0, r4, {u}, r0",
-                    "smlad  r1, r5, {u}, r1",
-                    "smlad  r2, r8, {u}, r2",
-                    "smlad  r3, r9, {u}, r3",
-                    "ldr    {u}, [{w}], #4",
-                    "sxtb16 {u}, {u}, ror #8",
-                    "ldm    {x}!, {{r4, r5, r8, r9}}",
-                    "smlad  r0, r4, {u}, r0",
-                    "smlad  r1, r5, {u}, r1",
-                    "smlad  r2, r8, {u}, r2",
-                    "smlad  r3, r9, {u}, r3",
-                    "cmp    {x}, {end}",
-                    "bne    2b",
-                    "ldrd   r4, r5, [{end}, #8]",
-                    "stmia  r4!, {{r0, r1, r2, r3}}",
-                    "str    r4, [{end}, #8]",
-                    "cmp    r4, r5",
-                    "beq    4f",
-                    "ldrd   r4, r5, [{end}]",
-                    "sub    {x}, {end}, r4",
-                    "add    {w}, {w}, r5",
-                    "b      3b",
-                    "4:",
-                    x = inout(reg) body.as_ptr() => _,
-                    w = inout(reg) rows.as_ptr() => _,
-                    end = in(reg) end,
-                    u = out(reg) _,
-                    out("r0") _,
-                    out("r1") _,
-                    out("r2") _,
-                    out("r3") _,
-                    out("r4") _,
-                    out("r5") _,
-                    out("r8") _,
-                    out("r9") _,
-                    options(nostack),
-                );
+                if groups.is_multiple_of(2) {
+                    rows4_asm!(body, rows, end, rows4_group!(), rows4_group!());
+                } else {
+                    rows4_asm!(body, rows, end, rows4_group!());
+                }
             }
         }
 
