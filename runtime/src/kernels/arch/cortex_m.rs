@@ -1335,6 +1335,24 @@ impl Channel {
     /// The channel for bias `b`, requantization `r` and output zero point `zp` when the bounds of
     /// the type's doc hold for accumulators up to `max_acc` in magnitude.
     fn scaled(b: i32, r: Requant, zp: i32, max_acc: i64) -> Option<Self> {
+        // The usual case in 32-bit arithmetic: no left shift, `|bias| + max_acc < 2^29`, a
+        // right shift of at most 21 and an int8 zero point, for which `2x + 2^r + |zp| 2^(r+1)
+        // < 2^30 + 2^21 * 257 < 2^31`.
+        let right = r.shift.wrapping_neg() as u32;
+        if r.multiplier != i32::MIN
+            && (0..=21).contains(&right)
+            && (-128..=127).contains(&zp)
+            && max_acc < 1 << 29
+            && b.unsigned_abs() < (1 << 29) - max_acc as u32
+        {
+            return Some(Channel {
+                scale: 2,
+                bias: 2 * b,
+                multiplier: r.multiplier,
+                round: (1 << right) + (zp << (right + 1)),
+                shift: right + 1,
+            });
+        }
         if r.multiplier == i32::MIN || !(-31..=30).contains(&r.shift) {
             return None;
         }
@@ -1974,6 +1992,7 @@ fn depthwise_3x3(
     let cols = (tile_w.max(1) - 1) * g.stride_w + 3;
     let tile_h = (STRIP_WORDS / (2 * cols) - 3) / g.stride_h + 1;
     let row_words = 2 * cols;
+    let one_tile = tile_w == g.out_w;
     let mut channels = [Channel::default(); DW_CHANNELS];
     let mut windows = [Window3x3::default(); DW_CHANNELS / 4];
     let mut strip = [0u32; STRIP_WORDS];
@@ -2024,10 +2043,10 @@ fn depthwise_3x3(
                                 row.fill(0);
                                 continue;
                             }
-                            if lo > 0 {
+                            // Padding columns: zero from the strip's start when the output
+                            // is one column tile (no expansion ever writes them then).
+                            if !one_tile {
                                 row[..2 * lo].fill(0);
-                            }
-                            if hi < used {
                                 row[2 * hi..].fill(0);
                             }
                             if hi > lo {
