@@ -1577,7 +1577,7 @@ fn fill_column<const COLS: usize>(
         if direct {
             expand_col::<COLS>(src, src.len() / 4, pair, &mut buf[COLS * k0 / 2 + col..]);
         } else {
-            stage[k0..k0 + src.len()].copy_from_slice(src);
+            copy_short(&mut stage[k0..k0 + src.len()], src);
         }
     };
     let row_len = g.filter_w * fic;
@@ -1609,6 +1609,20 @@ fn fill_column<const COLS: usize>(
         for (t, &v) in stage[whole..k].iter().enumerate() {
             put::<COLS>(buf, whole + t, col, i32::from(v) + off);
         }
+    }
+}
+
+/// `dst.copy_from_slice(src)` for the few bytes of one filter row of a first layer (3x3x3 rows
+/// are 9, 10x4x1 rows 4): word moves and a byte tail.
+#[inline(always)]
+fn copy_short(dst: &mut [i8], src: &[i8]) {
+    let mut d = dst.chunks_exact_mut(4);
+    let mut s = src.chunks_exact(4);
+    for (d, s) in (&mut d).zip(&mut s) {
+        d.copy_from_slice(s);
+    }
+    for (d, &s) in d.into_remainder().iter_mut().zip(s.remainder()) {
+        *d = s;
     }
 }
 
