@@ -121,6 +121,49 @@ fn window_reduce<T: Copy, Acc>(
     }
 }
 
+/// `acc[j] = sum of channel c0 + j over the cells of w` (int8 sums, exact). On a Cortex-M with
+/// the DSP extension, channels in groups of 4 go through [`window_sum4_dsp`].
+#[inline(always)]
+fn window_sum_i8(g: &PoolGeometry, input: &[i8], w: Window, c0: usize, acc: &mut [i32]) {
+    #[cfg(kiln_dsp_kernels)]
+    if window_sum4_dsp(g, input, w, c0, acc) {
+        return;
+    }
+    window_reduce(g, input, w, c0, acc, |a, x| {
+        *a = a.wrapping_add(i32::from(x))
+    });
+}
+
+/// The int8 window sums with the Cortex-M DSP primitives (emulated elsewhere, for the tests):
+/// per 4 channels, two packed int16 accumulators summed by SXTAB16 over the window's cells (3
+/// instructions per 4 values), exact while a window has at most 255 cells (`255 * 128 <
+/// 2^15`). False, having written nothing, for other windows or channel counts.
+#[cfg_attr(not(kiln_dsp_kernels), allow(dead_code))]
+fn window_sum4_dsp(g: &PoolGeometry, input: &[i8], w: Window, c0: usize, acc: &mut [i32]) -> bool {
+    use super::arch::cortex_m::{sxtab16, sxtab16_ror8, word};
+    if !acc.len().is_multiple_of(4) || w.count() > 255 {
+        return false;
+    }
+    let c = g.channels;
+    for (j, a) in acc.chunks_exact_mut(4).enumerate() {
+        let (mut even, mut odd) = (0u32, 0u32);
+        for iy in w.rows.0..w.rows.1 {
+            let mut at = ((w.b * g.in_h + iy) * g.in_w + w.cols.0) * c + c0 + 4 * j;
+            for _ in w.cols.0..w.cols.1 {
+                let v = word(&input[at..]);
+                even = sxtab16(even, v);
+                odd = sxtab16_ror8(odd, v);
+                at += c;
+            }
+        }
+        a[0] = i32::from(even as i16);
+        a[1] = i32::from(odd as i16);
+        a[2] = i32::from((even >> 16) as i16);
+        a[3] = i32::from((odd >> 16) as i16);
+    }
+    true
+}
+
 /// int8 AVERAGE_POOL_2D (TFLM reference arithmetic, bit-exact): the sum of the in-image window
 /// cells divided by their count, rounded to nearest with ties away from zero, then clamped.
 /// Input and output share one scale and zero point, so no requantization happens.
@@ -137,9 +180,7 @@ pub fn average_pool_i8(g: &PoolGeometry, clamp: ClampI8, input: &[i8], output: &
             let n = core::cmp::min(CHUNK, g.channels - c0);
             let mut acc_buf = [0i32; CHUNK];
             let acc = &mut acc_buf[..n];
-            window_reduce(g, input, w, c0, acc, |a, x| {
-                *a = a.wrapping_add(i32::from(x))
-            });
+            window_sum_i8(g, input, w, c0, acc);
             let out = &mut output[out_base + c0..][..n];
             for (o, &a) in out.iter_mut().zip(acc.iter()) {
                 let avg = if count == 0 {
@@ -241,6 +282,31 @@ mod tests {
     use proptest::collection::vec;
     use proptest::prelude::*;
     use std::vec::Vec;
+
+    proptest! {
+        /// The Cortex-M window sums (emulated primitives here) equal the plain sums, for every
+        /// window they take (at most 255 cells, channels in fours).
+        #[test]
+        fn dsp_window_sums_are_exact(
+            (g, input) in (1usize..=16, 1usize..=20, 1usize..=6).prop_flat_map(|(h, w, groups)| {
+                let g = PoolGeometry {
+                    batch: 1, in_h: h, in_w: w, channels: 4 * groups, out_h: 1, out_w: 1,
+                    filter_h: h, filter_w: w, stride_h: 1, stride_w: 1, pad_top: 0, pad_left: 0,
+                };
+                (Just(g), vec(any::<i8>(), h * w * 4 * groups))
+            }),
+        ) {
+            let w = Window { b: 0, rows: (0, g.in_h), cols: (0, g.in_w) };
+            let mut want = std::vec![0i32; g.channels];
+            window_reduce(&g, &input, w, 0, &mut want, |a, x| *a += i32::from(x));
+            let mut got = std::vec![0i32; g.channels];
+            let took = window_sum4_dsp(&g, &input, w, 0, &mut got);
+            prop_assert_eq!(took, g.in_h * g.in_w <= 255);
+            if took {
+                prop_assert_eq!(got, want);
+            }
+        }
+    }
 
     fn geometry(max_channels: usize) -> impl Strategy<Value = PoolGeometry> {
         (1usize..=2, axis(1), axis(1), 1usize..=max_channels).prop_map(|(batch, h, w, channels)| {

@@ -1151,15 +1151,18 @@ mod dsp {
     }
 }
 
+/// SXTAB16 and its ROR #8 form (for other kernels' Cortex-M paths, e.g. the int8 pools).
+pub(crate) use dsp::{sxtab16, sxtab16_ror8};
+
 use dsp::{
     asr, block_2x2, conv_rows, conv_rows4, dw_row3x3, expand_col, expand_row, row3, smlabb, smlad,
-    smlatt, smmulr, ssat8, sxtab16, sxtab16_ror8, sxtb16, sxtb16_ror8, Window3x3,
+    smlatt, smmulr, ssat8, sxtb16, sxtb16_ror8, Window3x3,
 };
 
 /// The first four int8 of `b` as one little-endian word: one unaligned LDR on ARMv7-M (which
 /// allows unaligned word loads; LLVM does not merge four byte loads into one by itself).
 #[inline(always)]
-fn word(b: &[i8]) -> u32 {
+pub(crate) fn word(b: &[i8]) -> u32 {
     debug_assert!(b.len() >= 4, "word() needs 4 bytes");
     match b.first_chunk::<4>() {
         // SAFETY: `c` is 4 readable bytes; `read_unaligned` has no alignment requirement.
