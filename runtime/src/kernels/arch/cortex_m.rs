@@ -1769,7 +1769,9 @@ fn conv_by_four(cx: &ConvCall<'_>, output: &mut [i8]) {
             // The packed words of a patch tail (fewer than 4 elements), which `conv_rows4`'s
             // state overwrites.
             let mut tail_words = [0u32; 8];
-            tail_words.copy_from_slice(&buf[2 * whole..2 * whole + 8]);
+            if whole < k {
+                tail_words.copy_from_slice(&buf[2 * whole..2 * whole + 8]);
+            }
             conv_rows4(&mut buf, k / 4, rows, k, sums);
             if whole < k {
                 for (s, row) in sums.iter_mut().zip(rows.chunks_exact(k)) {
@@ -1846,7 +1848,9 @@ fn conv_by_two(cx: &ConvCall<'_>, output: &mut [i8]) {
             // The packed words of a patch tail (fewer than 4 elements), which `conv_rows`'s
             // state overwrites.
             let mut tail_words = [0u32; 4];
-            tail_words.copy_from_slice(&buf[whole..whole + 4]);
+            if whole < k {
+                tail_words.copy_from_slice(&buf[whole..whole + 4]);
+            }
             let paired: &mut [[i32; 4]] = bytemuck::cast_slice_mut(&mut sums[..2 * pairs]);
             conv_rows(&mut buf, k / 4, rows, k, paired);
             if pairs < n.div_ceil(2) {
