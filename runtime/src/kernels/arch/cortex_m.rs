@@ -1479,6 +1479,26 @@ impl OutputStage {
         }
     }
 
+    /// Depthwise outputs of 4 channels over consecutive pixels: `out[p * c + k] =
+    /// channels[k].apply(sums[p][k])` for `k < 4`, `p < sums.len()`.
+    #[inline(always)]
+    fn store_lanes(self, out: &mut [i8], c: usize, sums: &[[i32; 4]], channels: &[Channel]) {
+        let Some(last) = sums.len().checked_sub(1) else {
+            return;
+        };
+        let out = &mut out[..last * c + 4];
+        for (k, ch) in channels.iter().enumerate().take(4) {
+            if self.narrow {
+                let each = out[k..].iter_mut().step_by(c).zip(sums.iter());
+                for (o, s) in each {
+                    *o = self.clamp(ch.saturated(s[k]));
+                }
+            } else {
+                dsp::store_lane(&mut out[k..], c, sums, k, ch);
+            }
+        }
+    }
+
     /// `out[j]` from channel `j`'s sum, the `j`-th of `sums`.
     #[inline(always)]
     fn store_each(self, out: &mut [i8], sums: impl Iterator<Item = i32>, channels: &[Channel]) {
@@ -1983,8 +2003,9 @@ const STRIP_WORDS: usize = 512;
 /// Columns of one strip row at most (three rows of them always fit); wider outputs go in tiles.
 const STRIP_COLS: usize = 64;
 
-/// Output pixels of one strip row at most (stride 1): their raw sums, 16 bytes each.
-const STRIP_WINDOWS: usize = STRIP_COLS - 2;
+/// Output pixels whose raw sums are kept at once (16 bytes each): one strip row's at least
+/// (`STRIP_COLS - 2`), a whole tile's when the output is one column tile and they fit.
+const STRIP_WINDOWS: usize = 128;
 
 /// The 3x3 depthwise path (no dilation, `depth_multiplier == 1`, channels a multiple of 4):
 /// channels in chunks of [`DW_CHANNELS`] whose weights are packed and requantization decoded
@@ -2012,8 +2033,15 @@ fn depthwise_3x3(
     let tile_w = core::cmp::min(g.out_w, (STRIP_COLS - 3) / g.stride_w + 1);
     let cols = (tile_w.max(1) - 1) * g.stride_w + 3;
     let tile_h = (STRIP_WORDS / (2 * cols) - 3) / g.stride_h + 1;
-    let row_words = 2 * cols;
+    // One column tile: a tile's outputs are consecutive pixels, so its rows' sums are kept
+    // together and requantized at once (as many rows as the sums hold).
     let one_tile = tile_w == g.out_w;
+    let tile_h = if one_tile {
+        tile_h.min(STRIP_WINDOWS / tile_w).max(1)
+    } else {
+        tile_h
+    };
+    let row_words = 2 * cols;
     let mut channels = [Channel::default(); DW_CHANNELS];
     let mut windows = [Window3x3::default(); DW_CHANNELS / 4];
     let mut strip = [0u32; STRIP_WORDS];
@@ -2076,22 +2104,20 @@ fn depthwise_3x3(
                                 expand_row(&input[at..], c, pair, &mut row[2 * lo..2 * hi]);
                             }
                         }
+                        let tw = ox1 - ox0;
                         for oy in oy0..oy1 {
                             let first = (oy - oy0) * g.stride_h * row_words;
-                            let sums = &mut sums[..ox1 - ox0];
-                            dw_row3x3(&strip[first..], win, sums);
-                            let out_row = ((b * g.out_h + oy) * g.out_w + ox0) * c + c0;
-                            let out = &mut output[out_row..][..(sums.len() - 1) * c + 4];
-                            for (k, ch) in ch.iter().enumerate() {
-                                if stage.narrow {
-                                    let each = out[k..].iter_mut().step_by(c).zip(sums.iter());
-                                    for (o, s) in each {
-                                        *o = stage.clamp(ch.saturated(s[k]));
-                                    }
-                                } else {
-                                    dsp::store_lane(&mut out[k..], c, sums, k, ch);
-                                }
+                            let at = if one_tile { (oy - oy0) * tw } else { 0 };
+                            dw_row3x3(&strip[first..], win, &mut sums[at..at + tw]);
+                            if !one_tile {
+                                let out_row = ((b * g.out_h + oy) * g.out_w + ox0) * c + c0;
+                                stage.store_lanes(&mut output[out_row..], c, &sums[..tw], ch);
                             }
+                        }
+                        if one_tile {
+                            let out_tile = (b * g.out_h + oy0) * g.out_w * c + c0;
+                            let n = (oy1 - oy0) * tw;
+                            stage.store_lanes(&mut output[out_tile..], c, &sums[..n], ch);
                         }
                         ox0 = ox1;
                     }
@@ -2292,9 +2318,10 @@ mod tests {
             prop_assert_eq!(fast, want);
         }
 
-        /// 3x3 depthwise over rows wider than one strip tile (and narrow ones), both strides.
+        /// 3x3 depthwise over rows wider than one strip tile and narrow ones, over more rows than
+        /// one tile holds, both strides.
         #[test]
-        fn depthwise_3x3_strip_tiles_are_bit_exact(c in (1usize..=4, 1usize..=3, prop_oneof![1usize..=12, 120usize..=300], 1usize..=2, 0usize..=1)
+        fn depthwise_3x3_strip_tiles_are_bit_exact(c in (1usize..=4, prop_oneof![1usize..=3, 8usize..=14], prop_oneof![1usize..=12, 28usize..=60, 120usize..=300], 1usize..=2, 0usize..=1)
             .prop_flat_map(|(groups, h, w, stride, pad)| {
                 let out = |n: usize| (n + 2 * pad).saturating_sub(3) / stride + 1;
                 let g = ConvGeometry {
