@@ -107,7 +107,7 @@ unsafe fn xgetbv0() -> u64 {
 }
 
 /// `-zero_point` when every `v - zero_point` of an int8 `v` fits int16 exactly with room for
-/// [`VPMADDWD`]'s pair sums (`|v| <= 255` for every valid model).
+/// `VPMADDWD`'s pair sums (`|v| <= 255` for every valid model).
 fn offset16(zero_point: i32) -> Option<i16> {
     let off = -i64::from(zero_point);
     (-127..=128).contains(&off).then_some(off as i16)
