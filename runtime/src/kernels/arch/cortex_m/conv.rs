@@ -1,7 +1,7 @@
 //! CONV_2D: receptive fields packed into a stack patch, every channel summed against it in one
 //! `asm!` loop.
 
-use super::dsp::{self, block_2x2, conv_rows, conv_rows4, expand_col};
+use super::dsp::{self, block_2x2, conv_rows, conv_rows4, expand_col, smlad, sxtb16, sxtb16_ror8};
 use super::output::{Channel, OutputStage, Weights, CHANNELS};
 use super::{offset_pair, MAX_PATCH};
 use crate::kernels::conv::{self, tap_range, ConvGeometry, QuantizedOutput};
@@ -23,13 +23,6 @@ pub(super) fn slot<const COLS: usize>(k: usize, col: usize) -> (usize, u32) {
 pub(super) fn put<const COLS: usize>(buf: &mut [u32], k: usize, col: usize, v: i32) {
     let (w, s) = slot::<COLS>(k, col);
     buf[w] = (buf[w] & !(0xffff << s)) | ((v as u16 as u32) << s);
-}
-
-/// Reads patch element `k` of column `col`.
-#[inline(always)]
-pub(super) fn get<const COLS: usize>(buf: &[u32], k: usize, col: usize) -> i32 {
-    let (w, s) = slot::<COLS>(k, col);
-    i32::from((buf[w] >> s) as u16 as i16)
 }
 
 /// Fills column `col` of `buf` with the receptive field of flattened output pixel `p`, in the
@@ -129,6 +122,16 @@ pub(super) fn copy_short(dst: &mut [i8], src: &[i8]) {
     for (d, &s) in d.into_remainder().iter_mut().zip(s.remainder()) {
         *d = s;
     }
+}
+
+/// The last 1 to 3 weights of a filter row as a group's packed halves `(A, B)`, zeros for the
+/// missing elements: the patch's tail group holds stale halves there (loop state overwrites
+/// them), which a zero weight cancels exactly.
+#[inline(always)]
+fn tail_weights(tail: &[i8]) -> (u32, u32) {
+    let byte = |i: usize| tail.get(i).map_or(0, |&w| w as u8);
+    let w = u32::from_le_bytes([byte(0), byte(1), byte(2), 0]);
+    (sxtb16(w), sxtb16_ror8(w))
 }
 
 /// True for a 1x1 conv with stride 1 and no padding: output pixel `p` reads input pixel `p`.
@@ -276,11 +279,9 @@ pub(super) fn conv_by_four(cx: &ConvCall<'_>, output: &mut [i8]) {
             conv_rows4(&mut buf, k / 4, rows, k, sums);
             if whole < k {
                 for (s, row) in sums.iter_mut().zip(rows.chunks_exact(k)) {
-                    for (t, &v) in row[whole..].iter().enumerate() {
-                        let v = i32::from(v);
-                        for (col, a) in s.iter_mut().enumerate() {
-                            *a = a.wrapping_add(get::<4>(&tail_words, t, col) * v);
-                        }
+                    let (wa, wb) = tail_weights(&row[whole..]);
+                    for (col, a) in s.iter_mut().enumerate() {
+                        *a = smlad(tail_words[4 + col], wb, smlad(tail_words[col], wa, *a));
                     }
                 }
             }
@@ -362,10 +363,9 @@ pub(super) fn conv_by_two(cx: &ConvCall<'_>, output: &mut [i8]) {
             }
             if whole < k {
                 for (s, row) in sums[..n].iter_mut().zip(rows.chunks_exact(k)) {
-                    for (t, &v) in row[whole..].iter().enumerate() {
-                        let v = i32::from(v);
-                        s[0] = s[0].wrapping_add(get::<2>(&tail_words, t, 0) * v);
-                        s[1] = s[1].wrapping_add(get::<2>(&tail_words, t, 1) * v);
+                    let (wa, wb) = tail_weights(&row[whole..]);
+                    for (col, a) in s.iter_mut().enumerate() {
+                        *a = smlad(tail_words[2 + col], wb, smlad(tail_words[col], wa, *a));
                     }
                 }
             }
