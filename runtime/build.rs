@@ -3,8 +3,9 @@
 //! `cfg(target_feature = "dsp")` is not visible on stable Rust for ARM (its target features are
 //! unstable), so this script tells the crate which cores have the DSP extension:
 //!
-//! - `kiln_arm_dsp`: the target is ARMv7E-M (`thumbv7em-*`: Cortex-M4/M7), or an ARM target built
-//!   with the `dsp` feature enabled; the DSP primitives of `kernels::arch::cortex_m` are `asm!`;
+//! - `kiln_arm_dsp`: the target is ARMv7E-M (`thumbv7em-*`: Cortex-M4/M7), or a Thumb target
+//!   built with the `dsp` feature enabled; the DSP primitives of `kernels::arch::cortex_m` are
+//!   `asm!`;
 //! - `kiln_dsp_kernels`: `kiln_arm_dsp` without the `portable-kernels` feature; the public int8
 //!   conv, depthwise and fully-connected kernels run the Cortex-M fast paths;
 //! - `kiln_neon_kernels`: an aarch64 target (NEON is part of the base ISA) without
@@ -23,8 +24,12 @@ fn main() {
     let target = env::var("TARGET").unwrap_or_default();
     let arch = env::var("CARGO_CFG_TARGET_ARCH").unwrap_or_default();
     let features = env::var("CARGO_CFG_TARGET_FEATURE").unwrap_or_default();
+    // Thumb only: the `asm!` blocks are Thumb-2 (A32 mode restricts LDRD/STRD register pairs
+    // and reserves r11).
     let dsp = target.starts_with("thumbv7em-")
-        || (arch == "arm" && features.split(',').any(|f| f == "dsp"));
+        || (arch == "arm"
+            && target.starts_with("thumb")
+            && features.split(',').any(|f| f == "dsp"));
     if dsp {
         println!("cargo::rustc-cfg=kiln_arm_dsp");
         if !portable {

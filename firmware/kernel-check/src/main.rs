@@ -349,7 +349,8 @@ fn main() -> ! {
     let mut cases = 0;
     // The MLPerf Tiny shapes: KWS pointwise 1x1x64, ResNet-8 3x3x16/64 (stride 1 and 2), VWW
     // pointwise over 256 channels and first layer 3x3x3 stride 2, KWS's first 10x4x1-like patch
-    // (here 3x3x1), and 3x3x96 (patch 864 > MAX_PATCH: the portable fallback).
+    // (here 3x3x1), 3x3x96 (patch 864 > MAX_PATCH: the portable fallback), and depthwise maps
+    // that need several strip tiles.
     let shapes = [
         fixed(5, 64, 64, 1, 1, false),
         fixed(8, 16, 16, 3, 1, false),
@@ -362,6 +363,23 @@ fn main() -> ! {
         fixed(6, 64, 64, 3, 1, true),
         fixed(12, 8, 8, 3, 2, true),
         fixed(3, 256, 256, 3, 1, true),
+        // Depthwise strips: rows wider than one strip tile (stride 1 and 2), and a narrow,
+        // tall map (one column tile, several row tiles).
+        ConvGeometry {
+            in_w: 150,
+            out_w: 150,
+            ..fixed(4, 4, 4, 3, 1, true)
+        },
+        ConvGeometry {
+            in_w: 140,
+            out_w: 70,
+            ..fixed(9, 4, 4, 3, 2, true)
+        },
+        ConvGeometry {
+            in_h: 40,
+            out_h: 40,
+            ..fixed(10, 8, 8, 3, 1, true)
+        },
     ];
     for (i, g) in shapes.iter().enumerate() {
         if !conv_case(&mut rng, b, g, g.filter_in_c == 1 && g.in_c > 1) {

@@ -149,12 +149,11 @@ pub(super) fn pointwise(g: &ConvGeometry) -> bool {
 /// int8 CONV_2D, Cortex-M DSP body: bit-exact with [`conv::conv2d_i8_portable`].
 ///
 /// Handled: `groups == 1`, patch (`filter_h * filter_w * in_c`) of at most [`MAX_PATCH`]
-/// elements, any stride, dilation and padding (1x1, 3x3 and the rest). Output pixels go in pairs
-/// (over the flattened batch, rows and columns); for each pair the two patches are packed into
-/// the stack buffer, then every pair of output channels runs a 2x2 block: per 4 patch elements,
-/// 2 weight loads, 4 SXTB16 and 8 SMLAD on the 4 packed input words (16 MACs). An odd last pixel
-/// or channel runs the same block with its partner's results dropped; patch tails of fewer than
-/// 4 elements are summed one by one.
+/// elements, an int8 input zero point, any stride, dilation and padding (1x1, 3x3 and the
+/// rest), every output channel within the fast output stage's bounds. Patches of up to
+/// `MAX_PATCH / 2` elements go four output pixels at a time ([`conv_by_four`]), larger ones two
+/// ([`conv_by_two`]); patch tails of fewer than 4 elements are one more SMLAD pair against
+/// zero-padded weights.
 pub fn conv2d_i8(
     g: &ConvGeometry,
     q: &QuantizedOutput<'_>,
@@ -228,9 +227,9 @@ impl ConvCall<'_> {
 /// CONV_2D with output pixels in fours (patches of at most `MAX_PATCH / 2` elements: the four
 /// columns take two words per element): per chunk of [`CHANNELS`] output channels and per four
 /// pixels, the four receptive fields are packed into the stack patch, [`conv_rows4`] sums every
-/// channel against them (16 instructions per 16 MACs), the patch tail (fewer than 4 elements) is
-/// summed one by one and `store_four` (full-range clamp) or [`OutputStage::store_each`]
-/// requantizes. A last group of fewer than 4 pixels leaves stale columns, whose sums are unused.
+/// channel against them (15 instructions per 16 MACs), the patch tail (fewer than 4 elements)
+/// is one SMLAD pair per column and `store_four` (full-range clamp) or
+/// [`OutputStage::store_each`] requantizes. A last group of fewer than 4 pixels leaves stale columns, whose sums are unused.
 #[inline(never)]
 pub(super) fn conv_by_four(cx: &ConvCall<'_>, output: &mut [i8]) {
     let ConvCall {

@@ -958,7 +958,12 @@ mod emulated {
         k: usize,
         sums: &mut [[i32; 4]],
     ) {
+        if sums.is_empty() || groups == 0 {
+            sums.fill([0; 4]);
+            return;
+        }
         assert!(4 * groups <= k, "patch groups exceed the filter rows");
+        let _ = (&rows[..sums.len() * k], &patch[..8 * groups + 4]);
         for (c, s) in sums.iter_mut().enumerate() {
             let w = &rows[c * k..][..4 * groups];
             *s = [0; 4];
@@ -970,6 +975,8 @@ mod emulated {
                 }
             }
         }
+        // The asm version leaves its loop state in these words: so does its twin.
+        patch[8 * groups..8 * groups + 4].fill(0xdead_beef);
     }
 
     /// The full-range output stage of one channel over a row (see the `asm!` version).
@@ -1012,6 +1019,11 @@ mod emulated {
 
     /// A row of 3x3 depthwise windows over an int16 strip (see the `asm!` version).
     pub fn dw_row3x3(strip: &[u32], w: &super::Window3x3, acc: &mut [[i32; 4]]) {
+        // The asm version's checks.
+        assert!(
+            w.row.is_multiple_of(8) && w.advance.is_multiple_of(8),
+            "strip offsets must be word pairs"
+        );
         for (p, a) in acc.iter_mut().enumerate() {
             *a = [0; 4];
             for t in 0..9 {
@@ -1050,13 +1062,20 @@ mod emulated {
         k: usize,
         sums: &mut [[i32; 4]],
     ) {
+        if sums.is_empty() || groups == 0 {
+            sums.fill([0; 4]);
+            return;
+        }
         assert!(4 * groups <= k, "patch groups exceed the filter rows");
+        let _ = (&rows[..2 * sums.len() * k], &patch[..4 * groups + 5]);
         let body = &patch[..4 * groups];
         for (p, s) in sums.iter_mut().enumerate() {
             let w0 = &rows[2 * p * k..][..4 * groups];
             let w1 = &rows[(2 * p + 1) * k..][..4 * groups];
             *s = block_2x2(body, w0, w1);
         }
+        // The asm version leaves its loop state in these words: so does its twin.
+        patch[4 * groups..4 * groups + 5].fill(0xdead_beef);
     }
 
     /// The full-range output stage of two pixels (see the `asm!` version).
@@ -1066,6 +1085,9 @@ mod emulated {
         sums: &[[i32; 2]],
         channels: &[super::super::Channel],
     ) {
+        // The asm version's checks.
+        let n = channels.len();
+        let (out0, out1, sums) = (&mut out0[..n], &mut out1[..n], &sums[..n]);
         let each = out0.iter_mut().zip(out1.iter_mut()).zip(sums).zip(channels);
         for (((o0, o1), s), ch) in each {
             *o0 = ch.saturated(s[0]) as i8;
@@ -1075,6 +1097,9 @@ mod emulated {
 
     /// The 2x2 CONV_2D block (see the `asm!` version), group by group.
     pub fn block_2x2(x: &[u32], w0: &[i8], w1: &[i8]) -> [i32; 4] {
+        // The asm version's checks.
+        let groups = x.len() / 4;
+        let (x, w0, w1) = (&x[..4 * groups], &w0[..4 * groups], &w1[..4 * groups]);
         let mut a = [0i32; 4];
         for ((x, w0), w1) in x
             .chunks_exact(4)

@@ -112,11 +112,11 @@ impl Weights<'_> {
     /// The bound on `|acc|` for channel `oc`: `max_x * sum |w|` (0 for a dead filter).
     pub(super) fn max_acc_of(&self, oc: usize) -> i64 {
         if self.stride == 1 {
-            // A contiguous row (conv, fully connected): |w| <= 128, so an i32 sum holds 2^24 taps.
+            // A contiguous row (conv, fully connected).
             let row = self.filter.get(oc * self.step..).unwrap_or(&[]);
             let row = &row[..self.taps.min(row.len())];
-            let sum: i32 = row.iter().map(|&w| i32::from(w).abs()).sum();
-            return i64::from(sum) * self.max_x();
+            let sum: i64 = row.iter().map(|&w| i64::from(w).abs()).sum();
+            return sum * self.max_x();
         }
         let row = self
             .filter
@@ -182,6 +182,10 @@ impl Channel {
     /// The channel for bias `b`, requantization `r` and output zero point `zp` when the bounds of
     /// the type's doc hold for accumulators up to `max_acc` in magnitude.
     pub(super) fn scaled(b: i32, r: Requant, zp: i32, max_acc: i64) -> Option<Self> {
+        // Beyond this the bounds below could not hold (and the shifts could wrap i64).
+        if !(0..1 << 31).contains(&max_acc) {
+            return None;
+        }
         // The usual case in 32-bit arithmetic: no left shift, `|bias| + max_acc < 2^29`, a
         // right shift of at most 21 and an int8 zero point, for which `2x + 2^r + |zp| 2^(r+1)
         // < 2^30 + 2^21 * 257 < 2^31`.
@@ -233,7 +237,10 @@ impl Channel {
         q: &QuantizedOutput<'_>,
         max_acc: i64,
     ) -> Option<Self> {
-        if r.multiplier == i32::MIN || !(-31..=30).contains(&r.shift) {
+        if r.multiplier == i32::MIN
+            || !(-31..=30).contains(&r.shift)
+            || !(0..1 << 31).contains(&max_acc)
+        {
             return None;
         }
         let x = (i64::from(b).abs() + max_acc) << r.shift.max(0);
