@@ -45,13 +45,17 @@ pub(super) fn fill_column<const COLS: usize>(
     col: usize,
     buf: &mut [u32],
     stage: &mut [i8],
+    spread: bool,
 ) {
     let fic = g.filter_in_c;
     let k = g.filter_h * g.filter_w * fic;
     let direct = fic.is_multiple_of(4);
+    if spread {
+        return fill_spread::<COLS>(g, input, pair, p, col, buf);
+    }
     if direct && pointwise(g) {
         // Pixel p's field is its input pixel, whole.
-        return expand_col::<COLS>(&input[p * fic..][..fic], fic / 4, pair, &mut buf[col..]);
+        return expand_col::<COLS>(&input[p * fic..][..fic], fic / 4, 4, pair, &mut buf[col..]);
     }
     let px_per_image = g.out_h * g.out_w;
     let (b, rest) = (p / px_per_image, p % px_per_image);
@@ -73,7 +77,8 @@ pub(super) fn fill_column<const COLS: usize>(
     };
     let run = |buf: &mut [u32], stage: &mut [i8], k0: usize, src: &[i8]| {
         if direct {
-            expand_col::<COLS>(src, src.len() / 4, pair, &mut buf[COLS * k0 / 2 + col..]);
+            let at = COLS * k0 / 2 + col;
+            expand_col::<COLS>(src, src.len() / 4, 4, pair, &mut buf[at..]);
         } else {
             copy_short(&mut stage[k0..k0 + src.len()], src);
         }
@@ -102,12 +107,95 @@ pub(super) fn fill_column<const COLS: usize>(
     }
     if !direct {
         let whole = 4 * (k / 4);
-        expand_col::<COLS>(stage, whole / 4, pair, &mut buf[col..]);
+        expand_col::<COLS>(stage, whole / 4, 4, pair, &mut buf[col..]);
         let off = -i32::from(pad);
         for (t, &v) in stage[whole..k].iter().enumerate() {
             put::<COLS>(buf, whole + t, col, i32::from(v) + off);
         }
     }
+}
+
+/// [`fill_column`] for a layer of 1 to 3 channels whose filter rows are spread to 4 values a
+/// tap ([`spread_rows`]): each tap is one element group, read as the 4 input bytes at its
+/// pixel (its channels, then the next pixel's first bytes, which meet zero weights), so a row
+/// of in-image taps is one [`expand_col`] with the input's pixel stride; padding taps are zero
+/// words. Taps at the very end of the input, whose word would run past it, are read through a
+/// copy.
+fn fill_spread<const COLS: usize>(
+    g: &ConvGeometry,
+    input: &[i8],
+    pair: u32,
+    p: usize,
+    col: usize,
+    buf: &mut [u32],
+) {
+    let px_per_image = g.out_h * g.out_w;
+    let (b, rest) = (p / px_per_image, p % px_per_image);
+    let (oy, ox) = (rest / g.out_w, rest % g.out_w);
+    let in_y0 = (oy * g.stride_h) as isize - g.pad_top as isize;
+    let in_x0 = (ox * g.stride_w) as isize - g.pad_left as isize;
+    let (fx0, fx1) = tap_range(in_x0, g.dilation_w, g.filter_w, g.in_w);
+    // Taps t0 .. t1 of filter row fy: zero groups.
+    let zeros = |buf: &mut [u32], fy: usize, t0: usize, t1: usize| {
+        let first = fy * g.filter_w;
+        let (w0, w1) = (2 * COLS * (first + t0), 2 * COLS * (first + t1));
+        for d in buf[w0..w1].chunks_exact_mut(2 * COLS) {
+            d[col] = 0;
+            d[COLS + col] = 0;
+        }
+    };
+    let step = g.dilation_w * g.in_c;
+    for fy in 0..g.filter_h {
+        let iy = in_y0 + (g.dilation_h * fy) as isize;
+        if iy < 0 || iy as usize >= g.in_h || fx1 == fx0 {
+            zeros(buf, fy, 0, g.filter_w);
+            continue;
+        }
+        zeros(buf, fy, 0, fx0);
+        zeros(buf, fy, fx1, g.filter_w);
+        let row = (b * g.in_h + iy as usize) * g.in_w;
+        let first = (row + (in_x0 + (g.dilation_w * fx0) as isize) as usize) * g.in_c;
+        let n = fx1 - fx0;
+        // The taps whose 4 bytes lie inside the input (all but the last one to three at the
+        // very end of the input).
+        let whole = if first + step * (n - 1) + 4 <= input.len() {
+            n
+        } else if input.len() >= first + 4 {
+            core::cmp::min(n, (input.len() - first - 4) / step + 1)
+        } else {
+            0
+        };
+        let at = 2 * COLS * (fy * g.filter_w + fx0) + col;
+        expand_col::<COLS>(&input[first..], whole, step, pair, &mut buf[at..]);
+        for t in whole..n {
+            let mut word = [0i8; 4];
+            for (w, &x) in word.iter_mut().zip(&input[first + step * t..]) {
+                *w = x;
+            }
+            expand_col::<COLS>(&word, 1, 4, pair, &mut buf[at + 2 * COLS * t..]);
+        }
+    }
+}
+
+/// True for a layer of 1 to 3 channels whose filter rows, spread to 4 values a tap, fit
+/// [`SPREAD_WEIGHTS`] and whose spread patch fits the four-pixel path.
+fn spreads(g: &ConvGeometry) -> bool {
+    let (fic, taps) = (g.filter_in_c, g.filter_h * g.filter_w);
+    (1..4).contains(&fic)
+        && fic == g.in_c
+        && g.out_c * taps * 4 <= SPREAD_WEIGHTS
+        && 8 * taps <= MAX_PATCH
+}
+
+/// The filter rows of a layer that [`spreads`], 4 values a tap (its weights, then zeros), for
+/// [`fill_spread`]'s fields.
+fn spread_rows(g: &ConvGeometry, filter: &[i8]) -> [i8; SPREAD_WEIGHTS] {
+    let mut out = [0i8; SPREAD_WEIGHTS];
+    let fic = g.filter_in_c;
+    for (o, w) in out.chunks_exact_mut(4).zip(filter.chunks_exact(fic)) {
+        o[..fic].copy_from_slice(w);
+    }
+    out
 }
 
 /// `dst.copy_from_slice(src)` for the few bytes of one filter row of a first layer (3x3x3 rows
@@ -163,13 +251,6 @@ pub fn conv2d_i8(
     output: &mut [i8],
 ) {
     let k = g.filter_h * g.filter_w * g.filter_in_c;
-    let w = Weights {
-        filter,
-        taps: k,
-        step: k,
-        stride: 1,
-        input_zero_point: q.input_zero_point,
-    };
     // Padding taps hold the zero point as an int8 (true of every int8 tensor).
     let pad = match i8::try_from(q.input_zero_point) {
         Ok(pad) if g.filter_in_c == g.in_c && k <= MAX_PATCH && k > 0 && g.out_c > 0 => pad,
@@ -178,6 +259,23 @@ pub fn conv2d_i8(
     let pair = offset_pair(-i32::from(pad));
     debug_assert_eq!(filter.len(), g.out_c * k);
     debug_assert_eq!(output.len(), g.batch * g.out_h * g.out_w * g.out_c);
+    // A first layer of 1 to 3 channels whose weights fit SPREAD_WEIGHTS: taps as whole element
+    // groups (4 values each, zero weights after its channels).
+    let spread_buf: [i8; SPREAD_WEIGHTS];
+    let (rows, k, spread) = if spreads(g) {
+        spread_buf = spread_rows(g, filter);
+        let taps = g.filter_h * g.filter_w;
+        (&spread_buf[..g.out_c * taps * 4], 4 * taps, true)
+    } else {
+        (filter, k, false)
+    };
+    let weights = Weights {
+        filter: rows,
+        taps: k,
+        step: k,
+        stride: 1,
+        input_zero_point: q.input_zero_point,
+    };
     let cx = ConvCall {
         g,
         q,
@@ -186,7 +284,10 @@ pub fn conv2d_i8(
         bias,
         pad,
         pair,
-        weights: w,
+        weights,
+        rows,
+        k,
+        spread,
     };
     if 2 * k <= MAX_PATCH {
         conv_by_four(&cx, output)
@@ -194,6 +295,10 @@ pub fn conv2d_i8(
         conv_by_two(&cx, output)
     }
 }
+
+/// Bytes of spread first-layer weights kept on the stack (VWW's 3x3x3 by 8 channels take 288,
+/// ResNet-8's by 16 take 576).
+const SPREAD_WEIGHTS: usize = 640;
 
 /// One CONV_2D call's operands, checked by [`conv2d_i8`]: `pad` is the input zero point as an
 /// int8, `pair` the offset `-pad` in both int16 halves.
@@ -205,7 +310,13 @@ pub(super) struct ConvCall<'a> {
     bias: Option<&'a [i32]>,
     pad: i8,
     pair: u32,
+    /// The bound of the accumulators, over `rows`.
     weights: Weights<'a>,
+    /// The filter rows the fast path reads (`filter`, or its spread copy), `k` values each.
+    rows: &'a [i8],
+    k: usize,
+    /// Fields of 1 to 3 channels spread to 4 values a tap ([`fill_spread`]).
+    spread: bool,
 }
 
 impl ConvCall<'_> {
@@ -236,13 +347,14 @@ pub(super) fn conv_by_four(cx: &ConvCall<'_>, output: &mut [i8]) {
         g,
         q,
         input,
-        filter,
         bias,
         pad,
         pair,
+        rows: filter,
+        k,
+        spread,
         ..
     } = *cx;
-    let k = g.filter_h * g.filter_w * g.filter_in_c;
     let pixels = g.batch * g.out_h * g.out_w;
     let out_c = g.out_c;
     let whole = 4 * (k / 4);
@@ -267,7 +379,8 @@ pub(super) fn conv_by_four(cx: &ConvCall<'_>, output: &mut [i8]) {
         while p < pixels {
             let m = core::cmp::min(4, pixels - p);
             for col in 0..m {
-                fill_column::<4>(g, input, pad, pair, p + col, col, &mut buf, &mut field);
+                let (px, b) = (p + col, &mut buf);
+                fill_column::<4>(g, input, pad, pair, px, col, b, &mut field, spread);
             }
             // The packed words of a patch tail (fewer than 4 elements), which `conv_rows4`'s
             // state overwrites.
@@ -309,13 +422,14 @@ pub(super) fn conv_by_two(cx: &ConvCall<'_>, output: &mut [i8]) {
         g,
         q,
         input,
-        filter,
         bias,
         pad,
         pair,
+        rows: filter,
+        k,
+        spread,
         ..
     } = *cx;
-    let k = g.filter_h * g.filter_w * g.filter_in_c;
     let pixels = g.batch * g.out_h * g.out_w;
     let out_c = g.out_c;
     let whole = 4 * (k / 4);
@@ -342,9 +456,10 @@ pub(super) fn conv_by_two(cx: &ConvCall<'_>, output: &mut [i8]) {
         let mut p = 0;
         while p < pixels {
             let two = p + 1 < pixels;
-            fill_column::<2>(g, input, pad, pair, p, 0, &mut buf, &mut field);
+            fill_column::<2>(g, input, pad, pair, p, 0, &mut buf, &mut field, spread);
             if two {
-                fill_column::<2>(g, input, pad, pair, p + 1, 1, &mut buf, &mut field);
+                let b = &mut buf;
+                fill_column::<2>(g, input, pad, pair, p + 1, 1, b, &mut field, spread);
             }
             // The packed words of a patch tail (fewer than 4 elements), which `conv_rows`'s
             // state overwrites.

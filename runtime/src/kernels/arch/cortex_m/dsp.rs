@@ -535,47 +535,64 @@ mod asm_impl {
         }
     }
 
-    /// `groups` groups of 4 int8 values of `src` into one column of a conv patch of `COLS`
-    /// (2 or 4) columns: `dst[2 COLS j] = SXTAB16(pair, x_j)`, `dst[2 COLS j + COLS] =
-    /// SXTAB16(pair, x_j ROR 8)` for the little-endian word `x_j = src[4j..4j + 4]` (the
-    /// other columns' words are left alone).
+    /// `groups` groups of 4 int8 values of `src`, `step` bytes apart, into one column of a conv
+    /// patch of `COLS` (2 or 4) columns: `dst[2 COLS j] = SXTAB16(pair, x_j)`, `dst[2 COLS j +
+    /// COLS] = SXTAB16(pair, x_j ROR 8)` for the little-endian word `x_j = src[step j..step j +
+    /// 4]` (the other columns' words are left alone).
     #[inline(always)]
-    pub fn expand_col<const COLS: usize>(src: &[i8], groups: usize, pair: u32, dst: &mut [u32]) {
+    pub fn expand_col<const COLS: usize>(
+        src: &[i8],
+        groups: usize,
+        step: usize,
+        pair: u32,
+        dst: &mut [u32],
+    ) {
         if groups == 0 {
             return;
         }
-        // The accesses below: src[..4 * groups] and dst[..2 * COLS * groups - COLS + 1]
-        // (panics here, before any, if a slice is shorter).
+        // The accesses below: src[..step * (groups - 1) + 4] and dst[..2 * COLS * groups - COLS
+        // + 1] (panics here, before any, if a slice is shorter).
         let _ = (
-            &src[..4 * groups],
+            &src[..step * (groups - 1) + 4],
             &dst[..2 * COLS * (groups - 1) + COLS + 1],
         );
         let end = dst.as_mut_ptr().wrapping_add(2 * COLS * groups);
         // SAFETY: per group j (`d` advances 8 COLS bytes per pass from `dst.as_mut_ptr()`
-        // to `end`, groups >= 1 passes): reads src[4j..4j + 4] (LDR, unaligned allowed on
-        // ARMv7-M) and writes dst[2 COLS j] and dst[2 COLS j + COLS] (STR, word-aligned),
+        // to `end`, groups >= 1 passes): reads src[step j..step j + 4] (LDR, unaligned allowed
+        // on ARMv7-M) and writes dst[2 COLS j] and dst[2 COLS j + COLS] (STR, word-aligned),
         // all inside the slices checked above. Registers: the two pointers (discarded), two
-        // scratch registers; flags clobbered (CMP). No stack.
+        // scratch registers; flags clobbered (CMP). No stack. Contiguous groups (`step == 4`)
+        // load with a post-increment, others add the step.
+        macro_rules! expand_asm {
+            ($($load:expr),+) => {
+                asm!(
+                    "2:",
+                    $($load,)+
+                    "sxtab16 {a}, {pair}, {v}",
+                    "sxtab16 {v}, {pair}, {v}, ror #8",
+                    "str     {v}, [{d}, #{b}]",
+                    "str     {a}, [{d}], #{next}",
+                    "cmp     {d}, {end}",
+                    "bne     2b",
+                    s = inout(reg) src.as_ptr() => _,
+                    d = inout(reg) dst.as_mut_ptr() => _,
+                    step = in(reg) step,
+                    pair = in(reg) pair,
+                    end = in(reg) end,
+                    v = out(reg) _,
+                    a = out(reg) _,
+                    b = const 4 * COLS,
+                    next = const 8 * COLS,
+                    options(nostack),
+                )
+            };
+        }
         unsafe {
-            asm!(
-                "2:",
-                "ldr     {v}, [{s}], #4",
-                "sxtab16 {a}, {pair}, {v}",
-                "sxtab16 {v}, {pair}, {v}, ror #8",
-                "str     {v}, [{d}, #{b}]",
-                "str     {a}, [{d}], #{step}",
-                "cmp     {d}, {end}",
-                "bne     2b",
-                s = inout(reg) src.as_ptr() => _,
-                d = inout(reg) dst.as_mut_ptr() => _,
-                pair = in(reg) pair,
-                end = in(reg) end,
-                v = out(reg) _,
-                a = out(reg) _,
-                b = const 4 * COLS,
-                step = const 8 * COLS,
-                options(nostack),
-            );
+            if step == 4 {
+                expand_asm!("ldr     {v}, [{s}], #4", "/* {step} */");
+            } else {
+                expand_asm!("ldr     {v}, [{s}]", "add     {s}, {s}, {step}");
+            }
         }
     }
 
@@ -941,9 +958,15 @@ mod emulated {
     }
 
     /// Groups of 4 values expanded into one patch column (see the `asm!` version).
-    pub fn expand_col<const COLS: usize>(src: &[i8], groups: usize, pair: u32, dst: &mut [u32]) {
+    pub fn expand_col<const COLS: usize>(
+        src: &[i8],
+        groups: usize,
+        step: usize,
+        pair: u32,
+        dst: &mut [u32],
+    ) {
         for j in 0..groups {
-            let x = &src[4 * j..][..4];
+            let x = &src[step * j..][..4];
             let x = u32::from_le_bytes([x[0] as u8, x[1] as u8, x[2] as u8, x[3] as u8]);
             dst[2 * COLS * j] = sxtab16(pair, x);
             dst[2 * COLS * j + COLS] = sxtab16_ror8(pair, x);

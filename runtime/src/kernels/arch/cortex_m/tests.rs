@@ -37,6 +37,39 @@ proptest! {
         prop_assert_eq!(fast, want);
     }
 
+    /// First layers of 1 to 3 channels, whose fields are spread to 4 values a tap: every tap
+    /// at the end of the input (read through a copy), padding, strides and dilations.
+    #[test]
+    fn spread_first_layers_are_bit_exact(c in (1usize..=3, 1usize..=8, 1usize..=9, 1usize..=9, 1usize..=2, 0usize..=1, 1usize..=2)
+        .prop_flat_map(|(in_c, out_c, h, w, stride, pad, dilation)| {
+            let ext = 2 * dilation + 1;
+            let out = |n: usize| (n + 2 * pad).saturating_sub(ext) / stride + 1;
+            let (h, w) = (h.max(ext), w.max(ext));
+            let g = ConvGeometry {
+                batch: 1,
+                in_h: h,
+                in_w: w,
+                in_c,
+                out_h: out(h),
+                out_w: out(w),
+                out_c,
+                filter_h: 3,
+                filter_w: 3,
+                filter_in_c: in_c,
+                stride_h: stride,
+                stride_w: stride,
+                dilation_h: dilation,
+                dilation_w: dilation,
+                pad_top: pad,
+                pad_left: pad,
+                depth_multiplier: 1,
+            };
+            crate::kernels::arch::cases::data(g, false)
+        })) {
+        let (fast, want) = c.run_conv(conv2d_i8);
+        prop_assert_eq!(fast, want);
+    }
+
     /// 3x3 depthwise over rows wider than one strip tile and narrow ones, over more rows than
     /// one tile holds, both strides.
     #[test]
