@@ -18,7 +18,7 @@
 //! the same way, `SMLAD(A_x, A_w) + SMLAD(B_x, B_w)` is the 4-term dot product. SXTAB16 adds the
 //! input offset `-zp` to both halves in the same instruction.
 //!
-//! Memory: no arena scratch. The kernels keep their buffers on the stack (about 7 KB at most):
+//! Memory: no arena scratch. The kernels keep their buffers on the stack (about 8.5 KB at most):
 //! CONV_2D a packed patch of up to four receptive fields, the decoded output stage of up to 64
 //! channels and their raw sums; DEPTHWISE_CONV_2D an int16 strip of input rows and a tile's sums;
 //! FULLY_CONNECTED one packed input row; ADD two 256-entry rescale tables. Shapes whose patch or
