@@ -136,8 +136,8 @@ fn have(tool: &str) -> bool {
 }
 
 /// `--target qemu-cortex-m4`: the real KWS model on an emulated Cortex-M4, with the DSP fast
-/// paths and with the portable kernels; both outputs bit-exact (the image checks), and the fast
-/// paths take fewer instructions.
+/// paths and with the portable kernels; both outputs bit-exact (the image checks), the fast
+/// paths take fewer instructions and reach 0.6 MACs per instruction.
 #[test]
 fn bench_counts_instructions_on_a_qemu_cortex_m4() {
     let Some(dir) = common::testdata() else {
@@ -171,6 +171,14 @@ fn bench_counts_instructions_on_a_qemu_cortex_m4() {
             .as_f64()
             .expect("macs_per_instruction");
         assert!((mpi - 2_656_768.0 / n as f64).abs() < 1e-9);
+        if extra.is_empty() {
+            // Issue 6's figure for this model (BENCHMARKS.md). QEMU counts instructions
+            // exactly, so this guards the DSP fast paths against regressions, not timing.
+            assert!(
+                mpi >= 0.6,
+                "KWS with the DSP fast paths: {mpi:.3} MACs per instruction"
+            );
+        }
         let stack = r["stack_bytes"].as_u64().expect("stack_bytes");
         assert!(stack > 256 && stack < 64 * 1024, "stack {stack}");
         assert!(r["code_bytes"].as_u64().expect("code_bytes") > 10_000);
