@@ -340,7 +340,8 @@ impl ConvCall<'_> {
 /// pixels, the four receptive fields are packed into the stack patch, [`conv_rows4`] sums every
 /// channel against them (15 instructions per 16 MACs), the patch tail (fewer than 4 elements)
 /// is one SMLAD pair per column and `store_four` (full-range clamp) or
-/// [`OutputStage::store_each`] requantizes. A last group of fewer than 4 pixels leaves stale columns, whose sums are unused.
+/// [`OutputStage::store_each`] requantizes. A last group of fewer than 4 pixels leaves stale
+/// columns, whose sums are unused.
 #[inline(never)]
 pub(super) fn conv_by_four(cx: &ConvCall<'_>, output: &mut [i8]) {
     let ConvCall {
