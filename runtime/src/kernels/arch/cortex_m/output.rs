@@ -228,9 +228,9 @@ impl Channel {
     /// one that multiplies by 0 and rounds to that byte; else `None`. Such channels are what
     /// quantizers make of dead filters (all weights 0, so the accumulator is 0: a multiplier of
     /// 0, or a bias near 2^30 with a scale near 2^-30), which the bounds of [`Channel::scaled`]
-    /// refuse. With `x = (|bias| + max_acc) << left`: when it plus the zero point fits i32 nothing
-    /// wraps in TFLM's stage, which is then monotonic in the accumulator, so equal outputs at both ends mean
-    /// equal outputs everywhere.
+    /// refuse. With `x = (|bias| + max_acc) << left`: when it plus the zero point fits i32
+    /// nothing wraps in TFLM's stage, which is then monotonic in the accumulator, so equal outputs
+    /// at both ends mean equal outputs everywhere.
     pub(super) fn constant(
         b: i32,
         r: Requant,
