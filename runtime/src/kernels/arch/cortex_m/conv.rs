@@ -269,13 +269,7 @@ pub fn conv2d_i8(
     } else {
         (filter, k, false)
     };
-    let weights = Weights {
-        filter: rows,
-        taps: k,
-        step: k,
-        stride: 1,
-        input_zero_point: q.input_zero_point,
-    };
+    let weights = Weights::rows(rows, k, q.input_zero_point);
     let cx = ConvCall {
         g,
         q,

@@ -46,14 +46,15 @@ pub fn depthwise_conv2d_i8(
     if window3 {
         return depthwise_3x3(g, input, filter, bias, q, output, pair, &w);
     }
-    if !Channel::all_fit(g.out_c, bias, q, &w) {
-        return depthwise::depthwise_conv2d_i8_portable(g, q, input, filter, bias, output);
-    }
     // Other filters: channels in groups of 4 (outer loop: their requantization decoded once),
     // then every output pixel with 4 accumulators in registers over its in-image taps.
+    let mut ch = [Channel::default(); 4];
     let mut c0 = 0;
     while c0 < c {
-        let ch = [0, 1, 2, 3].map(|j| Channel::decode(c0 + j, bias, q, &w));
+        if !Channel::fill(&mut ch, c0, bias, q, &w) {
+            // Outputs written so far are rewritten, all of them, by the portable body.
+            return depthwise::depthwise_conv2d_i8_portable(g, q, input, filter, bias, output);
+        }
         let mut out_at = c0;
         for b in 0..g.batch {
             for oy in 0..g.out_h {

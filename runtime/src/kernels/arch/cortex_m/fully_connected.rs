@@ -28,7 +28,7 @@ pub fn fully_connected_i8(
         }
     };
     let pair = offset_pair(off);
-    let w = fc_weights(weights, n, q);
+    let w = Weights::rows(weights, n, q.input_zero_point);
     let whole = 4 * (n / 4);
     let outs = g.out_features;
     let stage = OutputStage::new(q);
@@ -86,16 +86,5 @@ pub fn fully_connected_i8(
             }
         }
         o_lo += m;
-    }
-}
-
-/// The [`Weights`] of a FULLY_CONNECTED: rows of `n` features.
-pub(super) fn fc_weights<'a>(weights: &'a [i8], n: usize, q: &QuantizedOutput<'_>) -> Weights<'a> {
-    Weights {
-        filter: weights,
-        taps: n,
-        step: n,
-        stride: 1,
-        input_zero_point: q.input_zero_point,
     }
 }

@@ -98,7 +98,18 @@ pub(super) struct Weights<'a> {
     pub(super) input_zero_point: i32,
 }
 
-impl Weights<'_> {
+impl<'a> Weights<'a> {
+    /// Contiguous rows of `k` weights, one per output channel (CONV_2D, FULLY_CONNECTED).
+    pub(super) fn rows(filter: &'a [i8], k: usize, input_zero_point: i32) -> Self {
+        Weights {
+            filter,
+            taps: k,
+            step: k,
+            stride: 1,
+            input_zero_point,
+        }
+    }
+
     /// The largest `|x - input_zero_point|` of an int8 `x`.
     pub(super) fn max_x(&self) -> i64 {
         128 + i64::from(self.input_zero_point).abs()
@@ -258,19 +269,10 @@ impl Channel {
         })
     }
 
-    /// True when every one of the `n` channels fits the fast output stage ([`Channel::new`]).
-    pub(super) fn all_fit(
-        n: usize,
-        bias: Option<&[i32]>,
-        q: &QuantizedOutput<'_>,
-        w: &Weights<'_>,
-    ) -> bool {
-        (0..n).all(|oc| Channel::new(oc, bias, q, w).is_some())
-    }
-
     /// Decodes channels `oc0 .. oc0 + out.len()` into `out`; false when one does not fit the
     /// fast output stage (the caller then runs its portable body).
     #[must_use]
+    #[inline(always)]
     pub(super) fn fill(
         out: &mut [Channel],
         oc0: usize,
@@ -285,16 +287,6 @@ impl Channel {
             }
         }
         true
-    }
-
-    /// Channel `oc` (after [`Channel::all_fit`]).
-    pub(super) fn decode(
-        oc: usize,
-        bias: Option<&[i32]>,
-        q: &QuantizedOutput<'_>,
-        w: &Weights<'_>,
-    ) -> Self {
-        Channel::new(oc, bias, q, w).unwrap_or_default()
     }
 
     /// The output of accumulator `acc` (bias not yet added) saturated to int8, before the clamp:

@@ -12,14 +12,7 @@ use proptest::prelude::*;
 
 /// The bound on accumulators of `taps` products for input zero point `zp`.
 fn max_acc(taps: usize, zp: i32) -> i64 {
-    let w = Weights {
-        filter: &[],
-        taps,
-        step: 0,
-        stride: 1,
-        input_zero_point: zp,
-    };
-    w.max_acc()
+    Weights::rows(&[], taps, zp).max_acc()
 }
 
 proptest! {
@@ -299,13 +292,7 @@ fn dead_channels_are_constant_and_exact() {
     assert!(Channel::bounded(0, Some(&[1 << 30]), &q, max).is_none());
     // ... unless its own weights bound it: a dead filter's accumulator is 0.
     let filter = [3i8, -7, 0, 0, 0, 0];
-    let w = Weights {
-        filter: &filter,
-        taps: 2,
-        step: 2,
-        stride: 1,
-        input_zero_point: 0,
-    };
+    let w = Weights::rows(&filter, 2, 0);
     assert!(Channel::new(0, Some(&[1 << 30, 1 << 30, 1 << 30]), &q, &w).is_none());
     let ch = Channel::new(1, Some(&[1 << 30, 1 << 30, 1 << 30]), &q, &w);
     let want = conv::requantize(1 << 30, rq[0], 0, clamp);
