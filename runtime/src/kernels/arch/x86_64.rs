@@ -1317,9 +1317,9 @@ fn strip_row(g: &ConvGeometry) -> Option<(usize, usize)> {
 }
 
 /// Fills strip row `row` (see [`strip_row`], `per_pixel` bytes a pixel) from input row `iy` of
-/// image `b` (`None`: a row of padding): strip pixel `x` is input pixel `x - pad_left`, its
-/// channels then zeros up to `per_pixel` bytes; pixels outside the image hold the zero point in
-/// their channels.
+/// image `b` (`None`: a row of padding) with activations made unsigned, `x + 128` (the byte
+/// `x ^ 0x80`): strip pixel `x` is input pixel `x - pad_left`, its channels then zeros up to
+/// `per_pixel` bytes; pixels outside the image hold the zero point (plus 128) in their channels.
 #[target_feature(enable = "avx2,avx512f,avx512bw,avx512vl")]
 fn fill_strip(
     g: &ConvGeometry,
@@ -1330,6 +1330,7 @@ fn fill_strip(
     row: &mut [i8],
 ) {
     let c = g.in_c;
+    let zp = zp ^ i8::MIN;
     let span = row.len() / per_pixel;
     // Strip pixels `first..last` are in the image.
     let first = g.pad_left.min(span);
@@ -1340,7 +1341,7 @@ fn fill_strip(
         match line {
             Some(line) => {
                 row[..first * c].fill(zp);
-                row[first * c..last * c].copy_from_slice(&line[..(last - first) * c]);
+                copy_flipped(&line[..(last - first) * c], &mut row[first * c..last * c]);
                 row[last * c..].fill(zp);
             }
             None => row.fill(zp),
@@ -1361,8 +1362,14 @@ fn fill_strip(
             -1
         }
     });
-    // SAFETY: `control` is 16 readable bytes.
-    let control = unsafe { _mm_loadu_si128(control.as_ptr().cast()) };
+    let flip: [i8; 16] = core::array::from_fn(|j| if j % 4 < c { i8::MIN } else { 0 });
+    // SAFETY: `control` and `flip` are 16 readable bytes.
+    let (control, flip) = unsafe {
+        (
+            _mm_loadu_si128(control.as_ptr().cast()),
+            _mm_loadu_si128(flip.as_ptr().cast()),
+        )
+    };
     let mask = (1u16 << (4 * c)) - 1;
     let mut x = first;
     while x + 4 <= last {
@@ -1372,14 +1379,31 @@ fn fill_strip(
         // `dst` is 16 writable bytes.
         unsafe {
             let v = _mm_maskz_loadu_epi8(mask, src.as_ptr());
-            _mm_storeu_si128(dst.as_mut_ptr().cast(), _mm_shuffle_epi8(v, control));
+            let spread = _mm_xor_si128(_mm_shuffle_epi8(v, control), flip);
+            _mm_storeu_si128(dst.as_mut_ptr().cast(), spread);
         }
         x += 4;
     }
     while x < last {
         let src = &line[(x - g.pad_left) * c..][..c];
-        row[x * 4..x * 4 + c].copy_from_slice(src);
+        copy_flipped(src, &mut row[x * 4..x * 4 + c]);
         x += 1;
+    }
+}
+
+/// Copies `src` into `dst` (as long) with each byte's top bit flipped (`x + 128` as unsigned).
+#[target_feature(enable = "avx2,avx512f,avx512bw,avx512vl")]
+fn copy_flipped(src: &[i8], dst: &mut [i8]) {
+    assert_eq!(src.len(), dst.len());
+    let flip = _mm512_set1_epi8(i8::MIN);
+    for (s, d) in src.chunks(64).zip(dst.chunks_mut(64)) {
+        let mask = u64::MAX >> (64 - s.len());
+        // SAFETY: the mask selects the bytes of `s` and `d` (same length); masked-off bytes are
+        // neither read nor written.
+        unsafe {
+            let v = _mm512_maskz_loadu_epi8(mask, s.as_ptr());
+            _mm512_mask_storeu_epi8(d.as_mut_ptr(), mask, _mm512_xor_si512(v, flip));
+        }
     }
 }
 
@@ -1439,7 +1463,11 @@ fn conv2d_vnni512_in(
             &mut sums,
         );
         let blocks = count.div_ceil(16);
-        for w in packed[..blocks * groups * 64].chunks_exact_mut(64) {
+        // Strip rows hold unsigned activations (`x + 128`) against signed weights; the other
+        // layouts read signed activations against unsigned weights (`w + 128`).
+        let unsigned_x = strip_len.is_some();
+        let packed_len = if unsigned_x { 0 } else { blocks * groups * 64 };
+        for w in packed[..packed_len].chunks_exact_mut(64) {
             // SAFETY: `w` is 64 readable and writable bytes.
             unsafe {
                 let v = _mm512_loadu_si512(w.as_ptr().cast());
@@ -1447,8 +1475,11 @@ fn conv2d_vnni512_in(
             }
         }
         let mut d = Decoded::<CHUNK>::new(q, bias, first, count);
+        // sum(w * (x - zp)) = sum(w * (x + 128)) - (zp + 128) * sum(w) with unsigned
+        // activations; with unsigned weights the `128 * sum(x)` part goes per pixel (`xsum`).
+        let zp_off = q.input_zero_point + if unsigned_x { 128 } else { 0 };
         for (b, &sum) in d.bias.iter_mut().zip(&sums).take(count) {
-            *b = b.wrapping_sub(q.input_zero_point.wrapping_mul(sum));
+            *b = b.wrapping_sub(zp_off.wrapping_mul(sum));
         }
         if two_pixels {
             d.repeat8();
@@ -1481,6 +1512,21 @@ fn conv2d_vnni512_in(
                             let bytes = unsafe { row.add(j).read_unaligned() };
                             _mm512_set1_epi32(i32::from_le_bytes(bytes))
                         };
+                        if unsigned_x {
+                            for (j, wq) in ws.chunks_exact(64).enumerate() {
+                                // SAFETY: `wq` is 64 readable bytes.
+                                let wv = unsafe { _mm512_loadu_si512(wq.as_ptr().cast()) };
+                                a0 = _mm512_dpbusd_epi32(a0, bcast(r[0], j), wv);
+                                a1 = _mm512_dpbusd_epi32(a1, bcast(r[1], j), wv);
+                                a2 = _mm512_dpbusd_epi32(a2, bcast(r[2], j), wv);
+                                a3 = _mm512_dpbusd_epi32(a3, bcast(r[3], j), wv);
+                                a4 = _mm512_dpbusd_epi32(a4, bcast(r[4], j), wv);
+                                a5 = _mm512_dpbusd_epi32(a5, bcast(r[5], j), wv);
+                                a6 = _mm512_dpbusd_epi32(a6, bcast(r[6], j), wv);
+                                a7 = _mm512_dpbusd_epi32(a7, bcast(r[7], j), wv);
+                            }
+                            continue;
+                        }
                         for (j, wq) in ws.chunks_exact(64).enumerate() {
                             // SAFETY: `wq` is 64 readable bytes.
                             let wv = unsafe { _mm512_loadu_si512(wq.as_ptr().cast()) };
@@ -1526,7 +1572,6 @@ fn conv2d_vnni512_in(
             // Strip rows cached across output rows (the filter-row count of them).
             let fh = g.filter_h;
             let mut slot_of = [0usize; TAPS];
-            let run = g.filter_w * per_pixel;
             for b in 0..g.batch {
                 let mut slots = RowSlots::new(fh);
                 for oy in 0..g.out_h {
@@ -1545,14 +1590,10 @@ fn conv2d_vnni512_in(
                             *o = s * row_len;
                         }
                         let mut base = [strip.as_ptr(); PIXELS_512];
-                        for i in 0..PIXELS_512 {
+                        // Unsigned activations: no per-pixel sums (`xsum` stays 0).
+                        for (i, base) in base.iter_mut().enumerate() {
                             let at = (ox0 + i).min(g.out_w - 1) * g.stride_w * per_pixel;
-                            let mut sums = Sums512::new();
-                            for o in &seg_off[..fh] {
-                                sums.add(&strip[o + at..o + at + run]);
-                            }
-                            base[i] = strip[at..].as_ptr();
-                            xsum[i] = sums.total();
+                            *base = strip[at..].as_ptr();
                         }
                         let step = [0usize; PIXELS_512];
                         tile(
