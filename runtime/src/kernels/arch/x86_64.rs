@@ -893,43 +893,158 @@ const CHUNK: usize = 64;
 /// Packs `out_c` weight rows of `k` int8 for [`conv2d_vnni512`], each row's taps of `tap`
 /// values spread to `tap_pad` (the extra values 0; `tap == tap_pad == k` keeps a row as it is):
 /// block `b` (channels `16b..16b + 16`), group `q` (packed row bytes `4q..4q + 4`) is 64 bytes
-/// at `(b * groups + q) * 64`: channels `16b..16b + 8`, 4 bytes each, then channels
-/// `16b + 8..16b + 16`. Bytes past a row or past the last channel are 0. Returns each row's sum
-/// (for the zero-point correction).
-#[allow(clippy::too_many_arguments)]
+/// at `(b * groups + q) * 64`, channel `16b + l`'s 4 bytes at `4l`. Bytes past a row or past
+/// the last channel are 0. With `flip`, every packed byte is stored plus 128 (`w ^ 0x80`, the
+/// unsigned operand of `VPDPBUSD`). Returns each row's sum (for the zero-point correction).
+#[target_feature(enable = "avx2,avx512f,avx512bw,avx512vl,avx512vnni")]
 fn pack_weights(
     filter: &[i8],
     k: usize,
     (tap, tap_pad): (usize, usize),
     out_c: usize,
+    flip: bool,
     packed: &mut [i8],
     sums: &mut [i32],
 ) {
     let groups = (k / tap.max(1) * tap_pad).div_ceil(4);
     let blocks = out_c.div_ceil(16);
-    packed[..blocks * groups * 64].fill(0);
+    let packed = &mut packed[..blocks * groups * 64];
+    if tap == tap_pad {
+        for b in 0..blocks {
+            let rows = &filter[b * 16 * k..(b * 16 + (out_c - b * 16).min(16)) * k];
+            let block = &mut packed[b * groups * 64..(b + 1) * groups * 64];
+            let sum = pack_block(rows, k, flip, block);
+            // SAFETY: `lanes` is 64 writable bytes.
+            let mut lanes = [0i32; 16];
+            unsafe { _mm512_storeu_si512(lanes.as_mut_ptr().cast(), sum) };
+            let n = rows.len() / k.max(1);
+            sums[b * 16..b * 16 + n].copy_from_slice(&lanes[..n]);
+        }
+        return;
+    }
+    packed.fill(0);
     for (oc, row) in filter.chunks_exact(k).take(out_c).enumerate() {
         let (b, lane) = (oc / 16, oc % 16);
-        let lane_at = (lane / 8) * 32 + (lane % 8) * 4;
-        if tap == tap_pad {
-            let mut quads = row.chunks_exact(4);
-            for (q, bytes) in quads.by_ref().enumerate() {
-                let at = (b * groups + q) * 64 + lane_at;
-                packed[at..at + 4].copy_from_slice(bytes);
-            }
-            let tail = quads.remainder();
-            if !tail.is_empty() {
-                let at = (b * groups + k / 4) * 64 + lane_at;
-                packed[at..at + tail.len()].copy_from_slice(tail);
-            }
-        } else {
-            for (i, &w) in row.iter().enumerate() {
-                let d = (i / tap) * tap_pad + i % tap;
-                packed[(b * groups + d / 4) * 64 + lane_at + d % 4] = w;
-            }
+        for (i, &w) in row.iter().enumerate() {
+            let d = (i / tap) * tap_pad + i % tap;
+            packed[(b * groups + d / 4) * 64 + lane * 4 + d % 4] = w;
         }
         sums[oc] = row.iter().fold(0i32, |s, &w| s.wrapping_add(i32::from(w)));
     }
+    if flip {
+        for w in packed.chunks_exact_mut(64) {
+            // SAFETY: `w` is 64 readable and writable bytes.
+            unsafe {
+                let v = _mm512_loadu_si512(w.as_ptr().cast());
+                let v = _mm512_xor_si512(v, _mm512_set1_epi8(i8::MIN));
+                _mm512_storeu_si512(w.as_mut_ptr().cast(), v);
+            }
+        }
+    }
+}
+
+/// Packs one block of [`pack_weights`]: `rows` (1 to 16 rows of `k` int8) into `block`
+/// (`k.div_ceil(4)` groups of 64 bytes), 16 groups at a time by a 16 x 16 transpose of 4-byte
+/// words (rows past the last one are zeros). Returns the 16 rows' sums (wrapping), one a lane.
+#[target_feature(enable = "avx2,avx512f,avx512bw,avx512vl,avx512vnni")]
+fn pack_block(rows: &[i8], k: usize, flip: bool, block: &mut [i8]) -> __m512i {
+    let n = rows.len() / k.max(1);
+    let full = k / 4;
+    let ones = _mm512_set1_epi8(1);
+    let flip = if flip {
+        _mm512_set1_epi8(i8::MIN)
+    } else {
+        _mm512_setzero_si512()
+    };
+    let mut sum = _mm512_setzero_si512();
+    let mut q0 = 0;
+    while q0 < full {
+        let m = (full - q0).min(16);
+        let mask = u64::MAX >> (64 - 4 * m);
+        let r: [__m512i; 16] = core::array::from_fn(|l| {
+            if l < n {
+                let src = &rows[l * k + q0 * 4..l * k + (q0 + m) * 4];
+                // SAFETY: the mask selects the `4 * m` bytes of `src`; the rest are not read.
+                unsafe { _mm512_maskz_loadu_epi8(mask, src.as_ptr()) }
+            } else {
+                _mm512_setzero_si512()
+            }
+        });
+        let t = transpose16(r);
+        for (j, v) in t.iter().enumerate().take(m) {
+            sum = _mm512_dpbusd_epi32(sum, ones, *v);
+            let dst = &mut block[(q0 + j) * 64..(q0 + j + 1) * 64];
+            // SAFETY: `dst` is 64 writable bytes.
+            unsafe { _mm512_storeu_si512(dst.as_mut_ptr().cast(), _mm512_xor_si512(*v, flip)) };
+        }
+        q0 += m;
+    }
+    let tail = k - full * 4;
+    if tail > 0 {
+        let mut last = [0i8; 64];
+        let mut extra = [0i32; 16];
+        for l in 0..n {
+            for t in 0..tail {
+                let w = rows[l * k + full * 4 + t];
+                last[l * 4 + t] = w;
+                extra[l] += i32::from(w);
+            }
+        }
+        // SAFETY: `last`, `extra` and the destination are 64 bytes each.
+        unsafe {
+            let v = _mm512_loadu_si512(last.as_ptr().cast());
+            let dst = &mut block[full * 64..full * 64 + 64];
+            _mm512_storeu_si512(dst.as_mut_ptr().cast(), _mm512_xor_si512(v, flip));
+            sum = _mm512_add_epi32(sum, _mm512_loadu_si512(extra.as_ptr().cast()));
+        }
+    }
+    sum
+}
+
+/// Transposes 16 vectors of 16 int32: lane `l` of output `j` is lane `j` of input `l`.
+#[target_feature(enable = "avx512f")]
+#[inline]
+fn transpose16(r: [__m512i; 16]) -> [__m512i; 16] {
+    // Within each 128-bit lane: 4 x 4 transposes of rows 4a..4a + 4.
+    let t: [__m512i; 16] = core::array::from_fn(|i| {
+        let (a, b) = (r[(i / 2) * 2], r[(i / 2) * 2 + 1]);
+        if i % 2 == 0 {
+            _mm512_unpacklo_epi32(a, b)
+        } else {
+            _mm512_unpackhi_epi32(a, b)
+        }
+    });
+    // u[4a + e]: element `4i + e` of rows 4a..4a + 4 in 128-bit lane i.
+    let u: [__m512i; 16] = core::array::from_fn(|i| {
+        let (a, e) = (i / 4, i % 4);
+        let (lo, hi) = (t[4 * a + (e / 2)], t[4 * a + 2 + (e / 2)]);
+        if e % 2 == 0 {
+            _mm512_unpacklo_epi64(lo, hi)
+        } else {
+            _mm512_unpackhi_epi64(lo, hi)
+        }
+    });
+    core::array::from_fn(|j| {
+        let (i, e) = (j / 4, j % 4);
+        // Lanes i of u[e], u[4 + e], u[8 + e], u[12 + e].
+        let (x0, x1, x2, x3) = (u[e], u[4 + e], u[8 + e], u[12 + e]);
+        let (v, w) = if i < 2 {
+            (
+                _mm512_shuffle_i32x4::<0x44>(x0, x1),
+                _mm512_shuffle_i32x4::<0x44>(x2, x3),
+            )
+        } else {
+            (
+                _mm512_shuffle_i32x4::<0xEE>(x0, x1),
+                _mm512_shuffle_i32x4::<0xEE>(x2, x3),
+            )
+        };
+        if i % 2 == 0 {
+            _mm512_shuffle_i32x4::<0x88>(v, w)
+        } else {
+            _mm512_shuffle_i32x4::<0xDD>(v, w)
+        }
+    })
 }
 
 /// An output pixel's coordinates, stepped through the output in order (no divisions per pixel).
@@ -1449,31 +1564,23 @@ fn conv2d_vnni512_in(
     let zp = q.input_zero_point as i8;
     let mut xsum = [0i32; PIXELS_512];
     let pixels = g.batch * g.out_h * g.out_w;
-    let flip = _mm512_set1_epi8(i8::MIN);
     let z = _mm512_setzero_si512();
     let mut first = 0;
     while first < g.out_c {
         let count = (g.out_c - first).min(chunk);
+        // Strip rows hold unsigned activations (`x + 128`) against signed weights; the other
+        // layouts read signed activations against unsigned weights (`w + 128`).
+        let unsigned_x = strip_len.is_some();
         pack_weights(
             &filter[first * k..(first + count) * k],
             k,
             (tap, tap_pad),
             count,
+            !unsigned_x,
             packed,
             &mut sums,
         );
         let blocks = count.div_ceil(16);
-        // Strip rows hold unsigned activations (`x + 128`) against signed weights; the other
-        // layouts read signed activations against unsigned weights (`w + 128`).
-        let unsigned_x = strip_len.is_some();
-        let packed_len = if unsigned_x { 0 } else { blocks * groups * 64 };
-        for w in packed[..packed_len].chunks_exact_mut(64) {
-            // SAFETY: `w` is 64 readable and writable bytes.
-            unsafe {
-                let v = _mm512_loadu_si512(w.as_ptr().cast());
-                _mm512_storeu_si512(w.as_mut_ptr().cast(), _mm512_xor_si512(v, flip));
-            }
-        }
         let mut d = Decoded::<CHUNK>::new(q, bias, first, count);
         // sum(w * (x - zp)) = sum(w * (x + 128)) - (zp + 128) * sum(w) with unsigned
         // activations; with unsigned weights the `128 * sum(x)` part goes per pixel (`xsum`).
@@ -2618,6 +2725,38 @@ mod tests {
         fn conv_fast_path_is_bit_exact(c in case(false)) {
             let (fast, want) = conv_both(&c);
             prop_assert_eq!(fast, want);
+        }
+
+        #[test]
+        fn packed_weights_are_the_rows_transposed(
+            (k, out_c, filter) in (1usize..200, 1usize..40)
+                .prop_flat_map(|(k, n)| (Just(k), Just(n), vec(any::<i8>(), k * n))),
+            flip in any::<bool>(),
+        ) {
+            prop_assume!(has_avx512_vnni());
+            let groups = k.div_ceil(4);
+            let blocks = out_c.div_ceil(16);
+            let mut packed = std::vec![0x55i8; blocks * groups * 64 + 64];
+            let mut sums = [0i32; 40];
+            // SAFETY: the CPU has AVX-512 VNNI (checked above).
+            unsafe { pack_weights(&filter, k, (k, k), out_c, flip, &mut packed, &mut sums) };
+            for b in 0..blocks {
+                for q in 0..groups {
+                    for lane in 0..16 {
+                        for t in 0..4 {
+                            let (oc, i) = (b * 16 + lane, q * 4 + t);
+                            let w = if oc < out_c && i < k { filter[oc * k + i] } else { 0 };
+                            let want = if flip { w ^ i8::MIN } else { w };
+                            prop_assert_eq!(packed[(b * groups + q) * 64 + lane * 4 + t], want);
+                        }
+                    }
+                }
+            }
+            prop_assert!(packed[blocks * groups * 64..].iter().all(|&b| b == 0x55));
+            for oc in 0..out_c {
+                let want: i32 = filter[oc * k..(oc + 1) * k].iter().map(|&w| i32::from(w)).sum();
+                prop_assert_eq!(sums[oc], want);
+            }
         }
 
         #[test]
