@@ -26,6 +26,7 @@
 //! [`CHANNELS`] output channels, one pixel of int32 sums.
 
 use core::arch::x86_64::*;
+use core::mem::MaybeUninit;
 use core::sync::atomic::{AtomicU8, Ordering};
 
 use super::cortex_m::requantize as requantize_scalar;
@@ -1361,15 +1362,19 @@ fn conv2d_vnni512_with<const P: usize, const W: usize>(
     output: &mut [i8],
     strip: Option<(usize, usize)>,
 ) {
-    let mut patch = [0i8; P];
-    let mut packed = [0i8; W];
-    conv2d_vnni512_in(
-        (g, q, input, filter, bias),
-        output,
-        &mut packed,
-        &mut patch,
-        strip,
-    )
+    // Only the parts this layer uses are zeroed: 8 patch rows, and at most `CHUNK` channels'
+    // packed rows (see `conv2d_vnni512_in`).
+    let k4 = match strip {
+        Some((_, per_pixel)) => g.filter_h * g.filter_w * per_pixel,
+        None => g.filter_h * g.filter_w * g.in_c,
+    }
+    .div_ceil(4)
+        * 4;
+    let mut patch = MaybeUninit::<[i8; P]>::uninit();
+    let mut packed = MaybeUninit::<[i8; W]>::uninit();
+    let patch = zeroed(&mut patch, PIXELS_512 * patch_stride(g));
+    let packed = zeroed(&mut packed, CHUNK * k4);
+    conv2d_vnni512_in((g, q, input, filter, bias), output, packed, patch, strip)
 }
 
 /// Longest receptive field of [`conv2d_vnni512`] (values, rounded up to 4): 16 channels' packed
@@ -1522,6 +1527,50 @@ fn copy_flipped(src: &[i8], dst: &mut [i8]) {
     }
 }
 
+/// The sums of one [`conv2d_vnni512`] tile: 8 pixels by `C` blocks of 16 channels (blocks
+/// `w[c * groups * 64..]`, see [`pack_weights`]). Pixel `i`'s run `s` of `seg_groups` groups of
+/// 4 bytes is at `base[i] + s * step[i] + seg_off[s]`. `U`: the activations are the unsigned
+/// operand (`x + 128`) and the weights signed; otherwise the weights are (`w + 128`).
+#[target_feature(enable = "avx2,avx512f,avx512bw,avx512vl,avx512vnni")]
+#[inline]
+fn tile_sums<const C: usize, const U: bool>(
+    w: &[i8],
+    groups: usize,
+    seg_groups: usize,
+    (base, step, seg_off): (&[*const i8; PIXELS_512], &[usize; PIXELS_512], &[usize]),
+) -> [[__m512i; PIXELS_512]; C] {
+    assert!(w.len() >= C * groups * 64 && seg_groups > 0);
+    let mut acc = [[_mm512_setzero_si512(); PIXELS_512]; C];
+    let wp = w.as_ptr();
+    for sgm in 0..groups / seg_groups {
+        let off = seg_off.get(sgm).copied().unwrap_or(0);
+        // SAFETY (for the reads below): run `sgm` of each pixel holds `4 * seg_groups` readable
+        // bytes (a patch row's part, an in-image run of the input, or a strip row's part; see
+        // the callers), read unaligned 4 at a time with `j < seg_groups`; weight group `q` of
+        // block `c` is 64 bytes at `(c * groups + q) * 64 < w.len()` (asserted above).
+        let r: [*const [u8; 4]; PIXELS_512] =
+            core::array::from_fn(|i| unsafe { base[i].add(sgm * step[i] + off).cast() });
+        for j in 0..seg_groups {
+            let q = sgm * seg_groups + j;
+            let wv: [__m512i; C] = core::array::from_fn(|c| unsafe {
+                _mm512_loadu_si512(wp.add((c * groups + q) * 64).cast())
+            });
+            for i in 0..PIXELS_512 {
+                let x =
+                    unsafe { _mm512_set1_epi32(i32::from_le_bytes(r[i].add(j).read_unaligned())) };
+                for c in 0..C {
+                    acc[c][i] = if U {
+                        _mm512_dpbusd_epi32(acc[c][i], x, wv[c])
+                    } else {
+                        _mm512_dpbusd_epi32(acc[c][i], wv[c], x)
+                    };
+                }
+            }
+        }
+    }
+    acc
+}
+
 /// The body of [`conv2d_vnni512`]; `strip` = [`strip_row`] when strip rows are used.
 #[target_feature(enable = "avx2,avx512f,avx512bw,avx512vl,avx512vnni")]
 fn conv2d_vnni512_in(
@@ -1595,61 +1644,34 @@ fn conv2d_vnni512_in(
         // One tile: pixels `p..p + n` (consecutive), each one's receptive field as `segments`
         // runs of `seg_groups` groups of 4 bytes, run `s` of pixel `i` at `base[i] + s *
         // step[i] + seg_off[s]` (`seg_off` empty: 0), with `xsum[i]` the sum of its bytes.
-        let tile =
-            |p: usize,
-             n: usize,
-             (base, step, seg_off): (&[*const i8; PIXELS_512], &[usize; PIXELS_512], &[usize]),
-             xsum: &[i32; PIXELS_512],
-             output: &mut [i8]| {
-                for b in 0..blocks {
-                    let w = &packed[b * groups * 64..(b + 1) * groups * 64];
-                    let (mut a0, mut a1, mut a2, mut a3) = (z, z, z, z);
-                    let (mut a4, mut a5, mut a6, mut a7) = (z, z, z, z);
-                    for (sgm, ws) in w.chunks_exact(seg_groups * 64).enumerate() {
-                        // SAFETY (for the reads below): run `sgm` of each pixel holds `4 * seg_groups`
-                        // readable bytes (a patch row's part, an in-image run of the input, or a
-                        // strip row's part; see the callers), read unaligned 4 at a time with
-                        // `j < seg_groups`.
-                        let off = seg_off.get(sgm).copied().unwrap_or(0);
-                        let r: [*const [u8; 4]; PIXELS_512] = core::array::from_fn(|i| unsafe {
-                            base[i].add(sgm * step[i] + off).cast()
-                        });
-                        let bcast = |row: *const [u8; 4], j: usize| {
-                            // SAFETY: see above.
-                            let bytes = unsafe { row.add(j).read_unaligned() };
-                            _mm512_set1_epi32(i32::from_le_bytes(bytes))
-                        };
-                        if unsigned_x {
-                            for (j, wq) in ws.chunks_exact(64).enumerate() {
-                                // SAFETY: `wq` is 64 readable bytes.
-                                let wv = unsafe { _mm512_loadu_si512(wq.as_ptr().cast()) };
-                                a0 = _mm512_dpbusd_epi32(a0, bcast(r[0], j), wv);
-                                a1 = _mm512_dpbusd_epi32(a1, bcast(r[1], j), wv);
-                                a2 = _mm512_dpbusd_epi32(a2, bcast(r[2], j), wv);
-                                a3 = _mm512_dpbusd_epi32(a3, bcast(r[3], j), wv);
-                                a4 = _mm512_dpbusd_epi32(a4, bcast(r[4], j), wv);
-                                a5 = _mm512_dpbusd_epi32(a5, bcast(r[5], j), wv);
-                                a6 = _mm512_dpbusd_epi32(a6, bcast(r[6], j), wv);
-                                a7 = _mm512_dpbusd_epi32(a7, bcast(r[7], j), wv);
-                            }
-                            continue;
-                        }
-                        for (j, wq) in ws.chunks_exact(64).enumerate() {
-                            // SAFETY: `wq` is 64 readable bytes.
-                            let wv = unsafe { _mm512_loadu_si512(wq.as_ptr().cast()) };
-                            a0 = _mm512_dpbusd_epi32(a0, wv, bcast(r[0], j));
-                            a1 = _mm512_dpbusd_epi32(a1, wv, bcast(r[1], j));
-                            a2 = _mm512_dpbusd_epi32(a2, wv, bcast(r[2], j));
-                            a3 = _mm512_dpbusd_epi32(a3, wv, bcast(r[3], j));
-                            a4 = _mm512_dpbusd_epi32(a4, wv, bcast(r[4], j));
-                            a5 = _mm512_dpbusd_epi32(a5, wv, bcast(r[5], j));
-                            a6 = _mm512_dpbusd_epi32(a6, wv, bcast(r[6], j));
-                            a7 = _mm512_dpbusd_epi32(a7, wv, bcast(r[7], j));
-                        }
-                    }
+        let tile = |p: usize,
+                    n: usize,
+                    (base, step, seg_off): (
+            &[*const i8; PIXELS_512],
+            &[usize; PIXELS_512],
+            &[usize],
+        ),
+                    xsum: &[i32; PIXELS_512],
+                    output: &mut [i8]| {
+            // Two blocks (32 channels) a pass where there are: 16 accumulators hide
+            // `VPDPBUSD`'s latency and each broadcast feeds two of them.
+            let mut b = 0;
+            while b < blocks {
+                let runs = (base, step, seg_off);
+                let w = &packed[b * groups * 64..];
+                let pair: [[__m512i; PIXELS_512]; 2] = match (blocks - b >= 2, unsigned_x) {
+                    (true, true) => tile_sums::<2, true>(w, groups, seg_groups, runs),
+                    (true, false) => tile_sums::<2, false>(w, groups, seg_groups, runs),
+                    (false, true) => [tile_sums::<1, true>(w, groups, seg_groups, runs)[0], [z; 8]],
+                    (false, false) => [
+                        tile_sums::<1, false>(w, groups, seg_groups, runs)[0],
+                        [z; 8],
+                    ],
+                };
+                let done = (blocks - b).min(2);
+                for (b, accs) in (b..b + done).zip(pair) {
                     let c = b * 16;
                     let width = (count - c).min(16);
-                    let accs = [a0, a1, a2, a3, a4, a5, a6, a7];
                     if two_pixels {
                         // 8 channels: pixels i and i + 1 share one output stage and one store.
                         for i in (0..n).step_by(2) {
@@ -1673,9 +1695,12 @@ fn conv2d_vnni512_in(
                         store16(v, &mut output[at..at + width]);
                     }
                 }
-            };
+                b += done;
+            }
+        };
         if let Some((row_len, per_pixel)) = strip_len {
-            let mut strip = [0i8; STRIP];
+            let mut strip = MaybeUninit::<[i8; STRIP]>::uninit();
+            let strip = zeroed(&mut strip, g.filter_h * row_len);
             // Strip rows cached across output rows (the filter-row count of them).
             let fh = g.filter_h;
             let mut slot_of = [0usize; TAPS];
@@ -2138,7 +2163,8 @@ fn depthwise_vnni512_with<const P: usize>(
     };
     // Weights (block, filter row, pair of columns) as int16 pairs, and -zero_point * sum(w) per
     // lane into the bias.
-    let mut weights = [_mm512_setzero_si512(); DW512_WEIGHTS];
+    let mut weights = MaybeUninit::<[__m512i; DW512_WEIGHTS]>::uninit();
+    let weights = zeroed(&mut weights, blocks * fh * pairs_w);
     let offset = _mm512_set1_epi32(-q.input_zero_point);
     for blk in 0..blocks {
         let mut sum = _mm512_setzero_si512();
@@ -2334,6 +2360,27 @@ impl RowSlots {
             self.held[s] = Some(wanted[r]);
             slot_of[r] = s;
         }
+    }
+}
+
+/// Element types for which all-zero bytes are a value (see [`zeroed`]).
+trait Zeroable: Copy {}
+impl Zeroable for i8 {}
+impl Zeroable for i32 {}
+impl Zeroable for __m512i {}
+
+/// The first `len` elements of `buf` (at most `N`), zeroed: a stack buffer sized for the
+/// largest layer then costs a layer only what it uses (zeroing all of a 32 KB buffer took more
+/// time than packing a small layer's weights).
+fn zeroed<T: Zeroable, const N: usize>(buf: &mut MaybeUninit<[T; N]>, len: usize) -> &mut [T] {
+    let len = len.min(N);
+    let p = buf.as_mut_ptr().cast::<T>();
+    // SAFETY: `p` points to `N >= len` elements of `T` owned by `buf`, which the slice borrows
+    // mutably; the first `len` are written with zero bytes, a value of every `Zeroable` type,
+    // before the slice over them is made.
+    unsafe {
+        core::ptr::write_bytes(p, 0, len);
+        core::slice::from_raw_parts_mut(p, len)
     }
 }
 
