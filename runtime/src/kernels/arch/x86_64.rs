@@ -2231,7 +2231,7 @@ fn depthwise_vnni512_with<const P: usize>(
             }
             let rows = &rows[..fh];
             let lay = Dw512Row {
-                weights: &weights,
+                weights,
                 d: &d,
                 partner,
                 pairs_w,
