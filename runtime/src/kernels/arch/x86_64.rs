@@ -2133,11 +2133,15 @@ fn depthwise_vnni512_with<const P: usize>(
     let partner = g.dilation_w * c;
     let zp = q.input_zero_point as i8;
     let row_bytes = g.in_w * c;
-    let mut pair_rows = Align64([0i32; P]);
-    let pair_rows = &mut pair_rows.0;
+    let mut pair_rows = MaybeUninit::<Align64<[i32; P]>>::uninit();
+    // SAFETY: `Align64<T>` is `repr(C)` with one field: a `T` at offset 0; the cast keeps the
+    // buffer's address and size.
+    let pair_rows = unsafe { &mut *pair_rows.as_mut_ptr().cast::<MaybeUninit<[i32; P]>>() };
+    let pair_rows = zeroed(pair_rows, fh * elements);
     // P bytes: the large tier's P is above DW512_ROW; the small one is chosen only when the
     // padded row fits it.
-    let mut padded = [0i8; P];
+    let mut padded = MaybeUninit::<[i8; P]>::uninit();
+    let padded = zeroed(&mut padded, elements + partner + 16);
     let mut slot_of = [0usize; TAPS];
     for b in 0..g.batch {
         let mut slots = RowSlots::new(fh);
@@ -2327,7 +2331,7 @@ fn zeroed<T: Zeroable, const N: usize>(buf: &mut MaybeUninit<[T; N]>, len: usize
 }
 
 /// A buffer on a 64-byte boundary (whole cache lines for 512-bit loads).
-#[repr(align(64))]
+#[repr(C, align(64))]
 struct Align64<T>(T);
 
 /// Stores the first `min(16, dst.len())` bytes of `v` into `dst`: a plain store, or a masked one
