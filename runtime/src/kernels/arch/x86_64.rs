@@ -384,10 +384,25 @@ fn add_sub_avx512(
         _mm512_cvtepi8_epi32(unsafe { _mm_loadu_si128(v.as_ptr().cast()) })
     };
     let n = out.len() - out.len() % 16;
+    // Input rescale without 64-bit products where the left shift allows (see `Rescale16`).
+    let (s0, s1) = (
+        Rescale16::new(p.left_shift, p.input0),
+        Rescale16::new(p.left_shift, p.input1),
+    );
     let mut i = 0;
     while i < n {
-        let x = multiply16(_mm512_sub_epi32(load16(a, i), za), left, m0, r0, k0);
-        let y = multiply16(_mm512_sub_epi32(load16(b, i), zb), left, m1, r1, k1);
+        let (va, vb) = (
+            _mm512_sub_epi32(load16(a, i), za),
+            _mm512_sub_epi32(load16(b, i), zb),
+        );
+        let x = match &s0 {
+            Some(s) => round_shift16(s.apply(va), r0, k0),
+            None => multiply16(va, left, m0, r0, k0),
+        };
+        let y = match &s1 {
+            Some(s) => round_shift16(s.apply(vb), r1, k1),
+            None => multiply16(vb, left, m1, r1, k1),
+        };
         let raw = if sub {
             _mm512_sub_epi32(x, y)
         } else {
@@ -486,6 +501,58 @@ fn multiply16(
     let threshold = _mm512_mask_add_epi32(half, negative, half, _mm512_set1_epi32(1));
     let up = _mm512_cmpgt_epi32_mask(remainder, threshold);
     let shifted = _mm512_srav_epi32(high, right);
+    _mm512_mask_add_epi32(shifted, up, shifted, _mm512_set1_epi32(1))
+}
+
+/// TFLM's `SaturatingRoundingDoublingHighMul(v << left, multiplier)` for `|v| <= 255` in
+/// 32-bit lanes: with `s = 31 - left`, it is `(v * m + 2^(s-1)) >> s` rounded down for either
+/// sign (TFLM's nudge for negative products with its truncating division comes to the same),
+/// and splitting `m = mh * 2^s + ml` makes that `v * mh + ((v * ml + 2^(s-1)) >> s)`, both
+/// products inside int32 when `8 <= left <= 22`.
+struct Rescale16 {
+    high: __m512i,
+    low: __m512i,
+    half: __m512i,
+    s: __m512i,
+}
+
+impl Rescale16 {
+    #[target_feature(enable = "avx512f")]
+    fn new(left: i32, r: Requant) -> Option<Self> {
+        if !(8..=22).contains(&left) || r.multiplier < 0 {
+            return None;
+        }
+        let s = 31 - left;
+        Some(Rescale16 {
+            high: _mm512_set1_epi32(r.multiplier >> s),
+            low: _mm512_set1_epi32(r.multiplier & ((1 << s) - 1)),
+            half: _mm512_set1_epi32(1 << (s - 1)),
+            s: _mm512_set1_epi32(s),
+        })
+    }
+
+    /// The high multiply of `v` (lanes in `-255..=255`).
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    fn apply(&self, v: __m512i) -> __m512i {
+        let low = _mm512_add_epi32(_mm512_mullo_epi32(v, self.low), self.half);
+        _mm512_add_epi32(
+            _mm512_mullo_epi32(v, self.high),
+            _mm512_srav_epi32(low, self.s),
+        )
+    }
+}
+
+/// TFLM's `RoundingDivideByPOT(x, right)` in 16 lanes (`mask` = `2^right - 1`).
+#[target_feature(enable = "avx512f")]
+#[inline]
+fn round_shift16(x: __m512i, right: __m512i, mask: __m512i) -> __m512i {
+    let remainder = _mm512_and_si512(x, mask);
+    let negative = _mm512_cmplt_epi32_mask(x, _mm512_setzero_si512());
+    let half = _mm512_srli_epi32::<1>(mask);
+    let threshold = _mm512_mask_add_epi32(half, negative, half, _mm512_set1_epi32(1));
+    let up = _mm512_cmpgt_epi32_mask(remainder, threshold);
+    let shifted = _mm512_srav_epi32(x, right);
     _mm512_mask_add_epi32(shifted, up, shifted, _mm512_set1_epi32(1))
 }
 
@@ -2747,6 +2814,35 @@ mod tests {
             for oc in 0..out_c {
                 let want: i32 = filter[oc * k..(oc + 1) * k].iter().map(|&w| i32::from(w)).sum();
                 prop_assert_eq!(sums[oc], want);
+            }
+        }
+
+        #[test]
+        fn add_rescale_without_wide_products_is_tflms(
+            left in 8i32..=22,
+            multiplier in 0i32..=i32::MAX,
+            right in 0i32..=31,
+        ) {
+            prop_assume!(has_avx512_vnni());
+            let r = Requant { multiplier, shift: -right };
+            // SAFETY: the CPU has AVX-512 F (checked above, with VNNI).
+            let s = unsafe { Rescale16::new(left, r) };
+            let s = s.expect("in range");
+            let mask = ((1i64 << right) - 1) as i32;
+            for v0 in (-255i32..=255).step_by(16) {
+                let v: [i32; 16] = core::array::from_fn(|i| (v0 + i as i32).min(255));
+                let mut got = [0i32; 16];
+                // SAFETY: as above; `v` and `got` are 16 int32.
+                unsafe {
+                    let x = s.apply(_mm512_loadu_si512(v.as_ptr().cast()));
+                    let x = round_shift16(x, _mm512_set1_epi32(right), _mm512_set1_epi32(mask));
+                    _mm512_storeu_si512(got.as_mut_ptr().cast(), x);
+                }
+                for (v, got) in v.iter().zip(got) {
+                    let high = crate::quant::saturating_rounding_doubling_high_mul(v << left, multiplier);
+                    let want = crate::quant::rounding_divide_by_pot(high, right);
+                    prop_assert_eq!(got, want, "v {} left {} m {} right {}", v, left, multiplier, right);
+                }
             }
         }
 
