@@ -1738,8 +1738,7 @@ fn conv2d_vnni512_in(
             for b in 0..g.batch {
                 let mut slots = RowSlots::new(fh);
                 for oy in 0..g.out_h {
-                    let wanted = RowSlots::wanted(g, oy);
-                    slots.assign(&wanted, &mut slot_of, |s, iy| {
+                    slots.assign(g, oy, &mut slot_of, |s, iy| {
                         let row = &mut strip[s * row_len..(s + 1) * row_len];
                         fill_strip(g, input, (b, iy), zp, per_pixel, row);
                     });
@@ -2213,8 +2212,7 @@ fn depthwise_vnni512_with<const P: usize>(
     for b in 0..g.batch {
         let mut slots = RowSlots::new(fh);
         for oy in 0..g.out_h {
-            let wanted = RowSlots::wanted(g, oy);
-            slots.assign(&wanted, &mut slot_of, |s, iy| {
+            slots.assign(g, oy, &mut slot_of, |s, iy| {
                 // The padded row, then its pairs.
                 let pad = &mut padded[..elements + partner + 16];
                 pad.fill(zp);
@@ -2341,36 +2339,36 @@ impl RowSlots {
         }
     }
 
-    /// The input row each filter row of output row `oy` reads (`None`: outside the image).
-    fn wanted(g: &ConvGeometry, oy: usize) -> [Option<usize>; TAPS] {
-        let mut wanted = [None; TAPS];
-        for (r, w) in wanted.iter_mut().enumerate().take(g.filter_h) {
-            let iy = (oy * g.stride_h + r * g.dilation_h).checked_sub(g.pad_top);
-            *w = iy.filter(|&iy| iy < g.in_h);
-        }
-        wanted
+    /// The input row filter row `r` of output row `oy` reads (`None`: outside the image).
+    fn wanted(g: &ConvGeometry, oy: usize, r: usize) -> Option<usize> {
+        let iy = (oy * g.stride_h + r * g.dilation_h).checked_sub(g.pad_top);
+        iy.filter(|&iy| iy < g.in_h)
     }
 
-    /// Sets `slot_of[r]` to the slot holding `wanted[r]` for each filter row `r`, calling
-    /// `fill(slot, row)` for rows not held yet, into slots no filter row of this output row
-    /// needs.
+    /// Sets `slot_of[r]` to the slot holding the row filter row `r` of output row `oy` reads
+    /// ([`RowSlots::wanted`]), calling `fill(slot, row)` for rows not held yet, into slots no
+    /// filter row of this output row needs. (Rows are computed, not listed: a list of
+    /// [`TAPS`] entries cost a 1 KB copy per output row.)
     fn assign(
         &mut self,
-        wanted: &[Option<usize>; TAPS],
+        g: &ConvGeometry,
+        oy: usize,
         slot_of: &mut [usize; TAPS],
         mut fill: impl FnMut(usize, Option<usize>),
     ) {
         let n = self.n;
+        let wanted = |r: usize| Self::wanted(g, oy, r);
         for r in 0..n {
-            if let Some(s) = (0..n).find(|&s| self.held[s] == Some(wanted[r])) {
+            let want = wanted(r);
+            if let Some(s) = (0..n).find(|&s| self.held[s] == Some(want)) {
                 slot_of[r] = s;
                 continue;
             }
             let s = (0..n)
-                .find(|&s| self.held[s].is_none_or(|h| !wanted[..n].contains(&h)))
+                .find(|&s| self.held[s].is_none_or(|h| !(0..n).any(|r| wanted(r) == h)))
                 .unwrap_or(r);
-            fill(s, wanted[r]);
-            self.held[s] = Some(wanted[r]);
+            fill(s, want);
+            self.held[s] = Some(want);
             slot_of[r] = s;
         }
     }
