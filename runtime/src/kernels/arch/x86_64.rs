@@ -2358,10 +2358,10 @@ impl RowSlots {
     ) {
         let n = self.n;
         let wanted = |r: usize| Self::wanted(g, oy, r);
-        for r in 0..n {
+        for (r, slot) in slot_of.iter_mut().enumerate().take(n) {
             let want = wanted(r);
             if let Some(s) = (0..n).find(|&s| self.held[s] == Some(want)) {
-                slot_of[r] = s;
+                *slot = s;
                 continue;
             }
             let s = (0..n)
@@ -2369,7 +2369,7 @@ impl RowSlots {
                 .unwrap_or(r);
             fill(s, want);
             self.held[s] = Some(want);
-            slot_of[r] = s;
+            *slot = s;
         }
     }
 }
