@@ -991,9 +991,12 @@ fn pack_weights(
     packed.fill(0);
     for (oc, row) in filter.chunks_exact(k).take(out_c).enumerate() {
         let (b, lane) = (oc / 16, oc % 16);
-        for (i, &w) in row.iter().enumerate() {
-            let d = (i / tap) * tap_pad + i % tap;
-            packed[(b * groups + d / 4) * 64 + lane * 4 + d % 4] = w;
+        // Tap `t`'s values go to packed row bytes `t * tap_pad..` (no divisions per value).
+        for (t, taps) in row.chunks(tap.max(1)).enumerate() {
+            for (i, &w) in taps.iter().enumerate() {
+                let d = t * tap_pad + i;
+                packed[(b * groups + d / 4) * 64 + lane * 4 + d % 4] = w;
+            }
         }
         sums[oc] = row.iter().fold(0i32, |s, &w| s.wrapping_add(i32::from(w)));
     }
@@ -1512,8 +1515,11 @@ fn fill_strip(
         return;
     }
     let pad: [i8; 4] = core::array::from_fn(|k| if k < c { zp } else { 0 });
-    for px in row.chunks_exact_mut(4) {
-        px.copy_from_slice(&pad);
+    let pattern = _mm512_set1_epi32(i32::from_ne_bytes(pad.map(|b| b as u8)));
+    for part in row.chunks_mut(64) {
+        let mask = u64::MAX >> (64 - part.len());
+        // SAFETY: the mask selects the bytes of `part`; the others are not written.
+        unsafe { _mm512_mask_storeu_epi8(part.as_mut_ptr(), mask, pattern) };
     }
     let Some(line) = line else { return };
     // Four pixels at a time: 4c input bytes (masked load) spread by one byte shuffle.
@@ -1735,6 +1741,7 @@ fn conv2d_vnni512_in(
             // Strip rows cached across output rows (the filter-row count of them).
             let fh = g.filter_h;
             let mut slot_of = [0usize; TAPS];
+            let mut seg_off = [0usize; TAPS];
             for b in 0..g.batch {
                 let mut slots = RowSlots::new(fh);
                 for oy in 0..g.out_h {
@@ -1743,17 +1750,17 @@ fn conv2d_vnni512_in(
                         fill_strip(g, input, (b, iy), zp, per_pixel, row);
                     });
                     let row_start = (b * g.out_h + oy) * g.out_w;
+                    // Run `r` of pixel `i` is strip row `slot_of[r]` at the pixel's offset.
+                    for (o, s) in seg_off.iter_mut().zip(&slot_of).take(fh) {
+                        *o = s * row_len;
+                    }
+                    let pixel_bytes = g.stride_w * per_pixel;
                     let mut ox0 = 0;
                     while ox0 < g.out_w {
                         let n = (g.out_w - ox0).min(PIXELS_512);
-                        // Run `r` of pixel `i` is strip row `slot_of[r]` at the pixel's offset.
-                        let mut seg_off = [0usize; TAPS];
-                        for (o, s) in seg_off.iter_mut().zip(&slot_of).take(fh) {
-                            *o = s * row_len;
-                        }
                         let mut base = [strip.as_ptr(); PIXELS_512];
                         for (i, base) in base.iter_mut().enumerate() {
-                            let at = (ox0 + i).min(g.out_w - 1) * g.stride_w * per_pixel;
+                            let at = (ox0 + i).min(g.out_w - 1) * pixel_bytes;
                             *base = strip[at..].as_ptr();
                         }
                         let step = [0usize; PIXELS_512];
