@@ -2118,21 +2118,19 @@ fn depthwise_vnni512(
     bias: Option<&[i32]>,
     output: &mut [i8],
 ) {
-    // The smallest stack buffers that hold the rows (zeroing them is a cost per call).
-    let elements = dw512_row_elements(g);
-    let fits = |p: usize| g.filter_h * elements <= p && elements + g.dilation_w * g.out_c + 16 <= p;
-    if fits(DW512_PAIRS / 8) {
-        depthwise_vnni512_with::<{ DW512_PAIRS / 8 }>(g, q, input, filter, bias, output)
-    } else if fits(DW512_PAIRS / 4) {
-        depthwise_vnni512_with::<{ DW512_PAIRS / 4 }>(g, q, input, filter, bias, output)
+    // The output stage decoded for as many lanes as the layer has (the table is zeroed per
+    // call); the row buffers are zeroed only as far as the layer uses them.
+    if dw512_packs_pixels(g) || g.out_c <= 64 {
+        depthwise_vnni512_with::<DW512_PAIRS, 64>(g, q, input, filter, bias, output)
     } else {
-        depthwise_vnni512_with::<DW512_PAIRS>(g, q, input, filter, bias, output)
+        depthwise_vnni512_with::<DW512_PAIRS, DW512_CHANNELS>(g, q, input, filter, bias, output)
     }
 }
 
-/// [`depthwise_vnni512`] with `P` int32 of pair rows (and `P` bytes of padded row) on the stack.
+/// [`depthwise_vnni512`] with `P` int32 of pair rows (and `P` bytes of padded row) on the stack
+/// and the output stage of `N` lanes.
 #[target_feature(enable = "avx2,avx512f,avx512bw,avx512vl,avx512vnni")]
-fn depthwise_vnni512_with<const P: usize>(
+fn depthwise_vnni512_with<const P: usize, const N: usize>(
     g: &ConvGeometry,
     q: &QuantizedOutput<'_>,
     input: &[i8],
@@ -2154,7 +2152,7 @@ fn depthwise_vnni512_with<const P: usize>(
             blk * 16 + lane
         }
     };
-    let mut d = Decoded::<DW512_CHANNELS>::lanes(q, bias, lanes.min(DW512_CHANNELS), |l| {
+    let mut d = Decoded::<N>::lanes(q, bias, lanes.min(N), |l| {
         lane_channel(l / 16, l % 16).min(c - 1)
     });
     // A block's weights of filter row `r`, column `x` (16 lanes; lanes past the channels and
@@ -2267,9 +2265,9 @@ fn depthwise_vnni512_with<const P: usize>(
 }
 
 /// One output row of [`depthwise_vnni512`]: what its inner loop needs.
-struct Dw512Row<'a> {
+struct Dw512Row<'a, const N: usize> {
     weights: &'a [__m512i],
-    d: &'a Decoded<DW512_CHANNELS>,
+    d: &'a Decoded<N>,
     /// Pair-row elements between horizontal taps `2j` and `2j + 2` (half of it).
     partner: usize,
     pairs_w: usize,
@@ -2279,7 +2277,7 @@ struct Dw512Row<'a> {
     c: usize,
 }
 
-impl Dw512Row<'_> {
+impl<const N: usize> Dw512Row<'_, N> {
     /// Computes and stores `out_row` from the pair rows of its filter rows. `FH` / `PW` (filter
     /// rows, pairs of columns) fixed at compile time for the common 3x3 filter, or 0: from
     /// `rows.len()` and `self.pairs_w`.
