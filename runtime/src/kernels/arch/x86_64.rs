@@ -1772,12 +1772,23 @@ fn conv2d_vnni512_in(
         } else {
             let mut p = 0;
             let mut cursor = Pixel::default();
+            if direct {
+                // Every pixel's field is its input row (`k == k4`): all inside `input`.
+                assert!(k4 == k && pixels * k <= input.len());
+            }
             while p < pixels {
-                let px = |i: usize| (p + i).min(pixels - 1);
                 let n = (pixels - p).min(PIXELS_512);
-                let rows: [&[i8]; PIXELS_512] = if direct {
-                    core::array::from_fn(|i| &input[px(i) * k..px(i) * k + k4])
-                } else {
+                if direct {
+                    // Rows past the last pixel repeat it (their results are not stored).
+                    let base: [*const i8; PIXELS_512] = core::array::from_fn(|i| {
+                        // SAFETY: `(p + i).min(pixels - 1) * k + k <= input.len()` (asserted).
+                        unsafe { input.as_ptr().add((p + i).min(pixels - 1) * k) }
+                    });
+                    tile(p, n, (&base, &[k; PIXELS_512], &[]), output);
+                    p += PIXELS_512;
+                    continue;
+                }
+                let rows: [&[i8]; PIXELS_512] = {
                     // Rows past the last pixel repeat it (their results are not stored).
                     let mut at = cursor;
                     for (i, row) in patch.chunks_exact_mut(stride).take(PIXELS_512).enumerate() {
