@@ -1589,9 +1589,40 @@ fn tile_sums<const C: usize, const U: bool>(
     (base, step, seg_off): (&[*const i8; PIXELS_512], &[usize; PIXELS_512], &[usize]),
 ) -> [[__m512i; PIXELS_512]; C] {
     assert!(w.len() >= C * groups * 64 && seg_groups > 0);
-    let mut acc = [[_mm512_setzero_si512(); PIXELS_512]; C];
     let flip = _mm512_set1_epi8(i8::MIN);
     let wp = w.as_ptr();
+    if C == 1 {
+        // One block: two sets of 8 accumulators (even and odd groups) so that 16 sums are in
+        // flight, as with two blocks.
+        let mut acc = [[_mm512_setzero_si512(); PIXELS_512]; 2];
+        for sgm in 0..groups / seg_groups {
+            let off = seg_off.get(sgm).copied().unwrap_or(0);
+            // SAFETY: as in the general loop below.
+            let r: [*const [u8; 4]; PIXELS_512] =
+                core::array::from_fn(|i| unsafe { base[i].add(sgm * step[i] + off).cast() });
+            let mut j = 0;
+            while j < seg_groups {
+                let pair = (seg_groups - j).min(2);
+                for (h, set) in acc.iter_mut().enumerate().take(pair) {
+                    let q = sgm * seg_groups + j + h;
+                    // SAFETY: as in the general loop below.
+                    let wv = unsafe { _mm512_loadu_si512(wp.add(q * 64).cast()) };
+                    for (i, a) in set.iter_mut().enumerate() {
+                        // SAFETY: as in the general loop below.
+                        let bytes = unsafe { r[i].add(j + h).read_unaligned() };
+                        let x = _mm512_set1_epi32(i32::from_le_bytes(bytes));
+                        let x = if U { x } else { _mm512_xor_si512(x, flip) };
+                        *a = _mm512_dpbusd_epi32(*a, x, wv);
+                    }
+                }
+                j += pair;
+            }
+        }
+        return core::array::from_fn(|_| {
+            core::array::from_fn(|i| _mm512_add_epi32(acc[0][i], acc[1][i]))
+        });
+    }
+    let mut acc = [[_mm512_setzero_si512(); PIXELS_512]; C];
     for sgm in 0..groups / seg_groups {
         let off = seg_off.get(sgm).copied().unwrap_or(0);
         // SAFETY (for the reads below): run `sgm` of each pixel holds `4 * seg_groups` readable
