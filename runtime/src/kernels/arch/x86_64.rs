@@ -495,13 +495,7 @@ fn multiply16(
         nudge,
     ));
     let high = _mm512_mask_blend_epi32(0xaaaa, even, _mm512_slli_epi64::<32>(odd));
-    let remainder = _mm512_and_si512(high, mask);
-    let negative = _mm512_cmplt_epi32_mask(high, _mm512_setzero_si512());
-    let half = _mm512_srli_epi32::<1>(mask);
-    let threshold = _mm512_mask_add_epi32(half, negative, half, _mm512_set1_epi32(1));
-    let up = _mm512_cmpgt_epi32_mask(remainder, threshold);
-    let shifted = _mm512_srav_epi32(high, right);
-    _mm512_mask_add_epi32(shifted, up, shifted, _mm512_set1_epi32(1))
+    round_shift16(high, right, mask)
 }
 
 /// TFLM's `SaturatingRoundingDoublingHighMul(v << left, multiplier)` for `|v| <= 255` in
@@ -1124,19 +1118,10 @@ impl Pixel {
     }
 }
 
-/// im2col of output pixel `pixel` as raw bytes, returning the sum of the `patch.len()` values
-/// written (wrapping): in-image taps copied, padding taps `zero_point`. A filter row that lies
-/// inside the image (dilation 1 along x) is one contiguous run of the input, copied at once.
-/// The sum is taken from the loaded registers, not read back from the patch (a load straddling
-/// fresh narrow stores would stall on store forwarding).
-#[target_feature(enable = "avx2,avx512f,avx512bw,avx512vl")]
-fn im2col_sum(
-    g: &ConvGeometry,
-    input: &[i8],
-    pixel: Pixel,
-    zero_point: i8,
-    patch: &mut [i8],
-) -> i32 {
+/// im2col of output pixel `pixel` as raw bytes: in-image taps copied, padding taps
+/// `zero_point`. A filter row that lies inside the image (dilation 1 along x) is one contiguous
+/// run of the input, copied at once.
+fn im2col_i8(g: &ConvGeometry, input: &[i8], pixel: Pixel, zero_point: i8, patch: &mut [i8]) {
     let Pixel { b, oy, ox } = pixel;
     let y0 = (oy * g.stride_h) as isize - g.pad_top as isize;
     let x0 = (ox * g.stride_w) as isize - g.pad_left as isize;
@@ -1144,42 +1129,40 @@ fn im2col_sum(
     let run = g.filter_w * c;
     let row_inside =
         g.dilation_w == 1 && x0 >= 0 && x0 as usize + g.filter_w <= g.in_w && g.filter_w > 0;
-    let mut sums = Sums512::new();
     let mut at = 0;
     for fy in 0..g.filter_h {
         let iy = y0 + (fy * g.dilation_h) as isize;
         let dst = &mut patch[at..at + run];
         if iy < 0 || iy as usize >= g.in_h {
-            sums.fill(dst, zero_point);
+            dst.fill(zero_point);
         } else if row_inside {
             let from = ((b * g.in_h + iy as usize) * g.in_w + x0 as usize) * c;
-            sums.copy(&input[from..from + run], dst);
+            dst.copy_from_slice(&input[from..from + run]);
         } else if g.dilation_w == 1 {
             // Taps `lo..hi` are in the image: padding, one run of the input, padding.
             let fw = g.filter_w as isize;
             let lo = (-x0).clamp(0, fw) as usize;
             let hi = (g.in_w as isize - x0).clamp(lo as isize, fw) as usize;
-            sums.fill(&mut dst[..lo * c], zero_point);
+            dst[..lo * c].fill(zero_point);
             if hi > lo {
                 let from =
                     ((b * g.in_h + iy as usize) * g.in_w) * c + (x0 + lo as isize) as usize * c;
-                sums.copy(&input[from..from + (hi - lo) * c], &mut dst[lo * c..hi * c]);
+                dst[lo * c..hi * c].copy_from_slice(&input[from..from + (hi - lo) * c]);
             }
-            sums.fill(&mut dst[hi * c..], zero_point);
+            dst[hi * c..].fill(zero_point);
         } else {
             for (fx, tap) in dst.chunks_exact_mut(c.max(1)).enumerate() {
                 let ix = x0 + (fx * g.dilation_w) as isize;
                 if ix >= 0 && (ix as usize) < g.in_w {
                     let from = ((b * g.in_h + iy as usize) * g.in_w + ix as usize) * c;
-                    sums.copy(&input[from..from + c], tap);
+                    tap.copy_from_slice(&input[from..from + c]);
                 } else {
-                    sums.fill(tap, zero_point);
+                    tap.fill(zero_point);
                 }
             }
         }
         at += run;
     }
-    sums.total()
 }
 
 /// The input offset of output pixel `pixel`'s receptive field when all of it lies inside the
@@ -1191,136 +1174,6 @@ fn in_image(g: &ConvGeometry, pixel: Pixel) -> Option<usize> {
     let y_end = y0 + (g.filter_h.max(1) - 1) * g.dilation_h;
     let x_end = x0 + (g.filter_w.max(1) - 1) * g.dilation_w;
     (y_end < g.in_h && x_end < g.in_w).then(|| ((b * g.in_h + y0) * g.in_w + x0) * g.in_c)
-}
-
-/// Copies and fills of [`im2col_sum`], with the running sum of the bytes written.
-struct Sums512 {
-    /// `VPSADBW` sums of the copied bytes made unsigned (`x + 128`).
-    sad: __m256i,
-    /// Bytes counted in `sad` (each adds 128 beyond its value).
-    counted: i64,
-    /// Sum of the filled bytes.
-    filled: i64,
-}
-
-/// 16 zero bytes then 16 bytes of all ones: 16 bytes from offset `r` keep the last `r` lanes.
-const LAST_LANES: [i8; 32] = {
-    let mut t = [0i8; 32];
-    let mut i = 16;
-    while i < 32 {
-        t[i] = -1;
-        i += 1;
-    }
-    t
-};
-
-impl Sums512 {
-    #[target_feature(enable = "avx2")]
-    fn new() -> Self {
-        Sums512 {
-            sad: _mm256_setzero_si256(),
-            counted: 0,
-            filled: 0,
-        }
-    }
-
-    #[target_feature(enable = "avx2")]
-    #[inline]
-    fn add16(&mut self, x: __m128i, bytes: i64) {
-        let flip = _mm_set1_epi8(i8::MIN);
-        let sad = _mm_sad_epu8(_mm_xor_si128(x, flip), _mm_setzero_si128());
-        self.sad = _mm256_add_epi64(self.sad, _mm256_zextsi128_si256(sad));
-        self.counted += bytes;
-    }
-
-    /// Copies `src` into `dst` (the shorter length) and adds its values to the sum.
-    #[target_feature(enable = "avx2,avx512f,avx512bw,avx512vl")]
-    #[inline]
-    fn copy(&mut self, src: &[i8], dst: &mut [i8]) {
-        let n = src.len().min(dst.len());
-        self.take(&src[..n], Some(&mut dst[..n]));
-    }
-
-    /// Adds `src` to the sum and, with `dst` (as long as `src`), copies it there: whole 32- and
-    /// 16-byte vectors, then the last 16 bytes again (overlapping, only the new lanes summed);
-    /// runs shorter than 16 with one masked move.
-    #[target_feature(enable = "avx2,avx512f,avx512bw,avx512vl")]
-    #[inline]
-    fn take(&mut self, src: &[i8], mut dst: Option<&mut [i8]>) {
-        let n = src.len();
-        if let Some(d) = &dst {
-            assert_eq!(d.len(), n);
-        }
-        if n < 16 {
-            let mask = (1u16 << n).wrapping_sub(1);
-            // SAFETY: the mask selects bytes `0..n`, inside `src` (and `dst`); masked-off bytes
-            // are neither read nor written (AVX-512BW masked moves suppress them). They load as 0.
-            let v = unsafe { _mm_maskz_loadu_epi8(mask, src.as_ptr()) };
-            if let Some(d) = dst {
-                // SAFETY: as above, for `dst`.
-                unsafe { _mm_mask_storeu_epi8(d.as_mut_ptr(), mask, v) };
-            }
-            self.add16(v, 16);
-            return;
-        }
-        let flip = _mm256_set1_epi8(i8::MIN);
-        let mut i = 0;
-        while i + 32 <= n {
-            // SAFETY: bytes `i..i + 32` are inside `src` (and `dst`).
-            let v = unsafe { _mm256_loadu_si256(src.as_ptr().add(i).cast()) };
-            if let Some(d) = dst.as_deref_mut() {
-                // SAFETY: as above.
-                unsafe { _mm256_storeu_si256(d.as_mut_ptr().add(i).cast(), v) };
-            }
-            let sad = _mm256_sad_epu8(_mm256_xor_si256(v, flip), _mm256_setzero_si256());
-            self.sad = _mm256_add_epi64(self.sad, sad);
-            self.counted += 32;
-            i += 32;
-        }
-        if i + 16 <= n {
-            // SAFETY: bytes `i..i + 16` are inside `src` (and `dst`).
-            let v = unsafe { _mm_loadu_si128(src.as_ptr().add(i).cast()) };
-            if let Some(d) = dst.as_deref_mut() {
-                // SAFETY: as above.
-                unsafe { _mm_storeu_si128(d.as_mut_ptr().add(i).cast(), v) };
-            }
-            self.add16(v, 16);
-            i += 16;
-        }
-        let r = n - i;
-        if r > 0 {
-            // The last 16 bytes (n >= 16); only the last `r` are new to the sum.
-            // SAFETY: bytes `n - 16..n` are inside `src` (and `dst`).
-            let v = unsafe { _mm_loadu_si128(src.as_ptr().add(n - 16).cast()) };
-            if let Some(d) = dst {
-                // SAFETY: as above.
-                unsafe { _mm_storeu_si128(d.as_mut_ptr().add(n - 16).cast(), v) };
-            }
-            let keep = &LAST_LANES[r..r + 16];
-            // SAFETY: `keep` is 16 readable bytes.
-            let keep = unsafe { _mm_loadu_si128(keep.as_ptr().cast()) };
-            let x = _mm_and_si128(_mm_xor_si128(v, _mm_set1_epi8(i8::MIN)), keep);
-            let sad = _mm_sad_epu8(x, _mm_setzero_si128());
-            self.sad = _mm256_add_epi64(self.sad, _mm256_zextsi128_si256(sad));
-            self.counted += r as i64;
-        }
-    }
-
-    /// Fills `dst` with `value` and adds it to the sum.
-    #[inline]
-    fn fill(&mut self, dst: &mut [i8], value: i8) {
-        dst.fill(value);
-        self.filled += i64::from(value) * dst.len() as i64;
-    }
-
-    /// The sum of everything written, wrapping to int32 as the portable kernel's sums do.
-    #[target_feature(enable = "avx2")]
-    fn total(&self) -> i32 {
-        let mut lanes = [0i64; 4];
-        // SAFETY: `lanes` is 32 writable bytes.
-        unsafe { _mm256_storeu_si256(lanes.as_mut_ptr().cast(), self.sad) };
-        (lanes.iter().sum::<i64>() - self.counted * 128 + self.filled) as i32
-    }
 }
 
 /// Output pixels of one [`conv2d_vnni512`] block.
@@ -1358,37 +1211,17 @@ fn conv2d_vnni512_layout(
     output: &mut [i8],
     strips: bool,
 ) {
-    // Stack buffers sized to the layer (zeroing 48 KB for a small layer costs more than it),
-    // for the packed row length the layout uses.
     let strip = if strips && !reads_input_rows(g) {
         strip_row(g)
     } else {
         None
     };
-    let kp = match strip {
-        Some((_, per_pixel)) => g.filter_h * g.filter_w * per_pixel,
-        None => (g.filter_h * g.filter_w * g.in_c).div_ceil(4) * 4,
-    };
-    let short = patch_stride(g) <= SHORT_PATCH;
-    let small = g.out_c.div_ceil(16) * 16 * kp <= SMALL_PACKED;
     let args = (g, q, input, filter, bias);
-    // Input rows and strips read in place: no patch.
-    let no_patch = strip.is_some() || reads_input_rows(g);
-    match (short, small) {
-        _ if no_patch && small => conv2d_vnni512_with::<0, SMALL_PACKED>(args, output, strip),
-        _ if no_patch => conv2d_vnni512_with::<0, PACKED>(args, output, strip),
-        (true, true) => {
-            conv2d_vnni512_with::<{ PIXELS_512 * SHORT_PATCH }, SMALL_PACKED>(args, output, strip)
-        }
-        (true, false) => {
-            conv2d_vnni512_with::<{ PIXELS_512 * SHORT_PATCH }, PACKED>(args, output, strip)
-        }
-        (false, true) => {
-            conv2d_vnni512_with::<{ PIXELS_512 * PATCH_512 }, SMALL_PACKED>(args, output, strip)
-        }
-        (false, false) => {
-            conv2d_vnni512_with::<{ PIXELS_512 * PATCH_512 }, PACKED>(args, output, strip)
-        }
+    // Input rows and strips are read in place: no patch.
+    if strip.is_some() || reads_input_rows(g) {
+        conv2d_vnni512_with::<0>(args, output, strip)
+    } else {
+        conv2d_vnni512_with::<{ PIXELS_512 * PATCH_512 }>(args, output, strip)
     }
 }
 
@@ -1401,15 +1234,15 @@ type ConvArgs<'a, 'q> = (
     Option<&'a [i32]>,
 );
 
-/// [`conv2d_vnni512`] with a patch of `P` and packed weights of `W` bytes on the stack.
+/// [`conv2d_vnni512`] with a patch of `P` bytes and [`PACKED`] bytes of packed weights on the
+/// stack: sized for the largest layer, zeroed only as far as this one uses them (8 patch rows,
+/// at most `CHUNK` channels' packed rows; see `conv2d_vnni512_in`).
 #[target_feature(enable = "avx2,avx512f,avx512bw,avx512vl,avx512vnni")]
-fn conv2d_vnni512_with<const P: usize, const W: usize>(
+fn conv2d_vnni512_with<const P: usize>(
     (g, q, input, filter, bias): ConvArgs<'_, '_>,
     output: &mut [i8],
     strip: Option<(usize, usize)>,
 ) {
-    // Only the parts this layer uses are zeroed: 8 patch rows, and at most `CHUNK` channels'
-    // packed rows (see `conv2d_vnni512_in`).
     let k4 = match strip {
         Some((_, per_pixel)) => g.filter_h * g.filter_w * per_pixel,
         None => g.filter_h * g.filter_w * g.in_c,
@@ -1417,7 +1250,7 @@ fn conv2d_vnni512_with<const P: usize, const W: usize>(
     .div_ceil(4)
         * 4;
     let mut patch = MaybeUninit::<[i8; P]>::uninit();
-    let mut packed = MaybeUninit::<[i8; W]>::uninit();
+    let mut packed = MaybeUninit::<[i8; PACKED]>::uninit();
     let patch = zeroed(&mut patch, PIXELS_512 * patch_stride(g));
     let packed = zeroed(&mut packed, CHUNK * k4);
     conv2d_vnni512_in((g, q, input, filter, bias), output, packed, patch, strip)
@@ -1426,12 +1259,6 @@ fn conv2d_vnni512_with<const P: usize, const W: usize>(
 /// Longest receptive field of [`conv2d_vnni512`] (values, rounded up to 4): 16 channels' packed
 /// rows fit [`PACKED`].
 const PATCH_512: usize = PACKED / 16;
-
-/// Patch row bytes of the smaller stack buffer of [`conv2d_vnni512`].
-const SHORT_PATCH: usize = 256;
-
-/// Packed-weight bytes of a small layer (all of its output channels).
-const SMALL_PACKED: usize = 8_192;
 
 /// Bytes between two rows of the [`conv2d_vnni512`] patch: the receptive field rounded up to
 /// 32, so that each row's sum runs over whole 32-byte vectors (the bytes past the field are 0).
@@ -1827,7 +1654,7 @@ fn conv2d_vnni512_in(
                         // In-image fields are read in place; the others copied (bytes
                         // `k..stride` stay 0 from the buffer's creation).
                         if interior[i].is_none() {
-                            im2col_sum(g, input, at, zp, &mut row[..k]);
+                            im2col_i8(g, input, at, zp, &mut row[..k]);
                         }
                         if p + i + 1 < pixels {
                             at.advance(g);
