@@ -1,7 +1,10 @@
 //! CONV_2D: receptive fields packed into a stack patch, every channel summed against it in one
 //! `asm!` loop.
 
-use super::dsp::{self, block_2x2, conv_rows, conv_rows4, expand_col, smlad, sxtb16, sxtb16_ror8};
+use super::dsp::{
+    self, block_2x2, conv_rows, conv_rows4, expand_col, expand_pixels4, expand_taps4, smlad,
+    sxtb16, sxtb16_ror8, TapOffsets,
+};
 use super::output::{Channel, OutputStage, Weights, CHANNELS};
 use super::{offset_pair, MAX_PATCH};
 use crate::kernels::conv::{self, tap_range, ConvGeometry, QuantizedOutput};
@@ -177,6 +180,54 @@ fn fill_spread<const COLS: usize>(
     }
 }
 
+/// The input offsets of a spread layer's taps from its window's first tap, in `(fy, fx)` order.
+fn tap_offsets(g: &ConvGeometry) -> Option<TapOffsets> {
+    let (row, tap) = (g.dilation_h * g.in_w * g.in_c, g.dilation_w * g.in_c);
+    let offsets = (0..g.filter_h).flat_map(|fy| (0..g.filter_w).map(move |fx| fy * row + fx * tap));
+    TapOffsets::new(offsets)
+}
+
+/// Where pixel `p`'s window starts in `input` when every tap of it is in the image and its
+/// 4-byte word lies inside `input` (no padding, no copy); None for the others.
+fn interior_origin(g: &ConvGeometry, taps: &TapOffsets, input: &[i8], p: usize) -> Option<usize> {
+    let px_per_image = g.out_h * g.out_w;
+    let (b, rest) = (p / px_per_image, p % px_per_image);
+    let (oy, ox) = (rest / g.out_w, rest % g.out_w);
+    let iy = (oy * g.stride_h).checked_sub(g.pad_top)?;
+    let ix = (ox * g.stride_w).checked_sub(g.pad_left)?;
+    let inside = iy + g.dilation_h * (g.filter_h - 1) < g.in_h
+        && ix + g.dilation_w * (g.filter_w - 1) < g.in_w;
+    let origin = ((b * g.in_h + iy) * g.in_w + ix) * g.in_c;
+    (inside && origin + taps.max() + 4 <= input.len()).then_some(origin)
+}
+
+/// The spread fields of pixels `p .. p + m` (m <= 4) into the four-column patch: the pixels
+/// whose windows are interior ([`interior_origin`]) all in one [`expand_taps4`] (columns of
+/// the others borrow an interior window there), then each other pixel through
+/// [`fill_spread`], which rewrites its whole column.
+fn fill_spread_quad(
+    g: &ConvGeometry,
+    input: &[i8],
+    pair: u32,
+    taps: &TapOffsets,
+    p: usize,
+    m: usize,
+    buf: &mut [u32],
+) {
+    let mut origins = [None; 4];
+    for (col, o) in origins.iter_mut().enumerate().take(m) {
+        *o = interior_origin(g, taps, input, p + col);
+    }
+    if let Some(&any) = origins.iter().flatten().next() {
+        expand_taps4(input, origins.map(|o| o.unwrap_or(any)), taps, pair, buf);
+    }
+    for (col, o) in origins.iter().enumerate().take(m) {
+        if o.is_none() {
+            fill_spread::<4>(g, input, pair, p + col, col, buf);
+        }
+    }
+}
+
 /// True for a layer of 1 to 3 channels whose filter rows, spread to 4 values a tap, fit
 /// [`SPREAD_WEIGHTS`] and whose spread patch fits the four-pixel path.
 fn spreads(g: &ConvGeometry) -> bool {
@@ -261,13 +312,14 @@ pub fn conv2d_i8(
     debug_assert_eq!(output.len(), g.batch * g.out_h * g.out_w * g.out_c);
     // A first layer of 1 to 3 channels whose weights fit SPREAD_WEIGHTS: taps as whole element
     // groups (4 values each, zero weights after its channels).
+    let taps = if spreads(g) { tap_offsets(g) } else { None };
     let spread_buf: [i8; SPREAD_WEIGHTS];
-    let (rows, k, spread) = if spreads(g) {
+    let (rows, k) = if taps.is_some() {
         spread_buf = spread_rows(g, filter);
         let taps = g.filter_h * g.filter_w;
-        (&spread_buf[..g.out_c * taps * 4], 4 * taps, true)
+        (&spread_buf[..g.out_c * taps * 4], 4 * taps)
     } else {
-        (filter, k, false)
+        (filter, k)
     };
     let weights = Weights::rows(rows, k, q.input_zero_point);
     let cx = ConvCall {
@@ -281,7 +333,7 @@ pub fn conv2d_i8(
         weights,
         rows,
         k,
-        spread,
+        taps,
     };
     if 2 * k <= MAX_PATCH {
         conv_by_four(&cx, output)
@@ -309,8 +361,9 @@ pub(super) struct ConvCall<'a> {
     /// The filter rows the fast path reads (`filter`, or its spread copy), `k` values each.
     rows: &'a [i8],
     k: usize,
-    /// Fields of 1 to 3 channels spread to 4 values a tap ([`fill_spread`]).
-    spread: bool,
+    /// A first layer of 1 to 3 channels whose fields are spread to 4 values a tap
+    /// ([`fill_spread`], [`fill_spread_quad`]): its taps' input offsets.
+    taps: Option<TapOffsets>,
 }
 
 impl ConvCall<'_> {
@@ -347,13 +400,15 @@ pub(super) fn conv_by_four(cx: &ConvCall<'_>, output: &mut [i8]) {
         pair,
         rows: filter,
         k,
-        spread,
+        ref taps,
         ..
     } = *cx;
     let pixels = g.batch * g.out_h * g.out_w;
     let out_c = g.out_c;
     let whole = 4 * (k / 4);
     let stage = OutputStage::new(q);
+    // A 1x1 layer whose fields are whole input pixels of whole element groups.
+    let whole_pixels = taps.is_none() && g.filter_in_c.is_multiple_of(4) && pointwise(g);
     // The patch (four columns: 8 words per element group, the tail's group included) and, after
     // the whole groups, `conv_rows4`'s 4 words of loop state; the byte staging of one receptive
     // field whose channel count is not a multiple of 4.
@@ -373,9 +428,16 @@ pub(super) fn conv_by_four(cx: &ConvCall<'_>, output: &mut [i8]) {
         let mut p = 0;
         while p < pixels {
             let m = core::cmp::min(4, pixels - p);
-            for col in 0..m {
-                let (px, b) = (p + col, &mut buf);
-                fill_column::<4>(g, input, pad, pair, px, col, b, &mut field, spread);
+            if let Some(taps) = taps {
+                fill_spread_quad(g, input, pair, taps, p, m, &mut buf);
+            } else if whole_pixels && m == 4 {
+                let fic = g.filter_in_c;
+                expand_pixels4(&input[p * fic..], fic, fic / 4, pair, &mut buf);
+            } else {
+                for col in 0..m {
+                    let (px, b) = (p + col, &mut buf);
+                    fill_column::<4>(g, input, pad, pair, px, col, b, &mut field, false);
+                }
             }
             // The packed words of a patch tail (fewer than 4 elements), which `conv_rows4`'s
             // state overwrites.
@@ -422,9 +484,10 @@ pub(super) fn conv_by_two(cx: &ConvCall<'_>, output: &mut [i8]) {
         pair,
         rows: filter,
         k,
-        spread,
+        ref taps,
         ..
     } = *cx;
+    let spread = taps.is_some();
     let pixels = g.batch * g.out_h * g.out_w;
     let out_c = g.out_c;
     let whole = 4 * (k / 4);

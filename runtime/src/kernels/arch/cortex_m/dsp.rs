@@ -14,6 +14,46 @@ pub struct Window3x3 {
     pub advance: u32,
 }
 
+/// Most taps of a [`TapOffsets`] table (a spread first layer's patch of 8 words per tap and
+/// column pair fits `MAX_PATCH`).
+pub const MAX_TAPS: usize = super::MAX_PATCH / 8;
+
+/// The input offsets of a filter's taps from its window's first tap, in patch order, and the
+/// largest of them (so a reader checks one bound per window, not one per tap).
+#[derive(Clone, Copy)]
+pub struct TapOffsets {
+    offsets: [u32; MAX_TAPS],
+    len: usize,
+    max: usize,
+}
+
+impl TapOffsets {
+    /// The offsets `offsets`, or None if there are more than [`MAX_TAPS`] or none.
+    pub fn new(offsets: impl Iterator<Item = usize>) -> Option<Self> {
+        let mut t = TapOffsets {
+            offsets: [0; MAX_TAPS],
+            len: 0,
+            max: 0,
+        };
+        for o in offsets {
+            *t.offsets.get_mut(t.len)? = u32::try_from(o).ok()?;
+            t.len += 1;
+            t.max = t.max.max(o);
+        }
+        (t.len > 0).then_some(t)
+    }
+
+    /// The offsets in patch order.
+    pub fn offsets(&self) -> &[u32] {
+        &self.offsets[..self.len]
+    }
+
+    /// The largest offset.
+    pub fn max(&self) -> usize {
+        self.max
+    }
+}
+
 #[cfg(kiln_arm_dsp)]
 pub use self::asm_impl::*;
 #[cfg(not(kiln_arm_dsp))]
@@ -596,66 +636,160 @@ mod asm_impl {
         }
     }
 
-    /// One element group of [`conv_rows4`]'s inner loop: the weight word's two SXTB16
-    /// halves against the A and B words of the four columns.
+    /// The fields of four output pixels of a spread first layer, every tap one element group:
+    /// for tap `t` and column `c`, the little-endian word `x = src[origins[c] + off_t..+ 4]`
+    /// becomes `dst[8 t + c] = SXTAB16(pair, x)` and `dst[8 t + 4 + c] = SXTAB16(pair, x ROR
+    /// 8)` (the four-column patch layout of [`conv_rows4`]). Per tap: one load of its offset,
+    /// per column one load, two SXTAB16 and two stores, 23 instructions with the loop.
+    #[inline(always)]
+    pub fn expand_taps4(
+        src: &[i8],
+        origins: [usize; 4],
+        taps: &super::TapOffsets,
+        pair: u32,
+        dst: &mut [u32],
+    ) {
+        let offsets = taps.offsets();
+        // The accesses below: src[origin + off..+ 4] for every column and tap (off <= max),
+        // dst[..8 * taps] (panics here, before any, if one is outside).
+        for o in origins {
+            let _ = &src[o..o + taps.max() + 4];
+        }
+        let dst = &mut dst[..8 * offsets.len()];
+        let end = dst.as_mut_ptr_range().end;
+        let base = src.as_ptr();
+        // SAFETY: per tap t (`tab` advances 4 bytes per pass over `offsets`, `d` 32 bytes
+        // from `dst.as_mut_ptr()` to `end`, len >= 1 passes): reads offsets[t] (LDR, aligned
+        // u32) and the word at `src + origins[c] + offsets[t]` (LDR, unaligned allowed on
+        // ARMv7-M), inside `src` by the checks above; writes dst[8t..8t + 8] (STR,
+        // word-aligned). Registers: the pointers (discarded), the column bases, four scratch;
+        // flags clobbered (CMP). No stack.
+        unsafe {
+            asm!(
+                "2:",
+                "ldr     {o}, [{tab}], #4",
+                "ldr     {v}, [{s0}, {o}]",
+                "sxtab16 {a0}, {pair}, {v}",
+                "sxtab16 {v}, {pair}, {v}, ror #8",
+                "str     {v}, [{d}, #16]",
+                "ldr     {v}, [{s1}, {o}]",
+                "sxtab16 {a}, {pair}, {v}",
+                "sxtab16 {v}, {pair}, {v}, ror #8",
+                "str     {a}, [{d}, #4]",
+                "str     {v}, [{d}, #20]",
+                "ldr     {v}, [{s2}, {o}]",
+                "sxtab16 {a}, {pair}, {v}",
+                "sxtab16 {v}, {pair}, {v}, ror #8",
+                "str     {a}, [{d}, #8]",
+                "str     {v}, [{d}, #24]",
+                "ldr     {v}, [{s3}, {o}]",
+                "sxtab16 {a}, {pair}, {v}",
+                "sxtab16 {v}, {pair}, {v}, ror #8",
+                "str     {a}, [{d}, #12]",
+                "str     {v}, [{d}, #28]",
+                "str     {a0}, [{d}], #32",
+                "cmp     {d}, {end}",
+                "bne     2b",
+                tab = inout(reg) offsets.as_ptr() => _,
+                d = inout(reg) dst.as_mut_ptr() => _,
+                end = in(reg) end,
+                pair = in(reg) pair,
+                s0 = in(reg) base.wrapping_add(origins[0]),
+                s1 = in(reg) base.wrapping_add(origins[1]),
+                s2 = in(reg) base.wrapping_add(origins[2]),
+                s3 = in(reg) base.wrapping_add(origins[3]),
+                o = out(reg) _,
+                v = out(reg) _,
+                a = out(reg) _,
+                a0 = out(reg) _,
+                options(nostack),
+            );
+        }
+    }
+
+    /// The fields of four consecutive pixels of a 1x1 layer (`stride` bytes each, the
+    /// input's channel count): for group `j` and column `c`, the little-endian word `x =
+    /// src[c stride + 4j..+ 4]` becomes `dst[8j + c] = SXTAB16(pair, x)` and `dst[8j + 4 +
+    /// c] = SXTAB16(pair, x ROR 8)` (the four-column patch layout of [`conv_rows4`]). 22
+    /// instructions per group of the four pixels.
+    #[inline(always)]
+    pub fn expand_pixels4(src: &[i8], stride: usize, groups: usize, pair: u32, dst: &mut [u32]) {
+        if groups == 0 {
+            return;
+        }
+        // The accesses below: src[..3 * stride + 4 * groups], dst[..8 * groups] (panics here,
+        // before any, if a slice is shorter).
+        let src = &src[..3 * stride + 4 * groups];
+        let dst = &mut dst[..8 * groups];
+        let end = dst.as_mut_ptr_range().end;
+        // SAFETY: per group j (`d` advances 32 bytes per pass from `dst.as_mut_ptr()` to
+        // `end`, groups >= 1 passes; `s0` and `s3` 4 bytes from src and src + 3 stride):
+        // reads the words at src + c stride + 4j, c < 4 (LDR, unaligned allowed), writes
+        // dst[8j..8j + 8] (STR, word-aligned); all inside the slices checked above.
+        // Registers: the pointers (discarded), the stride and offset, two scratch; flags
+        // clobbered (CMP). No stack.
+        unsafe {
+            asm!(
+                "2:",
+                "ldr     {v}, [{s0}, {st}]",
+                "sxtab16 {a}, {pair}, {v}",
+                "sxtab16 {v}, {pair}, {v}, ror #8",
+                "str     {a}, [{d}, #4]",
+                "str     {v}, [{d}, #20]",
+                "ldr     {v}, [{s0}, {st}, lsl #1]",
+                "sxtab16 {a}, {pair}, {v}",
+                "sxtab16 {v}, {pair}, {v}, ror #8",
+                "str     {a}, [{d}, #8]",
+                "str     {v}, [{d}, #24]",
+                "ldr     {v}, [{s3}], #4",
+                "sxtab16 {a}, {pair}, {v}",
+                "sxtab16 {v}, {pair}, {v}, ror #8",
+                "str     {a}, [{d}, #12]",
+                "str     {v}, [{d}, #28]",
+                "ldr     {v}, [{s0}], #4",
+                "sxtab16 {a}, {pair}, {v}",
+                "sxtab16 {v}, {pair}, {v}, ror #8",
+                "str     {v}, [{d}, #16]",
+                "str     {a}, [{d}], #32",
+                "cmp     {d}, {end}",
+                "bne     2b",
+                s0 = inout(reg) src.as_ptr() => _,
+                s3 = inout(reg) src.as_ptr().wrapping_add(3 * stride) => _,
+                d = inout(reg) dst.as_mut_ptr() => _,
+                st = in(reg) stride,
+                end = in(reg) end,
+                pair = in(reg) pair,
+                v = out(reg) _,
+                a = out(reg) _,
+                options(nostack),
+            );
+        }
+    }
+
+    /// Element groups in [`conv_rows4`]'s unrolled chain.
+    const CHAIN: usize = 16;
+    /// Bytes of one element group's code in the chain: 13 instructions, all 32-bit encodings
+    /// (the `asm!` checks the chain's length).
+    const GROUP_BYTES: usize = 52;
+
+    /// One element group of [`conv_rows4`]: the weight word and its two SXTB16 halves
+    /// against the A and B words of the four columns (13 instructions for 16 MACs).
     macro_rules! rows4_group {
         () => {
             concat!(
-                "ldr    {u}, [{w}]\n",
-                "sxtb16 {u}, {u}\n",
-                "ldm    {x}!, {{r4, r5, r8, r9}}\n",
-                "smlad  r0, r4, {u}, r0\n",
-                "smlad  r1, r5, {u}, r1\n",
-                "smlad  r2, r8, {u}, r2\n",
-                "smlad  r3, r9, {u}, r3\n",
-                "ldr    {u}, [{w}], #4\n",
-                "sxtb16 {u}, {u}, ror #8\n",
-                "ldm    {x}!, {{r4, r5, r8, r9}}\n",
-                "smlad  r0, r4, {u}, r0\n",
-                "smlad  r1, r5, {u}, r1\n",
-                "smlad  r2, r8, {u}, r2\n",
-                "smlad  r3, r9, {u}, r3\n",
-            )
-        };
-    }
-
-    /// [`conv_rows4`]'s loop over channels with `$group` (one or two element groups) as
-    /// the inner loop's body.
-    macro_rules! rows4_asm {
-        ($body:expr, $rows:expr, $end:expr, $($group:expr),+) => {
-            asm!(
-                "3:",
-                "movs   r0, #0",
-                "movs   r1, #0",
-                "movs   r2, #0",
-                "movs   r3, #0",
-                "2:",
-                $($group,)+
-                "cmp    {x}, {end}",
-                "bne    2b",
-                "ldrd   r4, r5, [{end}, #8]",
-                "stmia  r4!, {{r0, r1, r2, r3}}",
-                "str    r4, [{end}, #8]",
-                "cmp    r4, r5",
-                "beq    4f",
-                "ldrd   r4, r5, [{end}]",
-                "sub    {x}, {end}, r4",
-                "add    {w}, {w}, r5",
-                "b      3b",
-                "4:",
-                x = inout(reg) $body.as_ptr() => _,
-                w = inout(reg) $rows.as_ptr() => _,
-                end = in(reg) $end,
-                u = out(reg) _,
-                out("r0") _,
-                out("r1") _,
-                out("r2") _,
-                out("r3") _,
-                out("r4") _,
-                out("r5") _,
-                out("r8") _,
-                out("r9") _,
-                options(nostack),
+                "ldr.w   {u}, [{w}], #4\n",
+                "sxtb16  {a}, {u}\n",
+                "sxtb16  {u}, {u}, ror #8\n",
+                "ldmia.w {x}!, {{r4, r5, r8, r9}}\n",
+                "smlad   r0, r4, {a}, r0\n",
+                "smlad   r1, r5, {a}, r1\n",
+                "smlad   r2, r8, {a}, r2\n",
+                "smlad   r3, r9, {a}, r3\n",
+                "ldmia.w {x}!, {{r4, r5, r8, r9}}\n",
+                "smlad   r0, r4, {u}, r0\n",
+                "smlad   r1, r5, {u}, r1\n",
+                "smlad   r2, r8, {u}, r2\n",
+                "smlad   r3, r9, {u}, r3\n",
             )
         };
     }
@@ -663,11 +797,13 @@ mod asm_impl {
     /// One output channel against a packed four-pixel patch, for every channel of `rows`
     /// in one loop: for channel `c` in `0..sums.len()`, `sums[c] = [w . col0, w . col1,
     /// w . col2, w . col3]` over the patch's `groups` element groups (`[A col0..col3, B
-    /// col0..col3]` per group) with `w = rows[ck..]`. Per 4 patch elements: the weight word
-    /// loaded twice (once per SXTB16 half: no register is left to keep it), two LDM of 4
-    /// patch words, 8 SMLAD (16 MACs in 16 instructions). `patch` holds the groups' `8 *
-    /// groups` words and, after them, 4 words of loop state that this writes: the patch's
-    /// bytes, `k - 4 * groups`, and the sums' cursor and end.
+    /// col0..col3]` per group) with `w = rows[ck..]`. Per 4 patch elements: one weight
+    /// word, its two SXTB16 halves, two LDM of 4 patch words, 8 SMLAD (16 MACs in 13
+    /// instructions). The groups run as an unrolled chain of [`CHAIN`]: each channel enters
+    /// it part-way (computed jump) so that the first pass sums `groups % CHAIN` groups (or a
+    /// whole chain), then whole chains; no loop counter per group. `patch` holds the groups'
+    /// `8 * groups` words and, after them, 4 words of loop state that this writes: the
+    /// patch's bytes, `k - 4 * groups`, and the sums' cursor and end.
     #[inline(always)]
     pub fn conv_rows4(
         patch: &mut [u32],
@@ -693,21 +829,75 @@ mod asm_impl {
         state[2] = sums_range.start as u32;
         state[3] = sums_range.end as u32;
         let end = state.as_mut_ptr();
-        // SAFETY: per channel, the inner loop reads the 8 * groups patch words from
-        // `body.as_ptr()` to `end` (LDM, word-aligned) and 4 * groups bytes of the
-        // channel's row (LDR, unaligned allowed), all checked above; w then moves to the
-        // next row (`+ k - 4 * groups`). It reads and writes the 4 state words at `end`
-        // (inside `patch`) and writes 16 bytes per channel to `sums[c]` through the cursor
-        // (STM of r0-r3 in register order), stopping at the sums' end (n >= 1). Registers:
-        // r0-r5, r8, r9 (sums, patch words), the pointers (discarded), one scratch
-        // register; flags clobbered (CMP, Q). No stack. The two loops differ only in how many
-        // groups one pass of the inner loop sums (two when their count is even).
+        // The first pass's groups (1..=CHAIN) and the chain bytes it skips; +1: the Thumb
+        // bit of the entry address (LDR PC interworks).
+        let first = (groups - 1) % CHAIN + 1;
+        let skip = (CHAIN - first) * GROUP_BYTES + 1;
+        // SAFETY: per channel, the chain reads the 8 * groups patch words from
+        // `body.as_ptr()` to `end` (LDM, word-aligned): the first pass `first` groups, each
+        // further pass CHAIN, until `x == end` (checked after each pass: groups - first is
+        // a multiple of CHAIN); and 4 * groups bytes of the channel's row (LDR, unaligned
+        // allowed); w then moves to the next row (`+ k - 4 * groups`). The entry is the
+        // chain's start plus `skip` bytes: every group is GROUP_BYTES of code (the `.ifne`
+        // below fails the build otherwise), so it is the first instruction of group
+        // CHAIN - first. It reads and writes the 4 state words at `end` (inside `patch`),
+        // writes 16 bytes per channel to `sums[c]` through the cursor (STM of r0-r3 in
+        // register order), stopping at the sums' end (n >= 1). Stack: 8 bytes (the patch
+        // end and the entry), pushed and popped here. Registers: r0-r5, r8, r9 (sums, patch
+        // words), the pointers (discarded), two scratch registers; flags clobbered (CMP, Q).
         unsafe {
-            if groups.is_multiple_of(2) {
-                rows4_asm!(body, rows, end, rows4_group!(), rows4_group!());
-            } else {
-                rows4_asm!(body, rows, end, rows4_group!());
-            }
+            asm!(
+                "str     {a}, [sp, #-8]!",
+                "adr.w   {a}, 6f",
+                "add     {u}, {u}, {a}",
+                "str     {u}, [sp, #4]",
+                "movs    r0, #0",
+                "movs    r1, #0",
+                "movs    r2, #0",
+                "movs    r3, #0",
+                "ldr     pc, [sp, #4]",
+                ".p2align 2",
+                "6:",
+                rows4_group!(), rows4_group!(), rows4_group!(), rows4_group!(),
+                rows4_group!(), rows4_group!(), rows4_group!(), rows4_group!(),
+                rows4_group!(), rows4_group!(), rows4_group!(), rows4_group!(),
+                rows4_group!(), rows4_group!(), rows4_group!(), rows4_group!(),
+                "7:",
+                ".ifne (7b - 6b) - {chain_bytes}",
+                ".error \"conv_rows4: a chain group is not GROUP_BYTES bytes of code\"",
+                ".endif",
+                "ldr     {a}, [sp]",
+                "cmp     {x}, {a}",
+                "bne     6b",
+                "ldrd    r4, r5, [{x}, #8]",
+                "stmia   r4!, {{r0, r1, r2, r3}}",
+                "str     r4, [{x}, #8]",
+                "cmp     r4, r5",
+                "beq     4f",
+                "ldrd    r4, r5, [{x}]",
+                "sub     {x}, {x}, r4",
+                "add     {w}, {w}, r5",
+                "movs    r0, #0",
+                "movs    r1, #0",
+                "movs    r2, #0",
+                "movs    r3, #0",
+                "ldr     pc, [sp, #4]",
+                "4:",
+                "add     sp, sp, #8",
+                x = inout(reg) body.as_ptr() => _,
+                w = inout(reg) rows.as_ptr() => _,
+                a = inout(reg) end => _,
+                u = inout(reg) skip => _,
+                chain_bytes = const CHAIN * GROUP_BYTES,
+                out("r0") _,
+                out("r1") _,
+                out("r2") _,
+                out("r3") _,
+                out("r4") _,
+                out("r5") _,
+                out("r8") _,
+                out("r9") _,
+            );
         }
     }
 
@@ -970,6 +1160,38 @@ mod emulated {
             let x = u32::from_le_bytes([x[0] as u8, x[1] as u8, x[2] as u8, x[3] as u8]);
             dst[2 * COLS * j] = sxtab16(pair, x);
             dst[2 * COLS * j + COLS] = sxtab16_ror8(pair, x);
+        }
+    }
+
+    /// The fields of four pixels of a spread first layer (see the `asm!` version).
+    pub fn expand_taps4(
+        src: &[i8],
+        origins: [usize; 4],
+        taps: &super::TapOffsets,
+        pair: u32,
+        dst: &mut [u32],
+    ) {
+        for o in origins {
+            let _ = &src[o..o + taps.max() + 4];
+        }
+        for (t, &off) in taps.offsets().iter().enumerate() {
+            for (c, &o) in origins.iter().enumerate() {
+                let x = &src[o + off as usize..][..4];
+                let x = u32::from_le_bytes([x[0] as u8, x[1] as u8, x[2] as u8, x[3] as u8]);
+                dst[8 * t + c] = sxtab16(pair, x);
+                dst[8 * t + 4 + c] = sxtab16_ror8(pair, x);
+            }
+        }
+    }
+
+    /// The fields of four consecutive pixels of a 1x1 layer (see the `asm!` version).
+    pub fn expand_pixels4(src: &[i8], stride: usize, groups: usize, pair: u32, dst: &mut [u32]) {
+        if groups == 0 {
+            return;
+        }
+        let src = &src[..3 * stride + 4 * groups];
+        for c in 0..4 {
+            expand_col::<4>(&src[c * stride..], groups, 4, pair, &mut dst[c..]);
         }
     }
 
