@@ -187,23 +187,10 @@ fn tap_offsets(g: &ConvGeometry) -> Option<TapOffsets> {
     TapOffsets::new(offsets)
 }
 
-/// Where pixel `p`'s window starts in `input` when every tap of it is in the image and its
-/// 4-byte word lies inside `input` (no padding, no copy); None for the others.
-fn interior_origin(g: &ConvGeometry, taps: &TapOffsets, input: &[i8], p: usize) -> Option<usize> {
-    let px_per_image = g.out_h * g.out_w;
-    let (b, rest) = (p / px_per_image, p % px_per_image);
-    let (oy, ox) = (rest / g.out_w, rest % g.out_w);
-    let iy = (oy * g.stride_h).checked_sub(g.pad_top)?;
-    let ix = (ox * g.stride_w).checked_sub(g.pad_left)?;
-    let inside = iy + g.dilation_h * (g.filter_h - 1) < g.in_h
-        && ix + g.dilation_w * (g.filter_w - 1) < g.in_w;
-    let origin = ((b * g.in_h + iy) * g.in_w + ix) * g.in_c;
-    (inside && origin + taps.max() + 4 <= input.len()).then_some(origin)
-}
-
-/// The spread fields of pixels `p .. p + m` (m <= 4) into the four-column patch: the pixels
-/// whose windows are interior ([`interior_origin`]) all in one [`expand_taps4`] (columns of
-/// the others borrow an interior window there), then each other pixel through
+/// The spread fields of pixels `p .. p + m` (m <= 4) into the four-column patch. Interior
+/// windows (every tap in the image, the last tap's 4-byte word inside `input`: no padding, no
+/// copy) of the pixels in `p`'s output row go all at once through [`expand_taps4`] (the other
+/// columns borrow an interior window there); every other pixel then goes through
 /// [`fill_spread`], which rewrites its whole column.
 fn fill_spread_quad(
     g: &ConvGeometry,
@@ -214,9 +201,21 @@ fn fill_spread_quad(
     m: usize,
     buf: &mut [u32],
 ) {
+    let px_per_image = g.out_h * g.out_w;
+    let (b, rest) = (p / px_per_image, p % px_per_image);
+    let (oy, ox) = (rest / g.out_w, rest % g.out_w);
     let mut origins = [None; 4];
-    for (col, o) in origins.iter_mut().enumerate().take(m) {
-        *o = interior_origin(g, taps, input, p + col);
+    let iy = (oy * g.stride_h).checked_sub(g.pad_top);
+    if let Some(iy) = iy.filter(|&iy| iy + g.dilation_h * (g.filter_h - 1) < g.in_h) {
+        let row = (b * g.in_h + iy) * g.in_w;
+        let reach = g.dilation_w * (g.filter_w - 1);
+        for (col, o) in origins.iter_mut().enumerate().take(m.min(g.out_w - ox)) {
+            *o = ((ox + col) * g.stride_w)
+                .checked_sub(g.pad_left)
+                .filter(|&ix| ix + reach < g.in_w)
+                .map(|ix| (row + ix) * g.in_c)
+                .filter(|&o| o + taps.max() + 4 <= input.len());
+        }
     }
     if let Some(&any) = origins.iter().flatten().next() {
         expand_taps4(input, origins.map(|o| o.unwrap_or(any)), taps, pair, buf);
