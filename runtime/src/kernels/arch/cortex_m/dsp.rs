@@ -429,8 +429,11 @@ mod asm_impl {
             return;
         }
         // The accesses below: out[(p * stride)] for p < n, sums[..n][lane] (panics here,
-        // before any, if out is shorter or the lane is not one of 4).
-        let _ = (&out[(n - 1) * stride], &sums[n - 1][lane]);
+        // before any, if out is shorter, the offset overflows or the lane is not one of 4).
+        let last = (n - 1)
+            .checked_mul(stride)
+            .expect("output offset overflows");
+        let _ = (&out[last], &sums[n - 1][lane]);
         let first = sums[0][lane..].as_ptr();
         let end = first.wrapping_add(4 * n);
         // SAFETY: per window p (`s` advances 16 bytes per window from `&sums[0][lane]` to
@@ -741,8 +744,11 @@ mod asm_impl {
             return;
         }
         // The accesses below: src[..3 * stride + 4 * groups], dst[..8 * groups] (panics here,
-        // before any, if a slice is shorter).
-        let src = &src[..3 * stride + 4 * groups];
+        // before any, if a slice is shorter or the span overflows).
+        let span = stride
+            .checked_mul(3)
+            .and_then(|s| s.checked_add(groups.checked_mul(4)?));
+        let src = &src[..span.expect("pixel span overflows")];
         let dst = &mut dst[..8 * groups];
         let end = dst.as_mut_ptr_range().end;
         // SAFETY: per group j (`d` advances 32 bytes per pass from `dst.as_mut_ptr()` to
