@@ -662,6 +662,26 @@ mod asm_impl {
         }
     }
 
+    /// One column of a four-column patch group: the word that `$load` puts in `{v}` becomes
+    /// its A half (`SXTAB16`, stored at byte offset `$a` from `{d}`) and B half (`ROR 8`, at
+    /// `$b`).
+    macro_rules! patch_column {
+        ($load:literal, $a:literal, $b:literal) => {
+            concat!(
+                $load,
+                "\n",
+                "sxtab16 {a}, {pair}, {v}\n",
+                "sxtab16 {v}, {pair}, {v}, ror #8\n",
+                "str     {a}, [{d}, #",
+                $a,
+                "]\n",
+                "str     {v}, [{d}, #",
+                $b,
+                "]\n",
+            )
+        };
+    }
+
     /// The fields of four output pixels of a spread first layer, every tap one element group:
     /// for tap `t` and column `c`, the little-endian word `x = src[origins[c] + off_t..+ 4]`
     /// becomes `dst[8 t + c] = SXTAB16(pair, x)` and `dst[8 t + 4 + c] = SXTAB16(pair, x ROR
@@ -698,21 +718,9 @@ mod asm_impl {
                 "sxtab16 {a0}, {pair}, {v}",
                 "sxtab16 {v}, {pair}, {v}, ror #8",
                 "str     {v}, [{d}, #16]",
-                "ldr     {v}, [{s1}, {o}]",
-                "sxtab16 {a}, {pair}, {v}",
-                "sxtab16 {v}, {pair}, {v}, ror #8",
-                "str     {a}, [{d}, #4]",
-                "str     {v}, [{d}, #20]",
-                "ldr     {v}, [{s2}, {o}]",
-                "sxtab16 {a}, {pair}, {v}",
-                "sxtab16 {v}, {pair}, {v}, ror #8",
-                "str     {a}, [{d}, #8]",
-                "str     {v}, [{d}, #24]",
-                "ldr     {v}, [{s3}, {o}]",
-                "sxtab16 {a}, {pair}, {v}",
-                "sxtab16 {v}, {pair}, {v}, ror #8",
-                "str     {a}, [{d}, #12]",
-                "str     {v}, [{d}, #28]",
+                patch_column!("ldr     {v}, [{s1}, {o}]", "4", "20"),
+                patch_column!("ldr     {v}, [{s2}, {o}]", "8", "24"),
+                patch_column!("ldr     {v}, [{s3}, {o}]", "12", "28"),
                 "str     {a0}, [{d}], #32",
                 "cmp     {d}, {end}",
                 "bne     2b",
@@ -760,21 +768,9 @@ mod asm_impl {
         unsafe {
             asm!(
                 "2:",
-                "ldr     {v}, [{s0}, {st}]",
-                "sxtab16 {a}, {pair}, {v}",
-                "sxtab16 {v}, {pair}, {v}, ror #8",
-                "str     {a}, [{d}, #4]",
-                "str     {v}, [{d}, #20]",
-                "ldr     {v}, [{s0}, {st}, lsl #1]",
-                "sxtab16 {a}, {pair}, {v}",
-                "sxtab16 {v}, {pair}, {v}, ror #8",
-                "str     {a}, [{d}, #8]",
-                "str     {v}, [{d}, #24]",
-                "ldr     {v}, [{s3}], #4",
-                "sxtab16 {a}, {pair}, {v}",
-                "sxtab16 {v}, {pair}, {v}, ror #8",
-                "str     {a}, [{d}, #12]",
-                "str     {v}, [{d}, #28]",
+                patch_column!("ldr     {v}, [{s0}, {st}]", "4", "20"),
+                patch_column!("ldr     {v}, [{s0}, {st}, lsl #1]", "8", "24"),
+                patch_column!("ldr     {v}, [{s3}], #4", "12", "28"),
                 "ldr     {v}, [{s0}], #4",
                 "sxtab16 {a}, {pair}, {v}",
                 "sxtab16 {v}, {pair}, {v}, ror #8",
