@@ -384,7 +384,7 @@ impl ConvCall<'_> {
 /// CONV_2D with output pixels in fours (patches of at most `MAX_PATCH / 2` elements: the four
 /// columns take two words per element): per chunk of [`CHANNELS`] output channels and per four
 /// pixels, the four receptive fields are packed into the stack patch, [`conv_rows4`] sums every
-/// channel against them (15 instructions per 16 MACs), the patch tail (fewer than 4 elements)
+/// channel against them (13 instructions per 16 MACs), the patch tail (fewer than 4 elements)
 /// is one SMLAD pair per column and `store_four` (full-range clamp) or
 /// [`OutputStage::store_each`] requantizes. A last group of fewer than 4 pixels leaves stale
 /// columns, whose sums are unused.
