@@ -48,14 +48,10 @@ pub(super) fn fill_column<const COLS: usize>(
     col: usize,
     buf: &mut [u32],
     stage: &mut [i8],
-    spread: bool,
 ) {
     let fic = g.filter_in_c;
     let k = g.filter_h * g.filter_w * fic;
     let direct = fic.is_multiple_of(4);
-    if spread {
-        return fill_spread::<COLS>(g, input, pair, p, col, buf);
-    }
     if direct && pointwise(g) {
         // Pixel p's field is its input pixel, whole.
         return expand_col::<COLS>(&input[p * fic..][..fic], fic / 4, 4, pair, &mut buf[col..]);
@@ -118,8 +114,8 @@ pub(super) fn fill_column<const COLS: usize>(
     }
 }
 
-/// [`fill_column`] for a layer of 1 to 3 channels whose filter rows are spread to 4 values a
-/// tap ([`spread_rows`]): each tap is one element group, read as the 4 input bytes at its
+/// Column `col`'s field of pixel `p` (as [`fill_column`]) for a layer of 1 to 3 channels whose
+/// filter rows are spread to 4 values a tap ([`spread_rows`]): each tap is one element group, read as the 4 input bytes at its
 /// pixel (its channels, then the next pixel's first bytes, which meet zero weights), so a row
 /// of in-image taps is one [`expand_col`] with the input's pixel stride; padding taps are zero
 /// words. Taps at the very end of the input, whose word would run past it, are read through a
@@ -435,7 +431,7 @@ pub(super) fn conv_by_four(cx: &ConvCall<'_>, output: &mut [i8]) {
             } else {
                 for col in 0..m {
                     let (px, b) = (p + col, &mut buf);
-                    fill_column::<4>(g, input, pad, pair, px, col, b, &mut field, false);
+                    fill_column::<4>(g, input, pad, pair, px, col, b, &mut field);
                 }
             }
             // The packed words of a patch tail (fewer than 4 elements), which `conv_rows4`'s
@@ -483,10 +479,10 @@ pub(super) fn conv_by_two(cx: &ConvCall<'_>, output: &mut [i8]) {
         pair,
         rows: filter,
         k,
-        ref taps,
         ..
     } = *cx;
-    let spread = taps.is_some();
+    // Spread first layers have patches of at most `MAX_PATCH / 2` (`spreads`): four pixels.
+    debug_assert!(cx.taps.is_none(), "spread layers go four pixels at a time");
     let pixels = g.batch * g.out_h * g.out_w;
     let out_c = g.out_c;
     let whole = 4 * (k / 4);
@@ -513,10 +509,10 @@ pub(super) fn conv_by_two(cx: &ConvCall<'_>, output: &mut [i8]) {
         let mut p = 0;
         while p < pixels {
             let two = p + 1 < pixels;
-            fill_column::<2>(g, input, pad, pair, p, 0, &mut buf, &mut field, spread);
+            fill_column::<2>(g, input, pad, pair, p, 0, &mut buf, &mut field);
             if two {
                 let b = &mut buf;
-                fill_column::<2>(g, input, pad, pair, p + 1, 1, b, &mut field, spread);
+                fill_column::<2>(g, input, pad, pair, p + 1, 1, b, &mut field);
             }
             // The packed words of a patch tail (fewer than 4 elements), which `conv_rows`'s
             // state overwrites.
